@@ -127,7 +127,8 @@ class MaskedAutoencoder(VisionTransformer):
         x_BLD = torch.cat([x[:, :1], x_BLD], dim=1) + self.decoder_pos_embed.to(x.dtype)
         for block in self.decoder_blocks:
             x_BLD = block(x_BLD)
-        return self.decoder_pred(self.decoder_norm(x_BLD))[:, 1:]  # drop the cls token
+        # Drop the cls token before the head (the original drops it after: same values, less work).
+        return self.decoder_pred(self.decoder_norm(x_BLD[:, 1:]))
 
     def patch_targets(self, imgs_BCHW: torch.Tensor) -> torch.Tensor:
         """What the decoder must predict per patch, (B, L, p·p·C), in fp32."""

@@ -1,0 +1,145 @@
+"""bench.py: the planner's arithmetic by hand, the planner against the paper, the sweep end to end on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import bench
+from bench import ModelSizes, PlanConfig
+from mae import MaskedAutoencoder
+from vit import get_config
+
+GiB = 2**30
+
+
+def tiny_plan(**overrides) -> PlanConfig:
+    # vit_tiny: 32 px, patch 8 -> L = 16 patches, K = 4 visible; D 64, M 128, 4 heads.
+    # Decoder 32 wide, 1 Block, 2 heads (MLP 128).
+    fields = dict(model="vit_tiny", gpus=4, gpus_per_node=2, batch_size=2, ac="none",
+                  decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    fields.update(overrides)
+    return PlanConfig(**fields)
+
+
+def test_block_activation_bytes_by_hand():
+    # 3 tokens, D 4, M 8, 2 heads, bf16: 2·(9·4 + 2·8) = 104, two LayerNorms' fp32 mean+rstd 16, logsumexp 2·4.
+    assert bench.block_activation_bytes(3, 4, 8, 2, 2) == 3 * (104 + 16 + 8)
+
+
+def test_activation_bytes_by_hand():
+    # Encoder Block on 1 + 4 tokens: per token 2·(9·64 + 2·128) + 16 + 4·4 = 1696 -> 8480 per image.
+    # Decoder Block on 1 + 16 tokens: 2·(9·32 + 2·128) + 16 + 2·4 = 1112 -> 18904.
+    # Outside the Blocks: image fp32 + bf16 copy 6·3·32·32 = 18432, encoder norm + decoder_embed inputs
+    # 2·2·5·64 = 1280, decoder norm + pred inputs 2·2·17·32 = 2176, loss 3·4·16·192 = 36864 -> 58752.
+    outside = 18432 + 1280 + 2176 + 36864
+    sizes = bench.model_sizes(tiny_plan())
+    no_ac = 2 * 8480 + 18904 + outside + 18904  # every Block saved, + one Block of gradients
+    assert bench.activation_bytes(tiny_plan(ac="none"), sizes) == 2 * no_ac
+    # Checkpointed: each Block keeps only its input (2·5·64 = 640, 2·17·32 = 1088) and backward holds one
+    # Block recomputed plus one Block of gradients.
+    full = 2 * 640 + 1088 + outside + 2 * 18904
+    assert bench.activation_bytes(tiny_plan(ac="full"), sizes) == 2 * full
+    # Every 2nd Block: one of the two encoder Blocks and none of the one decoder Block checkpointed.
+    every2 = 640 + 8480 + 18904 + outside + 2 * 18904
+    assert bench.activation_bytes(tiny_plan(ac="2"), sizes) == 2 * every2
+
+
+def test_model_sizes_match_the_real_model():
+    plan = tiny_plan()
+    sizes = bench.model_sizes(plan)
+    model = MaskedAutoencoder(get_config("vit_tiny"), 32, 1, 2)
+    assert sizes.params == sum(p.numel() for p in model.parameters())
+    # qkv 3D² + 3D, proj D² + D, fc1 D·M + M, fc2 M·D + D, two LayerNorms 4D.
+    block = lambda D, M: 4 * D * D + 2 * D * M + 9 * D + M  # noqa: E731
+    assert sizes.encoder_block == block(64, 128) == 33472
+    assert sizes.decoder_block == block(32, 128)
+    assert (sizes.encoder_depth, sizes.decoder_depth) == (2, 1)
+
+
+def test_layout_memory_and_communication_by_hand():
+    # A made-up model: P = 1000 params, largest Block 100. 4 GPUs, 2 per node, bf16 with fp32 reduce.
+    plan = tiny_plan()
+    sizes = ModelSizes(params=1000, encoder_block=100, decoder_block=50, encoder_depth=2, decoder_depth=1)
+    act = bench.activation_bytes(plan, sizes) / GiB
+    est = lambda strategy, s: bench.layout_estimate(plan, strategy, s, sizes)  # noqa: E731
+
+    full = est("full_shard", 4)
+    assert full["params_gib"] * GiB == pytest.approx(4 * 1000 / 4)
+    assert full["optimizer_gib"] * GiB == pytest.approx(8 * 1000 / 4)
+    assert full["gathered_gib"] * GiB == pytest.approx(2 * 2 * 100)  # two bf16 Blocks
+    assert full["buffers_gib"] * GiB == pytest.approx(2 * 100 + 2 * 100 + 2 * 4 * 100)
+    assert full["mem_gib"] == pytest.approx((1000 + 1000 + 2000 + 400 + 1200) / GiB + act + bench.RUNTIME_OVERHEAD_GIB)
+    # all-gather bf16 twice: 2·(3/4)·2000 = 3000; reduce-scatter fp32 (3/4)·4000 = 3000; one replica.
+    assert full["comm_gib_per_step"] * GiB == pytest.approx(6000)
+    assert full["internode_gib_per_step"] * GiB == pytest.approx(6000)  # 4 GPUs on 2 nodes
+
+    sgo = est("shard_grad_op", 4)
+    assert sgo["gathered_gib"] * GiB == pytest.approx(2 * 1000)  # every Block kept from forward to backward
+    assert sgo["comm_gib_per_step"] * GiB == pytest.approx(1500 + 3000)  # one all-gather only
+
+    hybrid = est("hybrid_shard", 2)
+    assert hybrid["params_gib"] * GiB == pytest.approx(4 * 1000 / 2)
+    # Within the pair: all-gather 2·(1/2)·2000, reduce-scatter (1/2)·4000; across the 2 replicas an
+    # all-reduce of the 500-param fp32 shard: 2·(1/2)·2000.
+    assert hybrid["comm_gib_per_step"] * GiB == pytest.approx(2000 + 2000 + 2000)
+    assert hybrid["internode_gib_per_step"] * GiB == pytest.approx(2000)  # only the replica all-reduce
+
+    ddp = est("ddp", 1)
+    assert ddp["params_gib"] * GiB == pytest.approx(4000)
+    assert ddp["buffers_gib"] * GiB == pytest.approx(4000)  # DDP's buckets
+    assert ddp["comm_gib_per_step"] * GiB == pytest.approx(2 * 3 / 4 * 4000)
+
+    fp32 = bench.layout_estimate(tiny_plan(mixed_precision="bf16-reduce"), "full_shard", 4, sizes)
+    assert fp32["comm_gib_per_step"] * GiB == pytest.approx(3000 + 0.75 * 2000)  # bf16 reduce-scatter
+
+
+def test_layouts_enumerated():
+    assert bench.layouts(8) == [("ddp", 1), ("no_shard", 1), ("full_shard", 8), ("shard_grad_op", 8),
+                                ("hybrid_shard", 1), ("hybrid_shard", 2), ("hybrid_shard", 4), ("hybrid_shard", 8)]
+    assert [s for name, s in bench.layouts(12) if name == "hybrid_shard"] == [1, 2, 4]
+
+
+def test_planner_within_25_percent_of_the_paper():
+    for row in bench.paper_check("full"):
+        assert abs(row["error"]) <= 0.25, row
+
+
+def test_paper_numbers_imply_activation_checkpointing():
+    # Without checkpointing the model overshoots the paper's sharded runs by far: they used it.
+    errors = [row["error"] for row in bench.paper_check("none")]
+    assert max(errors) > 1.0
+
+
+def test_recommendation_follows_the_paper():
+    # "Largest model on one 64 GB GCD: 3B; 5B needs 2, 15B needs 4."
+    for model, group in [("vit_3b", 1), ("vit_5b", 2), ("vit_15b", 4)]:
+        plan = PlanConfig(model=model, gpus=1024, gpus_per_node=8, gpu_mem_gib=64)
+        best, _ = bench.recommend(bench.plan_layouts(plan), plan)
+        assert (best["strategy"], best["shard_group_size"]) == ("hybrid_shard", group), model
+    # Too big for a node's shard group: shard across everything, shard_grad_op if its unsharded bf16
+    # params fit (27 GiB for 15B), else full_shard; too big even then: nothing.
+    for gpus, strategy in [(64, "shard_grad_op"), (16, "full_shard")]:
+        plan = PlanConfig(model="vit_15b", gpus=gpus, gpus_per_node=2, gpu_mem_gib=40)
+        assert bench.recommend(bench.plan_layouts(plan), plan)[0]["strategy"] == strategy
+    plan = PlanConfig(model="vit_15b", gpus=2, gpus_per_node=2, gpu_mem_gib=40)
+    assert bench.recommend(bench.plan_layouts(plan), plan)[0] is None
+
+
+def test_plan_cli_json(capsys):
+    bench.main(["plan", "--model", "vit_15b", "--gpus", "1024", "--gpus-per-node", "8", "--gpu-mem-gib", "64",
+                "--batch-size", "32", "--ac", "full", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 4 + 11  # ddp, no_shard, full_shard, shard_grad_op, hybrid 1..1024
+    for row in rows:
+        assert {"strategy", "shard_group_size", "mem_gib", "comm_gib_per_step"} <= set(row)
+    assert sum(row["recommended"] for row in rows) == 1
+
+
+@pytest.mark.parametrize("argv", [["--gpus", "12", "--gpus-per-node", "8"], ["--ac", "sometimes"],
+                                  ["--model", "vit_99b"], ["--mixed-precision", "fp8"]])
+def test_plan_rejects_bad_settings(argv):
+    with pytest.raises((ValueError, SystemExit)):
+        bench.main(["plan"] + argv)

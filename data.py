@@ -1,0 +1,933 @@
+"""
+Data for geofm: read the imagery people actually have, fast, and never feed the model garbage.
+
+Satellite scenes are multi-band, 8/16-bit or float, often billions of pixels, and written by
+GDAL as tiled or striped GeoTIFFs. This file reads them with tifffile + imagecodecs (no GDAL),
+decoding only the tiles a window touches, and turns them into normalised training crops.
+
+    read_geotiff / geotiff_info / GeoTiff   GeoTIFF, BigTIFF and COG, any GDAL compression
+    read_image                              GeoTIFF, JPEG or PNG, always (bands, height, width)
+    PretrainDataset                         random crops of chips or huge scenes, for MAE
+    SceneDataset, scene_splits              labelled scenes (UC Merced, AID, NWPU-RESISC45)
+    SyntheticDataset                        deterministic random tensors, for benchmarks
+    ResumableDistributedSampler, make_loader
+    make_demo_chips                         a tiny built-in multi-band sample for the demo
+
+    python data.py stats <folder|manifest> --out stats.json   per-band statistics
+    python data.py bench [folder] [--workers N]              loader speed vs bare decode
+    python data.py demo <folder>                             write the built-in sample
+
+A source of images is a folder (searched recursively for .tif/.tiff/.jpg/.jpeg/.png), a
+manifest file (one path per line, relative to the manifest; '#' starts a comment) or a list.
+
+The statistics file, written by `python data.py stats` and read by load_stats, holds one entry
+per band of the files (before any band selection):
+
+    {"format": "geofm-stats-1", "bands": 4, "dtype": "uint16", "nodata": 0,
+     "mean": [...], "std": [...], "min": [...], "max": [...],
+     "pixels": [...], "files": 500, "source": "/data/scenes"}
+
+Normalisation is (x - mean) / std per band. Pixels equal to the file's nodata value (the
+GDAL_NODATA tag), and NaN or infinite ones, become 0 after normalisation, i.e. the band mean.
+Without a statistics file, uint8 images with 3 bands use the ImageNet mean/std of the MAE
+recipe; anything else is an error asking for `python data.py stats`, because any guessed
+scale for 16-bit or float bands would be silently wrong.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import tifffile
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+IMAGE_EXTENSIONS = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
+PILLOW_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EVAL_CROP_FRACTION = 0.875  # eval resizes to img_size / 0.875, then centre-crops img_size
+DEFAULT_TRAIN_RATIO = 0.8  # scene_splits without split files or an explicit ratio
+GDAL_NODATA_TAG = 42113
+
+
+class DataError(ValueError):
+    """A problem with the user's data or settings; the message names the file and the fix."""
+
+
+class CorruptImageError(DataError):
+    """The file is not an image or its bytes are damaged: what `skip_corrupt` may skip."""
+
+
+# -----------------------------------------------------------------------------
+# Reading GeoTIFFs one tile at a time
+
+
+@dataclass
+class GeoTiffInfo:
+    path: str
+    height: int
+    width: int
+    bands: int
+    dtype: np.dtype
+    nodata: float | None  # GDAL_NODATA tag; None when the file has none
+    tiled: bool
+    tile_shape: tuple[int, int]  # (rows, cols) of a tile; strips are (rows per strip, width)
+    interleave: str  # "pixel": all bands in each tile; "band": one set of tiles per band
+    compression: str
+    bigtiff: bool
+
+
+class GeoTiff:
+    """An open GeoTIFF that decodes only the segments (tiles or strips) a read needs.
+
+    tifffile parses the header and owns the codecs (via imagecodecs, with the TIFF
+    predictors); this class does the part that matters for huge scenes: map a window to
+    the segments it intersects, read just their bytes and paste the decoded pieces
+    together. `segments_decoded` counts decodes, so tests can check a small window
+    stays small. For a COG the first image is full resolution; overviews follow it.
+    """
+
+    def __init__(self, path):
+        self.path = str(path)
+        if _sniff(self.path) != "tiff":
+            raise CorruptImageError(f"{self.path}: not a TIFF file (wrong magic bytes)")
+        try:
+            self._tif = tifffile.TiffFile(self.path)
+            self._page = self._tif.pages[0]
+        except Exception as err:
+            raise CorruptImageError(f"{self.path}: unreadable TIFF header ({err}); the file is truncated or corrupt") from err
+        page = self._page
+        if page.imagedepth != 1 or page.dtype is None:
+            self.close()
+            raise DataError(f"{self.path}: unsupported TIFF layout (depth {page.imagedepth}, "
+                            f"{page.bitspersample}-bit samples); convert it with `gdal_translate -ot UInt16 in.tif out.tif`")
+        try:
+            page.decode(None, 0)  # tifffile returns a decoder that raises if the codec is missing
+        except Exception as err:
+            self.close()
+            raise DataError(
+                f"{self.path}: compression {page.compression!r} with predictor {page.predictor} cannot be decoded "
+                f"({err}). Install the full codec set with `pip install -U imagecodecs`, or re-encode "
+                "with GDAL: `gdal_translate -co COMPRESS=DEFLATE -co TILED=YES in.tif out.tif`") from err
+        nodata = page.tags.get(GDAL_NODATA_TAG)
+        self.info = GeoTiffInfo(
+            path=self.path,
+            height=page.imagelength,
+            width=page.imagewidth,
+            bands=page.samplesperpixel,
+            dtype=page.dtype.newbyteorder("="),  # big-endian files still give native arrays
+            nodata=float(nodata.value.strip("\x00 ")) if nodata else None,
+            tiled=page.is_tiled,
+            tile_shape=(page.tilelength, page.tilewidth) if page.is_tiled
+            else (min(page.rowsperstrip, page.imagelength), page.imagewidth),
+            interleave="band" if page.planarconfig == 2 else "pixel",
+            compression=page.compression.name if hasattr(page.compression, "name") else str(page.compression),
+            bigtiff=self._tif.is_bigtiff,
+        )
+        self._file_size = os.path.getsize(self.path)
+        self.segments_decoded = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self._tif.close()
+
+    def window_segments(self, window=None, bands=None) -> list[int]:
+        """Indices (into the file's offset table) of the segments a window intersects."""
+        info = self.info
+        row, col, height, width = self._check_window(window)
+        bands = self._check_bands(bands)
+        tile_rows, tile_cols = info.tile_shape
+        across = math.ceil(info.width / tile_cols)
+        per_plane = across * math.ceil(info.height / tile_rows)
+        # Band-interleaved files store each band's tiles as a separate plane, so a band
+        # subset skips the other planes entirely; pixel-interleaved tiles hold every band.
+        planes = sorted(set(bands)) if info.interleave == "band" else [0]
+        return [plane * per_plane + r * across + c
+                for plane in planes
+                for r in range(row // tile_rows, (row + height - 1) // tile_rows + 1)
+                for c in range(col // tile_cols, (col + width - 1) // tile_cols + 1)]
+
+    def read(self, window=None, bands=None) -> np.ndarray:
+        """Pixels of `window` = (row, col, height, width) for `bands`, as (bands, height, width)."""
+        info = self.info
+        row, col, height, width = self._check_window(window)
+        bands = self._check_bands(bands)
+        tile_rows, tile_cols = info.tile_shape
+        across = math.ceil(info.width / tile_cols)
+        per_plane = across * math.ceil(info.height / tile_rows)
+        band_interleaved = info.interleave == "band"
+        all_bands = bands == list(range(info.bands))
+        out_shape = (len(bands), height, width) if band_interleaved else (height, width, len(bands))
+        out = np.empty(out_shape, info.dtype)
+        for index in self.window_segments(window, bands):
+            plane, position = divmod(index, per_plane)
+            top, left = position // across * tile_rows, position % across * tile_cols
+            tile = self._decode(index)  # (rows, cols, samples)
+            # The overlap of this tile and the window, in image coordinates.
+            y0, y1 = max(row, top), min(row + height, top + tile_rows, info.height)
+            x0, x1 = max(col, left), min(col + width, left + tile_cols, info.width)
+            if tile.shape[0] < y1 - top or tile.shape[1] < x1 - left:
+                raise CorruptImageError(f"{self.path}: segment {index} decoded to {tile.shape[:2]}, "
+                                        f"too small for its place in the image; the file is corrupt")
+            piece = tile[y0 - top:y1 - top, x0 - left:x1 - left]
+            if band_interleaved:
+                for k, band in enumerate(bands):
+                    if band == plane:
+                        out[k, y0 - row:y1 - row, x0 - col:x1 - col] = piece[..., 0]
+            else:
+                out[y0 - row:y1 - row, x0 - col:x1 - col] = piece if all_bands else piece[..., bands]
+        return out if band_interleaved else np.ascontiguousarray(out.transpose(2, 0, 1))
+
+    def _decode(self, index: int) -> np.ndarray:
+        page = self._page
+        offset, nbytes = page.dataoffsets[index], page.databytecounts[index]
+        if nbytes == 0:
+            # GDAL's SPARSE_OK writes all-nodata tiles as no bytes at all.
+            rows, cols = self.info.tile_shape
+            fill = self.info.nodata if self.info.nodata is not None else 0
+            return np.full((rows, cols, page.shaped[-1]), fill, self.info.dtype)
+        if offset + nbytes > self._file_size:
+            raise CorruptImageError(f"{self.path}: truncated: segment {index} needs bytes up to {offset + nbytes} "
+                                    f"but the file has {self._file_size}; copy or download it again")
+        fh = self._tif.filehandle
+        fh.seek(offset)
+        data = fh.read(nbytes)
+        try:
+            tile, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+        except Exception as err:
+            raise CorruptImageError(f"{self.path}: segment {index} failed to decode "
+                                    f"({type(err).__name__}: {err}); the file is corrupt") from err
+        self.segments_decoded += 1
+        return tile[0]
+
+    def _check_window(self, window) -> tuple[int, int, int, int]:
+        info = self.info
+        if window is None:
+            return 0, 0, info.height, info.width
+        row, col, height, width = (int(v) for v in window)
+        if row < 0 or col < 0 or height < 1 or width < 1 or row + height > info.height or col + width > info.width:
+            raise DataError(f"{self.path}: window (row={row}, col={col}, height={height}, width={width}) is not "
+                            f"inside the {info.height}x{info.width} image; it needs row+height <= {info.height} "
+                            f"and col+width <= {info.width}")
+        return row, col, height, width
+
+    def _check_bands(self, bands) -> list[int]:
+        count = self.info.bands
+        if bands is None:
+            return list(range(count))
+        bands = [int(b) for b in bands]
+        if not bands or min(bands) < 0 or max(bands) >= count:
+            raise DataError(f"{self.path}: band indices {bands} out of range; the file has {count} "
+                            f"bands, valid 0-based indices are 0..{count - 1}")
+        return bands
+
+
+def read_geotiff(path, window=None, bands=None) -> np.ndarray:
+    """(bands, height, width) in the file's dtype; window = (row, col, height, width) in pixels."""
+    with GeoTiff(path) as tif:
+        return tif.read(window, bands)
+
+
+def geotiff_info(path) -> GeoTiffInfo:
+    with GeoTiff(path) as tif:
+        return tif.info
+
+
+def _sniff(path: str) -> str:
+    """'tiff' or 'pillow' from the first bytes, because extensions lie."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        raise CorruptImageError(f"{path}: empty file (0 bytes); copy or download it again")
+    if head[:4] in TIFF_MAGIC:
+        return "tiff"
+    if head.startswith(PILLOW_MAGIC):
+        return "pillow"
+    raise CorruptImageError(f"{path}: not an image (starts with {head!r}); expected GeoTIFF, JPEG or PNG")
+
+
+def read_image(path) -> np.ndarray:
+    """Any supported image as (bands, height, width): GeoTIFF natively, JPEG/PNG via Pillow."""
+    return read_image_and_nodata(path)[0]
+
+
+def read_image_and_nodata(path) -> tuple[np.ndarray, float | None]:
+    path = str(path)
+    if _sniff(path) == "tiff":
+        with GeoTiff(path) as tif:
+            return tif.read(), tif.info.nodata
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("P", "1"):
+                img = img.convert("RGBA" if "transparency" in img.info else "RGB" if img.mode == "P" else "L")
+            pixels = np.asarray(img)
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{path}: {err} Convert big scenes to tiled GeoTIFF "
+                        "(`gdal_translate -co TILED=YES -co COMPRESS=DEFLATE`) so they are read in windows") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise CorruptImageError(f"{path}: Pillow could not decode it ({err}); the file is truncated or corrupt") from err
+    return (pixels[None] if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))), None
+
+
+def list_images(source) -> list[str]:
+    """Image paths from a folder (recursive, sorted), a manifest file, or a list of paths."""
+    if isinstance(source, (list, tuple)):
+        paths = [str(p) for p in source]
+    elif os.path.isdir(source):
+        paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(source)
+                       for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+    elif os.path.isfile(source):
+        if str(source).lower().endswith(IMAGE_EXTENSIONS):
+            return [str(source)]
+        base = os.path.dirname(os.path.abspath(source))
+        with open(source) as f:
+            lines = [line.split("#", 1)[0].strip() for line in f]
+        paths = [os.path.join(base, line) for line in lines if line]
+    else:
+        raise DataError(f"{source}: no such folder or manifest file")
+    if not paths:
+        raise DataError(f"{source}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} recursively, "
+                        "or one path per line in a manifest)")
+    return paths
+
+
+# -----------------------------------------------------------------------------
+# Statistics and normalisation
+
+
+def compute_stats(source, max_files=500, sample_size=512, seed=0, progress=True) -> dict:
+    """Per-band mean/std/min/max over a random sample of files (one random window each),
+    skipping nodata and NaN pixels. Means and variances are merged per file (Chan et al.),
+    which stays accurate over billions of 16-bit pixels where a sum of squares would not."""
+    paths = list_images(source)
+    rng = np.random.default_rng(seed)
+    if max_files is not None and len(paths) > max_files:
+        paths = [paths[i] for i in sorted(rng.choice(len(paths), max_files, replace=False))]
+    count = mean = m2 = low = high = None
+    first = None
+    for i, path in enumerate(paths):
+        if _sniff(path) == "tiff":
+            with GeoTiff(path) as tif:
+                info = tif.info
+                height, width = min(info.height, sample_size), min(info.width, sample_size)
+                window = (rng.integers(info.height - height + 1), rng.integers(info.width - width + 1), height, width)
+                pixels, dtype, nodata = tif.read(window), info.dtype, info.nodata
+        else:
+            pixels, nodata = read_image_and_nodata(path)
+            dtype = pixels.dtype
+        if first is None:
+            first = (path, pixels.shape[0], dtype, nodata)
+            count, mean, m2 = (np.zeros(pixels.shape[0]) for _ in range(3))
+            low, high = np.full(pixels.shape[0], np.inf), np.full(pixels.shape[0], -np.inf)
+        elif pixels.shape[0] != first[1]:
+            raise DataError(f"{path} has {pixels.shape[0]} bands but {first[0]} has {first[1]}; "
+                            "statistics need files with the same bands (use separate folders or manifests)")
+        for b, band in enumerate(pixels.astype(np.float64).reshape(pixels.shape[0], -1)):
+            valid = band[np.isfinite(band) & (band != nodata if nodata is not None else True)]
+            if valid.size == 0:
+                continue
+            n, file_mean = valid.size, valid.mean()
+            delta, total = file_mean - mean[b], count[b] + n
+            mean[b] += delta * n / total
+            m2[b] += ((valid - file_mean) ** 2).sum() + delta ** 2 * count[b] * n / total
+            count[b] = total
+            low[b], high[b] = min(low[b], valid.min()), max(high[b], valid.max())
+        if progress and (i + 1 == len(paths) or (i + 1) % max(1, len(paths) // 50) == 0):
+            print(f"\rstats: {i + 1}/{len(paths)} files", end="\n" if i + 1 == len(paths) else "", file=sys.stderr, flush=True)
+    if (count == 0).any():
+        raise DataError(f"{source}: band(s) {np.flatnonzero(count == 0).tolist()} have no valid pixels in the sample")
+    return {"format": "geofm-stats-1", "bands": first[1], "dtype": np.dtype(first[2]).name, "nodata": first[3],
+            "mean": mean.tolist(), "std": np.sqrt(m2 / count).tolist(), "min": low.tolist(), "max": high.tolist(),
+            "pixels": count.astype(int).tolist(), "files": len(paths), "source": str(source)}
+
+
+def load_stats(path) -> tuple[list[float], list[float]]:
+    """(mean, std) per band from a statistics JSON written by `python data.py stats`."""
+    try:
+        with open(path) as f:
+            stats = json.load(f)
+        mean, std = [float(v) for v in stats["mean"]], [float(v) for v in stats["std"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{path}: not a statistics file ({err}); make one with "
+                        "`python data.py stats <folder> --out stats.json`") from err
+    if len(mean) != len(std) or not mean:
+        raise DataError(f"{path}: 'mean' and 'std' must be non-empty lists of the same length")
+    if min(std) <= 0:
+        raise DataError(f"{path}: band(s) {[b for b, s in enumerate(std) if s <= 0]} have zero std (constant); "
+                        "drop them with `bands=[...]`")
+    return mean, std
+
+
+class Normalizer:
+    """Per-band (x - mean) / std, with nodata and NaN set to 0, from a stats file or ImageNet."""
+
+    def __init__(self, stats_path=None):
+        self.stats_path = stats_path
+        self.mean, self.std = load_stats(stats_path) if stats_path else (None, None)
+
+    def band_stats(self, path, file_bands, bands, dtype) -> tuple[np.ndarray, np.ndarray]:
+        selected = list(range(file_bands)) if bands is None else list(bands)
+        if self.mean is None:
+            if np.dtype(dtype) == np.uint8 and len(selected) == 3:
+                return np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255
+            raise DataError(f"{path}: {np.dtype(dtype).name} with {len(selected)} bands needs per-band statistics "
+                            "(only 3-band uint8 falls back to ImageNet's); run "
+                            "`python data.py stats <folder> --out stats.json` and pass stats='stats.json'")
+        if len(self.mean) == file_bands:
+            return np.array(self.mean)[selected], np.array(self.std)[selected]
+        if len(self.mean) == len(selected):  # statistics of the already-selected bands
+            return np.array(self.mean), np.array(self.std)
+        raise DataError(f"{self.stats_path} has statistics for {len(self.mean)} bands but {path} has {file_bands} "
+                        f"({len(selected)} selected); compute statistics on the same kind of files")
+
+    def __call__(self, pixels, path, file_bands, bands, nodata) -> torch.Tensor:
+        mean, std = self.band_stats(path, file_bands, bands, pixels.dtype)
+        x = pixels.astype(np.float32)  # one contiguous copy, also of any flipped/rotated view
+        x -= mean.astype(np.float32)[:, None, None]
+        x *= (1 / std).astype(np.float32)[:, None, None]
+        if nodata is not None:
+            x[pixels == nodata] = 0
+        np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        return torch.from_numpy(x)
+
+
+def check_band_count(path, file_bands, bands, in_chans):
+    """Raise naming the file when its bands don't fit the configured selection."""
+    if bands is not None and (min(bands) < 0 or max(bands) >= file_bands):
+        raise DataError(f"{path} has {file_bands} bands but the config selects bands={list(bands)} (0-based)")
+    selected = file_bands if bands is None else len(bands)
+    if in_chans is not None and selected != in_chans:
+        raise DataError(f"{path} has {file_bands} bands ({selected} after selecting bands={bands}) but "
+                        f"in_chans={in_chans}; remove the file from the dataset or fix in_chans/bands")
+
+
+# -----------------------------------------------------------------------------
+# Augmentation, with torch only
+
+
+def random_resized_box(rng, height, width, scale, ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(top, left, h, w) covering a random `scale` fraction of the area at a random aspect
+    ratio (Inception-style RandomResizedCrop); a central crop if ten draws don't fit."""
+    area = height * width
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(height - h + 1)), int(rng.integers(width - w + 1)), h, w
+    aspect = min(max(width / height, ratio[0]), ratio[1])
+    w, h = (width, min(height, round(width / aspect))) if width / height < aspect else (min(width, round(height * aspect)), height)
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_dihedral(pixels: np.ndarray, rng) -> np.ndarray:
+    """One of the 8 flips/90-degree rotations; all are valid views of overhead imagery.
+    Works on views of the raw array, so the float conversion that follows pays the copy."""
+    pixels = np.rot90(pixels, k=int(rng.integers(4)), axes=(1, 2))
+    return pixels[:, :, ::-1] if rng.integers(2) else pixels
+
+
+def resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear (C, h, w) -> (C, height, width), antialiased when shrinking to avoid aliasing."""
+    if x.shape[-2:] == (height, width):
+        return x
+    shrink = height < x.shape[-2] or width < x.shape[-1]
+    return F.interpolate(x[None], size=(height, width), mode="bilinear", align_corners=False, antialias=shrink)[0]
+
+
+def eval_transform(x: torch.Tensor, img_size: int) -> torch.Tensor:
+    """Resize the shorter side to img_size / 0.875, then centre-crop img_size."""
+    short = round(img_size / EVAL_CROP_FRACTION)
+    height, width = x.shape[-2:]
+    scale = short / min(height, width)
+    x = resize(x, max(short, round(height * scale)), max(short, round(width * scale)))
+    top, left = (x.shape[-2] - img_size) // 2, (x.shape[-1] - img_size) // 2
+    return x[:, top:top + img_size, left:left + img_size].contiguous()
+
+
+# -----------------------------------------------------------------------------
+# Datasets
+
+
+class _EpochSeededDataset(Dataset):
+    """Per-item randomness from (seed, epoch, index) alone, so a resumed run sees exactly
+    the augmentations of an uninterrupted one, whichever worker loads the item."""
+
+    def __init__(self, seed):
+        self.seed = seed
+        # Shared memory, so set_epoch in the main process reaches persistent DataLoader
+        # workers that copied the dataset earlier. Call it before iterating the loader.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int):
+        self._epoch.fill_(epoch)
+
+    def rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng((self.seed, int(self._epoch), index))
+
+
+@dataclass
+class PretrainDataConfig:
+    img_size: int = 224  # side of the square crops the model sees
+    bands: list[int] | None = None  # 0-based band indices to keep; None keeps all
+    in_chans: int | None = None  # expected band count after selection; any other file is an error
+    stats: str | None = None  # statistics JSON from `python data.py stats`
+    scale: tuple = (0.2, 1.0)  # RandomResizedCrop area fraction (MAE's pretraining setting)
+    ratio: tuple = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratios
+    crop_size: int = 512  # larger scenes are first cut to a random crop_size window (a windowed read)
+    skip_corrupt: bool = False  # skip and count corrupt files instead of stopping with an error
+
+
+class PretrainDataset(_EpochSeededDataset):
+    """Random crops for MAE: float32 (C, img_size, img_size), normalised per band.
+
+    Chips up to crop_size get RandomResizedCrop over the whole image, as in MAE. Bigger
+    scenes get it within a random crop_size window, and only the final box is decoded, so
+    a 10000x10000 scene costs a few tiles per sample, not the scene.
+    """
+
+    def __init__(self, source, cfg: PretrainDataConfig | None = None, seed=0):
+        super().__init__(seed)
+        self.cfg = cfg or PretrainDataConfig()
+        self.paths = list_images(source)
+        self.normalize = Normalizer(self.cfg.stats)
+        # Skips counted per worker slot (0 = main process) so workers never race on a cell.
+        self._skipped = torch.zeros(256, dtype=torch.int64).share_memory_()
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        rng = self.rng(index)
+        for attempt in range(len(self.paths)):
+            path = self.paths[(index + attempt) % len(self.paths)]  # skip mode: the next file stands in
+            try:
+                return self.load(path, rng)
+            except CorruptImageError as err:
+                if not self.cfg.skip_corrupt:
+                    raise
+                worker = get_worker_info()
+                self._skipped[0 if worker is None else 1 + worker.id % 255] += 1
+                print(f"warning: skipped corrupt image: {err}", file=sys.stderr)
+        raise DataError(f"every image in the dataset ({len(self.paths)} files, e.g. {self.paths[0]}) is corrupt")
+
+    def load(self, path, rng) -> torch.Tensor:
+        cfg = self.cfg
+        if _sniff(path) == "tiff":
+            with GeoTiff(path) as tif:
+                file_bands, nodata = tif.info.bands, tif.info.nodata
+                check_band_count(path, file_bands, cfg.bands, cfg.in_chans)
+                pixels = tif.read(self._pick_box(rng, tif.info.height, tif.info.width), cfg.bands)
+        else:
+            image, nodata = read_image_and_nodata(path)
+            file_bands = image.shape[0]
+            check_band_count(path, file_bands, cfg.bands, cfg.in_chans)
+            top, left, h, w = self._pick_box(rng, *image.shape[1:])
+            pixels = image[cfg.bands if cfg.bands is not None else slice(None), top:top + h, left:left + w]
+        x = self.normalize(random_dihedral(pixels, rng), path, file_bands, cfg.bands, nodata)
+        return resize(x, cfg.img_size, cfg.img_size)
+
+    def _pick_box(self, rng, height, width) -> tuple[int, int, int, int]:
+        crop_h, crop_w = min(height, self.cfg.crop_size), min(width, self.cfg.crop_size)
+        crop_top, crop_left = int(rng.integers(height - crop_h + 1)), int(rng.integers(width - crop_w + 1))
+        top, left, h, w = random_resized_box(rng, crop_h, crop_w, self.cfg.scale, self.cfg.ratio)
+        return crop_top + top, crop_left + left, h, w
+
+    @property
+    def num_skipped(self) -> int:
+        return int(self._skipped.sum())
+
+    def set_epoch(self, epoch: int):
+        """Also reports (and resets) the corrupt files skipped in the epoch that just ended."""
+        if self.num_skipped and epoch != int(self._epoch):
+            print(f"epoch {int(self._epoch)}: skipped {self.num_skipped} corrupt image reads "
+                  "(paths in the warnings above)", file=sys.stderr)
+            self._skipped.zero_()
+        super().set_epoch(epoch)
+
+
+class SyntheticDataset(Dataset):
+    """Random float tensors in memory; item i is always the same tensor. For benchmarks and tests."""
+
+    def __init__(self, num_images, in_chans, img_size, seed=0):
+        self.num_images, self.in_chans, self.img_size, self.seed = num_images, in_chans, img_size, seed
+
+    def __len__(self):
+        return self.num_images
+
+    def __getitem__(self, index) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence((self.seed, index)).generate_state(1)[0]))
+        return torch.randn(self.in_chans, self.img_size, self.img_size, generator=generator)
+
+
+# -----------------------------------------------------------------------------
+# Scene classification (linear probing / fine-tuning evaluation)
+
+
+def _read_list_file(list_file, root) -> list[tuple[str, str]]:
+    rows = []
+    with open(list_file) as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.rsplit(None, 1)  # paths may contain spaces, labels don't
+            if len(parts) != 2:
+                raise DataError(f"{list_file}:{number}: expected 'relative/path label', got {line!r}")
+            path = os.path.join(root, parts[0])
+            if not os.path.isfile(path):
+                raise DataError(f"{list_file}:{number}: {path} does not exist")
+            rows.append((path, parts[1]))
+    return rows
+
+
+def _find_class_folder(root) -> tuple[str, list[str]]:
+    """Breadth-first, the shallowest folder with a subfolder holding images: the class folder
+    of root/<class>/*, root/Images/<class>/* (UC Merced) or root/AID/<class>/*."""
+    queue = [root]
+    while queue:
+        folder = queue.pop(0)
+        subfolders = sorted(name for name in os.listdir(folder) if os.path.isdir(os.path.join(folder, name))
+                            and not name.startswith((".", "__")))
+        for name in subfolders:
+            if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(os.path.join(folder, name))):
+                return folder, subfolders
+        queue += [os.path.join(folder, name) for name in subfolders]
+    raise DataError(f"{root}: no classes found; expected <class>/ subfolders of images "
+                    "(e.g. Images/<class>/*.tif) or train.txt and val.txt with 'relative/path label' lines")
+
+
+def scene_splits(root, train_ratio=None, seed=0) -> tuple[list, list, list[str]]:
+    """(train_items, test_items, class_names), items being (path, label) lists.
+
+    root is a folder with train.txt and val.txt (or test.txt) of 'relative/path label'
+    lines (labels ints or class names), or such a train.txt itself; without train_ratio
+    those lists are the split. Otherwise classes are subfolders (found at any depth). With
+    train_ratio (default 0.8 for folders), every class is split train_ratio : 1 - train_ratio
+    by a permutation fixed by `seed`, so the split is stratified and reproducible.
+    """
+    root = str(root)
+    list_file = root if os.path.isfile(root) else os.path.join(root, "train.txt")
+    root = os.path.dirname(root) if os.path.isfile(root) else root
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: not a folder")
+    if os.path.isfile(list_file):
+        test_file = next((os.path.join(root, n) for n in ("val.txt", "test.txt") if os.path.isfile(os.path.join(root, n))), None)
+        if test_file is None:
+            raise DataError(f"{list_file}: no val.txt or test.txt next to it for the test split")
+        train_rows, test_rows = _read_list_file(list_file, root), _read_list_file(test_file, root)
+        labels = [label for _, label in train_rows + test_rows]
+        if all(label.isdigit() for label in labels):
+            class_names = [str(i) for i in range(max(int(label) for label in labels) + 1)]
+        else:
+            class_names = sorted(set(labels))
+        if len(set(labels)) < 2:
+            raise DataError(f"{list_file}: only one class ({labels[0]!r}); classification needs two or more")
+        to_int = {name: i for i, name in enumerate(class_names)}
+        train, test = [(p, to_int[label]) for p, label in train_rows], [(p, to_int[label]) for p, label in test_rows]
+        if train_ratio is None:
+            return train, test, class_names
+        files_per_class = [sorted(p for p, label in train + test if label == c) for c in range(len(class_names))]
+    else:
+        class_folder, class_names = _find_class_folder(root)
+        if len(class_names) < 2:
+            raise DataError(f"{class_folder}: only one class folder ({class_names[0]}); classification needs two or more")
+        files_per_class = []
+        for name in class_names:
+            try:
+                files_per_class.append(list_images(os.path.join(class_folder, name)))
+            except DataError:
+                raise DataError(f"{os.path.join(class_folder, name)}: class {name!r} has no images; "
+                                "remove the folder or add images") from None
+    ratio = DEFAULT_TRAIN_RATIO if train_ratio is None else train_ratio
+    if not 0 < ratio < 1:
+        raise DataError(f"train_ratio must be between 0 and 1, got {ratio}")
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for label, files in enumerate(files_per_class):
+        order = rng.permutation(len(files))
+        n_train = min(max(round(ratio * len(files)), 1), max(len(files) - 1, 1))  # both sides get some
+        train += [(files[i], label) for i in order[:n_train]]
+        test += [(files[i], label) for i in order[n_train:]]
+    return train, test, class_names
+
+
+@dataclass
+class SceneDataConfig:
+    root: str
+    img_size: int = 224
+    train_ratio: float | None = None  # None: train.txt/val.txt if present, else 0.8 per class
+    seed: int = 0
+    stats: str | None = None  # None: ImageNet mean/std for 3-band uint8 (UC Merced, AID, NWPU)
+    bands: list[int] | None = None
+    in_chans: int | None = None
+
+
+class SceneDataset(_EpochSeededDataset):
+    """(float32 (C, img_size, img_size) normalised, label). train=True: RandomResizedCrop,
+    flips and 90-degree rotations; train=False: resize to img_size/0.875, centre crop."""
+
+    def __init__(self, items, img_size=224, train=False, stats=None, bands=None, in_chans=None,
+                 seed=0, scale=(0.08, 1.0)):
+        super().__init__(seed)
+        self.items, self.img_size, self.train = list(items), img_size, train
+        self.bands, self.in_chans, self.scale = bands, in_chans, scale
+        self.normalize = Normalizer(stats)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index) -> tuple[torch.Tensor, int]:
+        path, label = self.items[index]
+        image, nodata = read_image_and_nodata(path)  # scenes are small; read whole
+        check_band_count(path, image.shape[0], self.bands, self.in_chans)
+        if self.bands is not None:
+            image = image[self.bands]
+        if not self.train:
+            x = self.normalize(image, path, image.shape[0], None, nodata)
+            return eval_transform(x, self.img_size), int(label)
+        rng = self.rng(index)
+        top, left, h, w = random_resized_box(rng, *image.shape[1:], self.scale)
+        x = self.normalize(random_dihedral(image[:, top:top + h, left:left + w], rng), path, image.shape[0], None, nodata)
+        return resize(x, self.img_size, self.img_size), int(label)
+
+
+def make_scene_datasets(cfg: SceneDataConfig) -> tuple[SceneDataset, SceneDataset, list[str]]:
+    train_items, test_items, class_names = scene_splits(cfg.root, cfg.train_ratio, cfg.seed)
+    kwargs = dict(img_size=cfg.img_size, stats=cfg.stats, bands=cfg.bands, in_chans=cfg.in_chans, seed=cfg.seed)
+    return SceneDataset(train_items, train=True, **kwargs), SceneDataset(test_items, train=False, **kwargs), class_names
+
+
+# -----------------------------------------------------------------------------
+# Sampling and loading
+
+
+class ResumableDistributedSampler(Sampler[int]):
+    """Disjoint per-rank shards of a fresh permutation each epoch, resumable mid-epoch.
+
+    The permutation comes from torch.Generator seeded with seed + epoch, so every rank
+    computes the same one and takes every world_size-th index from its rank. The
+    position is (epoch, index): index counts the samples this rank has been handed in the
+    epoch, and iteration continues from it. Behind a DataLoader with workers the sampler
+    runs ahead of the model by the prefetched batches, so save the position from your step
+    counter, {"epoch": epoch, "index": steps_this_epoch * batch_size}, and load_state_dict it.
+    Call set_epoch(epoch) before each epoch; it restarts at index 0 only for a new epoch,
+    so set_epoch after load_state_dict of the same epoch keeps the resume point.
+    """
+
+    def __init__(self, dataset_len, rank, world_size, seed=0, shuffle=True, drop_last=True):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if dataset_len < (world_size if drop_last else 1):
+            raise ValueError(f"{dataset_len} samples cannot give each of {world_size} ranks one")
+        self.dataset_len, self.rank, self.world_size = dataset_len, rank, world_size
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.num_samples = dataset_len // world_size if drop_last else math.ceil(dataset_len / world_size)
+        self.epoch, self.index = 0, 0
+
+    def set_epoch(self, epoch: int):
+        if epoch != self.epoch:
+            self.epoch, self.index = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": int(self.epoch), "index": int(self.index)}
+
+    def load_state_dict(self, state: dict):
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if not 0 <= index <= self.num_samples:
+            raise ValueError(f"sampler index {index} is outside the {self.num_samples} samples per rank per epoch")
+        self.epoch, self.index = epoch, index
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """This rank's full index order for `epoch`."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.dataset_len, generator=generator).tolist()
+        else:
+            order = list(range(self.dataset_len))
+        total = self.num_samples * self.world_size
+        order = (order * math.ceil(total / len(order)))[:total]  # drop the tail, or pad by wrapping
+        return order[self.rank:total:self.world_size]
+
+    def __iter__(self):
+        order = self.epoch_order(self.epoch)
+        while self.index < len(order):
+            self.index += 1
+            yield order[self.index - 1]
+
+    def __len__(self):
+        return self.num_samples
+
+
+def make_loader(dataset, batch_size, sampler, workers=4, pin_memory=True, drop_last=True) -> DataLoader:
+    """A DataLoader with worker processes that stay alive between epochs and prefetch ahead."""
+    extra = dict(persistent_workers=True, prefetch_factor=4) if workers > 0 else {}
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=pin_memory and torch.cuda.is_available(), drop_last=drop_last, **extra)
+
+
+# -----------------------------------------------------------------------------
+# Built-in sample data and the command line
+
+
+def _smooth_noise(rng, size, cells) -> np.ndarray:
+    """Values in [0, 1] varying smoothly over about size/cells pixels."""
+    grid = torch.from_numpy(rng.random((1, 1, cells + 1, cells + 1), dtype=np.float32))
+    return F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=True)[0, 0].clamp(0, 1).numpy()
+
+
+def _write_geotiff(path, pixels: np.ndarray, pixel_metres=10.0, origin=(500000.0, 4500000.0)):
+    """A tiled DEFLATE GeoTIFF in UTM zone 33N, as GDAL would write one."""
+    geokeys = [1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32633]  # projected, pixel-is-area, EPSG:32633
+    tile = 256 if min(pixels.shape[1:]) >= 256 else 16 * max(1, min(pixels.shape[1:]) // 32)
+    tifffile.imwrite(path, pixels, photometric="minisblack", planarconfig="separate", tile=(tile, tile),
+                     compression="zlib", predictor=True, extratags=[
+                         (33550, "d", 3, (pixel_metres, pixel_metres, 0.0), True),
+                         (33922, "d", 6, (0.0, 0.0, 0.0, origin[0], origin[1], 0.0), True),
+                         (34735, "H", len(geokeys), geokeys, True)])
+
+
+def make_demo_chips(folder, n=64, size=64, bands=4, seed=0) -> str:
+    """Write n uint16 `bands`-band GeoTIFF chips that look like land cover, plus stats.json;
+    returns the stats path. Water, vegetation, soil and built-up areas as smooth patches
+    crossed by roads, each with its own reflectance spectrum over the bands, so a model
+    has real structure to learn (spatial and spectral), unlike white noise."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    wavelength = np.linspace(0, 1, bands)  # band 0 ~ blue ... last band ~ short-wave infrared
+    spectra = np.stack([
+        0.09 - 0.07 * wavelength,  # water: dark, darker in the infrared
+        0.04 + 0.05 * np.exp(-((wavelength - 0.3) / 0.1) ** 2) + 0.4 / (1 + np.exp(-(wavelength - 0.55) * 30)),  # vegetation: red edge
+        0.10 + 0.20 * wavelength,  # bare soil: brightening towards the infrared
+        0.22 + 0.03 * wavelength,  # built-up: bright and flat
+    ])
+    y, x = np.mgrid[0:size, 0:size]
+    for i in range(n):
+        land = np.digitize(_smooth_noise(rng, size, 3), [0.3, 0.6, 0.8])
+        for _ in range(rng.integers(0, 3)):  # straight roads with built-up spectra
+            angle, offset = rng.uniform(0, np.pi), rng.uniform(0, size)
+            land[np.abs((x - size / 2) * np.sin(angle) - (y - size / 2) * np.cos(angle) + offset - size / 2) < 1.2] = 3
+        texture = 1 + 0.15 * (_smooth_noise(rng, size, 8) - 0.5)
+        reflectance = spectra[land].transpose(2, 0, 1) * texture + rng.normal(0, 0.004, (bands, size, size))
+        _write_geotiff(os.path.join(folder, f"chip_{i:04d}.tif"), np.clip(reflectance * 10000, 0, 65535).astype(np.uint16))
+    stats_path = os.path.join(folder, "stats.json")
+    with open(stats_path, "w") as f:
+        json.dump(compute_stats(folder, max_files=None, progress=False), f, indent=1)
+    return stats_path
+
+
+def _median_seconds(fn, repeats) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench(folder=None, workers=0, repeats=5, scene_size=10000):
+    """Print loader chips/s per worker against a bare tifffile decode of the same files and,
+    without a folder, the speed-up of a 512x512 window over reading a tiled DEFLATE scene."""
+    torch.set_num_threads(1)  # a DataLoader worker uses one thread; measure the same
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = os.path.join(folder, "stats.json") if folder else None
+        if folder is None:
+            folder = os.path.join(tmp, "chips")
+            stats = make_demo_chips(folder, n=64, size=256, bands=4)
+        elif not os.path.isfile(stats):
+            stats = os.path.join(tmp, "stats.json")
+            with open(stats, "w") as f:
+                json.dump(compute_stats(folder, max_files=100), f)
+        paths = list_images(folder)
+        dataset = PretrainDataset(paths, PretrainDataConfig(stats=stats))
+        bare = _median_seconds(lambda: [tifffile.imread(p, maxworkers=1) if _sniff(p) == "tiff" else read_image(p)
+                                        for p in paths], repeats)
+        loader = _median_seconds(lambda: [dataset[i] for i in range(len(dataset))], repeats)
+        print(f"{len(paths)} files from {folder}, medians of {repeats} passes, one thread:")
+        print(f"  bare decode (tifffile.imread) {len(paths) / bare:8.1f} chips/s")
+        print(f"  PretrainDataset               {len(paths) / loader:8.1f} chips/s per worker "
+              f"({loader / bare:.2f}x the bare decode time; target <= 1.25x)")
+        if workers > 0:
+            sampler = ResumableDistributedSampler(len(dataset), 0, 1, drop_last=False)
+            data_loader = make_loader(dataset, 16, sampler, workers=workers, pin_memory=False, drop_last=False)
+
+            def one_epoch(epoch=iter(range(10**6))):
+                sampler.set_epoch(next(epoch))
+                for _ in data_loader:
+                    pass
+            one_epoch()  # start the workers
+            seconds = _median_seconds(one_epoch, repeats)
+            print(f"  DataLoader, {workers} workers        {len(paths) / seconds:8.1f} chips/s "
+                  f"({len(paths) / seconds / workers:.1f} per worker)")
+        if scene_size:
+            scene = os.path.join(tmp, "scene.tif")
+            print(f"writing a {scene_size}x{scene_size} uint16 tiled DEFLATE scene ...", flush=True)
+            _write_bench_scene(scene, scene_size)
+            full = _median_seconds(lambda: read_geotiff(scene), 3)
+            rng = np.random.default_rng(0)
+            corners = iter(rng.integers(0, scene_size - 512, (10 * repeats, 2)).tolist())
+            window = _median_seconds(lambda: read_geotiff(scene, window=(*next(corners), 512, 512)), 10 * repeats)
+            bare_scene = _median_seconds(lambda: tifffile.imread(scene, maxworkers=1), 3)
+            print(f"  whole scene: read_geotiff {full:.2f} s, tifffile.imread {bare_scene:.2f} s")
+            print(f"  512x512 window: {window * 1000:.1f} ms, {full / window:.0f}x faster than the scene (target >= 50x)")
+
+
+def _write_bench_scene(path, size):
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:256, 0:256]
+
+    def tiles():  # generated tile by tile, so the scene is never in memory
+        for top in range(0, size, 256):
+            for left in range(0, size, 256):
+                field = 3000 + 1000 * np.sin((y + top) / 300) * np.cos((x + left) / 450)
+                yield (field + rng.normal(0, 30, field.shape)).astype(np.uint16)
+    tifffile.imwrite(path, tiles(), shape=(size, size), dtype=np.uint16, tile=(256, 256),
+                     compression="zlib", predictor=True, maxworkers=2)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="geofm data tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    stats = commands.add_parser("stats", help="per-band mean/std/min/max of a folder or manifest")
+    stats.add_argument("source")
+    stats.add_argument("--out", required=True)
+    stats.add_argument("--max-files", type=int, default=500, help="random sample of this many files")
+    stats.add_argument("--sample-size", type=int, default=512, help="read a random window this big from each")
+    stats.add_argument("--seed", type=int, default=0)
+    speed = commands.add_parser("bench", help="loader chips/s vs bare decode; windowed vs whole-scene reads")
+    speed.add_argument("folder", nargs="?", help="default: generated chips and a 10000x10000 scene")
+    speed.add_argument("--workers", type=int, default=0, help="also time a DataLoader with this many workers")
+    speed.add_argument("--repeats", type=int, default=5)
+    demo = commands.add_parser("demo", help="write the built-in sample chips and stats.json")
+    demo.add_argument("folder")
+    args = parser.parse_args(argv)
+    if args.command == "stats":
+        result = compute_stats(args.source, args.max_files, args.sample_size, args.seed)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.out}: mean {[round(m, 2) for m in result['mean']]}, std {[round(s, 2) for s in result['std']]}")
+    elif args.command == "bench":
+        bench(args.folder, args.workers, args.repeats, scene_size=0 if args.folder else 10000)
+    else:
+        print(f"wrote chips and {make_demo_chips(args.folder)}")
+
+
+if __name__ == "__main__":
+    main()

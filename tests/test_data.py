@@ -1,0 +1,455 @@
+"""Tests for data.py: GDAL-written fixtures read exactly, windows, errors, datasets, sampler.
+
+The fixtures in tests/fixtures were written by GDAL (see make_fixtures.sh) from the arrays
+in arrays.npz, so every pixel comparison here is against an independent writer.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+import data
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ARRAYS = dict(np.load(FIXTURES / "arrays.npz"))
+
+# fixture file -> (source array, dtype, tiled, interleave, nodata, bigtiff)
+LOSSLESS = {
+    "u16_4b_tiled_deflate_pixel.tif": ("u16_4b", "uint16", True, "pixel", None, False),
+    "u16_4b_striped_lzw_band.tif": ("u16_4b", "uint16", False, "band", None, False),
+    "u16_4b_tiled_zstd_band.tif": ("u16_4b", "uint16", True, "band", None, False),
+    "u16_4b_striped_packbits_pixel.tif": ("u16_4b", "uint16", False, "pixel", None, False),
+    "u16_4b_tiled_deflate_bigtiff.tif": ("u16_4b", "uint16", True, "pixel", None, True),
+    "u8_3b_striped_none_pixel.tif": ("u8_3b", "uint8", False, "pixel", None, False),
+    "i16_3b_nodata_tiled_zstd_pixel.tif": ("i16_3b_nodata", "int16", True, "pixel", -9999, False),
+    "i16_3b_nodata_striped_deflate_band.tif": ("i16_3b_nodata", "int16", False, "band", -9999, False),
+    "f32_3b_tiled_deflate_pred3_pixel.tif": ("f32_3b", "float32", True, "pixel", None, False),
+    "f32_3b_striped_lzw_pred3_band.tif": ("f32_3b", "float32", False, "band", None, False),
+    "f64_2b_tiled_zstd_pred3.tif": ("f64_2b", "float64", True, "pixel", None, False),
+    "u16_13b_tiled_deflate_band.tif": ("u16_13b", "uint16", True, "band", None, False),
+    "u16_1b_cog.tif": ("u16_1b_cog", "uint16", True, "pixel", None, False),
+}
+JPEG = ["u8_3b_tiled_jpeg.tif", "u8_3b_striped_jpeg_ycbcr.tif"]
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(LOSSLESS))
+def test_gdal_fixture_reads_exactly(name):
+    source, dtype, tiled, interleave, nodata, bigtiff = LOSSLESS[name]
+    pixels = data.read_geotiff(FIXTURES / name)
+    assert pixels.dtype == np.dtype(dtype) and pixels.shape == ARRAYS[source].shape
+    np.testing.assert_array_equal(pixels, ARRAYS[source])  # NaN == NaN here, and must be in place
+    info = data.geotiff_info(FIXTURES / name)
+    assert (info.height, info.width, info.bands) == ARRAYS[source].shape[1:] + ARRAYS[source].shape[:1]
+    assert (info.dtype, info.tiled, info.interleave, info.nodata, info.bigtiff) == (np.dtype(dtype), tiled, interleave, nodata, bigtiff)
+
+
+def test_cog_returns_full_resolution_not_overview():
+    assert len(tifffile.TiffFile(FIXTURES / "u16_1b_cog.tif").pages) == 2  # the fixture really has an overview
+    assert data.read_geotiff(FIXTURES / "u16_1b_cog.tif").shape == (1, 140, 130)
+
+
+@pytest.mark.parametrize("name", JPEG)
+def test_jpeg_geotiff_matches_gdal_decode(name):
+    pixels = data.read_geotiff(FIXTURES / name).astype(int)
+    gdal = ARRAYS[f"gdal_decoded_{name[:-4]}"].astype(int)
+    assert pixels.shape == gdal.shape == (3, 48, 64)
+    assert np.abs(pixels - gdal).max() <= 2  # libjpeg builds differ by rounding only
+    assert np.abs(pixels - ARRAYS["u8_3b"]).mean() < 3  # and it is the picture we encoded
+
+
+WINDOW_FILES = ["u16_4b_tiled_deflate_pixel.tif", "u16_4b_striped_lzw_band.tif", "u16_4b_tiled_zstd_band.tif",
+                "u16_4b_striped_packbits_pixel.tif", "f32_3b_tiled_deflate_pred3_pixel.tif", "u8_3b_tiled_jpeg.tif",
+                "u8_3b_striped_jpeg_ycbcr.tif"]
+
+
+@pytest.mark.parametrize("name", WINDOW_FILES)
+@pytest.mark.parametrize("window", [(0, 0, 1, 1), (15, 15, 2, 2), (3, 5, 20, 30), (30, 33, 7, 8),  # tile edges, border
+                                    (36, 0, 1, 41), (0, 40, 37, 1), (16, 16, 16, 16), (0, 0, 37, 41)])
+def test_window_equals_slice_of_full_read(name, window):
+    full = data.read_geotiff(FIXTURES / name)
+    row, col, h, w = window
+    np.testing.assert_array_equal(data.read_geotiff(FIXTURES / name, window=window), full[:, row:row + h, col:col + w])
+
+
+@pytest.mark.parametrize("name", ["u16_4b_tiled_deflate_pixel.tif", "u16_4b_striped_lzw_band.tif", "u16_13b_tiled_deflate_band.tif"])
+def test_band_selection(name):
+    full = data.read_geotiff(FIXTURES / name)
+    for bands in ([0], [3, 1], [2, 2, 0]):
+        np.testing.assert_array_equal(data.read_geotiff(FIXTURES / name, bands=bands), full[bands])
+    np.testing.assert_array_equal(data.read_geotiff(FIXTURES / name, window=(10, 2, 9, 17), bands=[1, 0]),
+                                  full[[1, 0], 10:19, 2:19])
+
+
+def test_window_decodes_only_the_tiles_it_touches():
+    with data.GeoTiff(FIXTURES / "u16_4b_tiled_deflate_pixel.tif") as tif:  # 16x16 tiles, 3 rows x 3 cols
+        assert tif.window_segments((0, 0, 16, 16)) == [0]
+        assert tif.window_segments((15, 15, 2, 2)) == [0, 1, 3, 4]
+        assert tif.window_segments((33, 40, 4, 1)) == [8]
+        assert len(tif.window_segments()) == 9
+        tif.read((15, 15, 2, 2))
+        assert tif.segments_decoded == 4
+    with data.GeoTiff(FIXTURES / "u16_4b_tiled_zstd_band.tif") as tif:  # band interleave: 9 tiles per band plane
+        assert tif.window_segments((15, 15, 2, 2), bands=[2]) == [18, 19, 21, 22]
+        tif.read((0, 0, 37, 41), bands=[1])
+        assert tif.segments_decoded == 9  # the other 27 tiles hold other bands and are never decoded
+    with data.GeoTiff(FIXTURES / "u16_4b_striped_lzw_band.tif") as tif:  # 7-row strips
+        assert tif.window_segments((13, 0, 2, 41), bands=[0]) == [1, 2]
+
+
+def test_small_window_of_big_tiled_scene_stays_small(tmp_path):
+    path = tmp_path / "scene.tif"
+    scene = np.arange(2048 * 2048, dtype=np.uint32).reshape(2048, 2048).astype(np.uint16)
+    tifffile.imwrite(path, scene, tile=(256, 256), compression="zlib")
+    with data.GeoTiff(path) as tif:
+        window = tif.read((700, 900, 512, 512))
+        assert tif.segments_decoded == 9  # of 64: a 512 window covers at most 3x3 tiles of 256
+    np.testing.assert_array_equal(window[0], scene[700:1212, 900:1412])
+
+
+def test_read_image_jpeg_png_and_tiff(tmp_path):
+    rgb = ARRAYS["u8_3b"].transpose(1, 2, 0)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "gray.png")
+    Image.fromarray(rgb).save(tmp_path / "a.jpg", quality=95)
+    Image.fromarray(np.array([[1, 60000]], dtype=np.uint16)).save(tmp_path / "u16.png")
+    np.testing.assert_array_equal(data.read_image(tmp_path / "a.png"), ARRAYS["u8_3b"])
+    np.testing.assert_array_equal(data.read_image(tmp_path / "gray.png"), ARRAYS["u8_3b"][:1])
+    jpeg = data.read_image(tmp_path / "a.jpg")
+    assert jpeg.shape == (3, 48, 64) and np.abs(jpeg.astype(int) - ARRAYS["u8_3b"]).mean() < 3
+    assert data.read_image(tmp_path / "u16.png").tolist() == [[[1, 60000]]]
+    np.testing.assert_array_equal(data.read_image(FIXTURES / "u16_13b_tiled_deflate_band.tif"), ARRAYS["u16_13b"])
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+def truncated_copy(tmp_path, name="u16_4b_tiled_deflate_pixel.tif", keep=0.6):
+    path = tmp_path / f"truncated_{name}"
+    raw = (FIXTURES / name).read_bytes()
+    path.write_bytes(raw[:int(len(raw) * keep)])
+    return path
+
+
+def test_bad_input_errors_name_the_file(tmp_path):
+    truncated = truncated_copy(tmp_path)
+    with pytest.raises(data.CorruptImageError, match=f"{truncated}.*truncated"):
+        data.read_geotiff(truncated)
+    text = tmp_path / "notes.tif"
+    text.write_text("not an image at all\n")
+    with pytest.raises(data.CorruptImageError, match=f"{text}: not an image"):
+        data.read_image(text)
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(data.CorruptImageError, match=f"{empty}: empty"):
+        data.read_image(empty)
+    cut_jpeg = tmp_path / "cut.jpg"
+    Image.fromarray(ARRAYS["u8_3b"].transpose(1, 2, 0)).save(tmp_path / "whole.jpg")
+    cut_jpeg.write_bytes((tmp_path / "whole.jpg").read_bytes()[:400])
+    with pytest.raises(data.CorruptImageError, match=str(cut_jpeg)):
+        data.read_image(cut_jpeg)
+    fixture = FIXTURES / "u16_4b_tiled_deflate_pixel.tif"
+    for window in [(30, 0, 8, 8), (0, 35, 8, 8), (-1, 0, 4, 4), (0, 0, 0, 4)]:
+        with pytest.raises(data.DataError, match=f"{fixture}: window .* not inside the 37x41 image"):
+            data.read_geotiff(fixture, window=window)
+    with pytest.raises(data.DataError, match=f"{fixture}: band indices \\[4\\] out of range; the file has 4 bands"):
+        data.read_geotiff(fixture, bands=[4])
+
+
+def test_corrupt_tile_bytes_raise(tmp_path):
+    path = tmp_path / "garbled.tif"
+    raw = bytearray((FIXTURES / "u16_4b_tiled_deflate_pixel.tif").read_bytes())
+    with tifffile.TiffFile(FIXTURES / "u16_4b_tiled_deflate_pixel.tif") as tif:
+        offset = tif.pages[0].dataoffsets[4]
+    raw[offset:offset + 40] = b"\xff" * 40
+    path.write_bytes(bytes(raw))
+    with pytest.raises(data.CorruptImageError, match=f"{path}: segment 4 failed to decode"):
+        data.read_geotiff(path)
+    data.read_geotiff(path, window=(0, 0, 16, 16))  # tiles away from the damage still read
+
+
+def test_unsupported_compression_says_what_helps(tmp_path):
+    path = tmp_path / "odd.tif"
+    tifffile.imwrite(path, np.zeros((16, 16), np.uint16), compression="zlib")
+    raw = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tif:
+        tag = tif.pages[0].tags["Compression"]
+    raw[tag.valueoffset:tag.valueoffset + 2] = (60000).to_bytes(2, "little")  # no codec has this number
+    path.write_bytes(bytes(raw))
+    with pytest.raises(data.DataError, match=f"{path}: compression .* imagecodecs.*gdal_translate -co COMPRESS=DEFLATE"):
+        data.read_geotiff(path)
+
+
+# --- statistics and normalisation ----------------------------------------------------------------
+
+
+def test_stats_are_nodata_aware_and_cli_writes_them(tmp_path, capsys):
+    paths = [FIXTURES / "i16_3b_nodata_tiled_zstd_pixel.tif", FIXTURES / "i16_3b_nodata_striped_deflate_band.tif"]
+    manifest = tmp_path / "manifest.txt"
+    manifest.write_text("# two copies of the same pixels\n" + "\n".join(os.path.relpath(p, tmp_path) for p in paths) + "\n")
+    data.main(["stats", str(manifest), "--out", str(tmp_path / "stats.json")])
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert "2/2 files" in capsys.readouterr().err  # progress output
+    source = ARRAYS["i16_3b_nodata"].astype(float)
+    for b in range(3):
+        valid = source[b][source[b] != -9999]
+        assert stats["pixels"][b] == 2 * valid.size
+        np.testing.assert_allclose([stats["mean"][b], stats["std"][b]], [valid.mean(), valid.std()], rtol=1e-9)
+        assert (stats["min"][b], stats["max"][b]) == (valid.min(), valid.max())
+    assert stats["nodata"] == -9999 and data.load_stats(tmp_path / "stats.json") == (stats["mean"], stats["std"])
+
+
+def test_load_stats_rejects_bad_files(tmp_path):
+    (tmp_path / "zero.json").write_text(json.dumps({"mean": [1.0, 2.0], "std": [1.0, 0.0]}))
+    with pytest.raises(data.DataError, match="zero.json: band\\(s\\) \\[1\\] have zero std"):
+        data.load_stats(tmp_path / "zero.json")
+    (tmp_path / "junk.json").write_text("{")
+    with pytest.raises(data.DataError, match="junk.json: not a statistics file.*python data.py stats"):
+        data.load_stats(tmp_path / "junk.json")
+
+
+def write_stats(path, mean, std):
+    path.write_text(json.dumps({"mean": mean, "std": std}))
+    return str(path)
+
+
+def test_normalisation_nodata_nan_and_imagenet_fallback(tmp_path):
+    stats = write_stats(tmp_path / "s.json", [10.0, 20.0, 30.0], [2.0, 4.0, 5.0])
+    normalize = data.Normalizer(stats)
+    pixels = np.array([[[12, -9999]], [[20, 28]], [[35, 30]]], dtype=np.int16)
+    x = normalize(pixels, "a.tif", 3, None, nodata=-9999)
+    assert x.dtype == torch.float32 and x.tolist() == [[[1.0, 0.0]], [[0.0, 2.0]], [[1.0, 0.0]]]
+    floats = np.array([[[np.nan, 14.0]]], dtype=np.float32)
+    assert data.Normalizer(write_stats(tmp_path / "f.json", [10.0], [2.0]))(floats, "f.tif", 1, None, None).tolist() == [[[0.0, 2.0]]]
+    rgb = np.full((3, 1, 1), 255, np.uint8)
+    expected = [(1 - m) / s for m, s in zip(data.IMAGENET_MEAN, data.IMAGENET_STD)]
+    np.testing.assert_allclose(data.Normalizer()(rgb, "x.jpg", 3, None, None).flatten(), expected, rtol=1e-6)
+    with pytest.raises(data.DataError, match="b.tif: uint16 with 4 bands needs per-band statistics.*python data.py stats"):
+        data.Normalizer()(np.zeros((4, 1, 1), np.uint16), "b.tif", 4, None, None)
+    assert normalize.band_stats("a.tif", 3, [2], np.int16)[0].tolist() == [30.0]  # stats index the file's bands
+
+
+# --- pretraining dataset -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo")
+    stats = data.make_demo_chips(folder, n=12, size=64, bands=4)
+    return folder, stats
+
+
+def test_demo_chips_are_multiband_geotiffs_with_structure(demo):
+    folder, stats = demo
+    paths = data.list_images(folder)
+    assert len(paths) == 12 and json.loads(Path(stats).read_text())["bands"] == 4
+    info = data.geotiff_info(paths[0])
+    assert info.tiled and info.compression == "ADOBE_DEFLATE" and info.dtype == np.uint16 and info.bands == 4
+    with tifffile.TiffFile(paths[0]) as tif:
+        assert tif.pages[0].geotiff_tags["GTModelTypeGeoKey"] == 1  # projected, i.e. a real GeoTIFF
+    chip = data.read_geotiff(paths[0]).astype(float)
+    neighbours = np.corrcoef(chip[:, :, 1:].ravel(), chip[:, :, :-1].ravel())[0, 1]
+    assert neighbours > 0.8  # spatially smooth, not white noise
+    assert len({round(c, 2) for c in np.corrcoef(chip.reshape(4, -1))[0, 1:]}) > 1  # bands differ
+
+
+def test_pretrain_dataset_shapes_determinism_and_epochs(demo):
+    folder, stats = demo
+    dataset = data.PretrainDataset(folder, data.PretrainDataConfig(img_size=32, stats=stats, in_chans=4), seed=3)
+    x = dataset[5]
+    assert x.shape == (4, 32, 32) and x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert -1 < x.mean() < 1 and 0.2 < x.std() < 3  # normalised
+    assert torch.equal(dataset[5], x)
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[5], x)
+    again = data.PretrainDataset(str(folder), data.PretrainDataConfig(img_size=32, stats=stats), seed=3)
+    again.set_epoch(1)
+    assert torch.equal(again[5], dataset[5])  # same (seed, epoch, index) -> same augmentation
+    selected = data.PretrainDataset(folder, data.PretrainDataConfig(img_size=16, stats=stats, bands=[3, 0], in_chans=2))
+    assert selected[0].shape == (2, 16, 16)
+
+
+def test_pretrain_dataset_rejects_wrong_band_count(demo, tmp_path):
+    folder, stats = demo
+    manifest = tmp_path / "list.txt"
+    odd = FIXTURES / "u16_13b_tiled_deflate_band.tif"
+    manifest.write_text(f"{data.list_images(folder)[0]}\n{odd}\n")
+    dataset = data.PretrainDataset(manifest, data.PretrainDataConfig(img_size=16, stats=stats, in_chans=4))
+    assert dataset[0].shape == (4, 16, 16)
+    with pytest.raises(data.DataError, match=f"{odd} has 13 bands .* in_chans=4"):
+        dataset[1]
+
+
+def test_big_scene_is_read_through_small_windows(tmp_path, monkeypatch):
+    scene = np.random.default_rng(0).integers(0, 1000, (2, 1024, 1024), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "scene.tif", scene, planarconfig="separate", photometric="minisblack", tile=(128, 128))
+    windows = []
+    read = data.GeoTiff.read
+    monkeypatch.setattr(data.GeoTiff, "read", lambda self, window=None, bands=None: windows.append(window) or read(self, window, bands))
+    cfg = data.PretrainDataConfig(img_size=32, stats=write_stats(tmp_path / "s.json", [500.0, 500.0], [300.0, 300.0]), crop_size=200)
+    dataset = data.PretrainDataset([str(tmp_path / "scene.tif")], cfg)
+    assert dataset[0].shape == (2, 32, 32)
+    assert len(windows) == 1 and windows[0][2] <= 200 and windows[0][3] <= 200
+
+
+def test_nodata_and_nan_become_zero_in_dataset(tmp_path):
+    pixels = np.full((1, 40, 40), 7.0, np.float32)
+    pixels[0, :, :20] = np.nan
+    tifffile.imwrite(tmp_path / "half_nan.tif", pixels)
+    cfg = data.PretrainDataConfig(img_size=40, stats=write_stats(tmp_path / "s.json", [3.0], [2.0]), scale=(1.0, 1.0), ratio=(1, 1))
+    x = data.PretrainDataset([str(tmp_path / "half_nan.tif")], cfg)[0]  # the whole image, rotated or flipped
+    assert sorted(x.unique().tolist()) == [0.0, 2.0] and (x == 0).sum() == 800
+
+
+def test_corrupt_files_error_by_default_and_skip_mode_counts(demo, tmp_path, capsys):
+    folder, stats = demo
+    good = data.list_images(folder)[:3]
+    bad = truncated_copy(tmp_path, keep=0.3)
+    paths = good[:1] + [str(bad)] + good[1:]
+    with pytest.raises(data.CorruptImageError, match=str(bad)):
+        data.PretrainDataset(paths, data.PretrainDataConfig(img_size=16, stats=stats))[1]
+    skipping = data.PretrainDataset(paths, data.PretrainDataConfig(img_size=16, stats=stats, skip_corrupt=True))
+    assert all(skipping[i].shape == (4, 16, 16) for i in range(len(paths)))
+    assert skipping.num_skipped == 1 and str(bad) in capsys.readouterr().err
+    skipping.set_epoch(1)
+    assert "skipped 1 corrupt" in capsys.readouterr().err and skipping.num_skipped == 0
+
+
+def test_loader_workers_see_set_epoch_and_match_in_process(demo):
+    folder, stats = demo
+    dataset = data.PretrainDataset(folder, data.PretrainDataConfig(img_size=16, stats=stats))
+    sampler = data.ResumableDistributedSampler(len(dataset), 0, 1, seed=1)
+    loader = data.make_loader(dataset, batch_size=4, sampler=sampler, workers=2)
+    assert loader.persistent_workers and loader.prefetch_factor == 4
+    for epoch in range(2):  # the second epoch runs in workers started during the first
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        batches = list(loader)
+        expected = torch.stack([dataset[i] for i in sampler.epoch_order(epoch)])
+        assert torch.equal(torch.cat(batches), expected)
+    assert data.make_loader(dataset, 4, sampler, workers=0).num_workers == 0
+
+
+def test_synthetic_dataset_is_deterministic():
+    dataset = data.SyntheticDataset(10, in_chans=3, img_size=8, seed=1)
+    assert len(dataset) == 10 and dataset[2].shape == (3, 8, 8) and torch.equal(dataset[2], dataset[2])
+    assert not torch.equal(dataset[2], dataset[3])
+    assert not torch.equal(dataset[2], data.SyntheticDataset(10, 3, 8, seed=2)[2])
+
+
+# --- sampler -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, world", [(103, 4), (64, 8), (5, 1)])
+def test_sampler_ranks_disjoint_and_complete(n, world):
+    shards = [list(data.ResumableDistributedSampler(n, r, world, seed=7)) for r in range(world)]
+    everything = [i for shard in shards for i in shard]
+    assert len(everything) == len(set(everything)) == (n // world) * world  # disjoint, tail dropped
+    assert all(len(s) == n // world == len(data.ResumableDistributedSampler(n, 0, world)) for s in shards)
+    padded = [list(data.ResumableDistributedSampler(n, r, world, drop_last=False)) for r in range(world)]
+    assert set(i for shard in padded for i in shard) == set(range(n))  # every sample, padded by wrapping
+
+
+def test_sampler_epochs_and_exact_resume():
+    sampler = data.ResumableDistributedSampler(50, 1, 2, seed=3)
+    sampler.set_epoch(4)
+    full = list(sampler)
+    sampler.set_epoch(5)
+    assert sorted(list(sampler)) != full and len(full) == 25
+    expected = torch.randperm(50, generator=torch.Generator().manual_seed(3 + 4)).tolist()[1:50:2]
+    assert full == expected  # permutation from torch.Generator(seed + epoch)
+    resumed = data.ResumableDistributedSampler(50, 1, 2, seed=3)
+    resumed.load_state_dict({"epoch": 4, "index": 10})
+    resumed.set_epoch(4)  # a training loop calls this again on resume; it must keep the position
+    assert list(resumed) == full[10:]
+    partial = data.ResumableDistributedSampler(50, 1, 2, seed=3)
+    partial.set_epoch(4)
+    iterator = iter(partial)
+    first = [next(iterator) for _ in range(7)]
+    assert partial.state_dict() == {"epoch": 4, "index": 7} and first == full[:7]
+    again = data.ResumableDistributedSampler(50, 1, 2, seed=3)
+    again.load_state_dict(partial.state_dict())
+    assert list(again) == full[7:]
+    with pytest.raises(ValueError, match="index 26"):
+        again.load_state_dict({"epoch": 4, "index": 26})
+
+
+# --- scene classification ----------------------------------------------------------------------
+
+
+def make_scenes(root, classes, per_class=5, size=(40, 48), subfolder="Images"):
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        (root / subfolder / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
+            tifffile.imwrite(root / subfolder / name / f"{name}{i:02d}.tif", pixels, photometric="rgb")
+    return root
+
+
+def test_scene_splits_class_folders_are_stratified_and_deterministic(tmp_path):
+    root = make_scenes(tmp_path / "UCMerced_LandUse", ["beach", "forest", "harbor"], per_class=10)
+    train, test, names = data.scene_splits(root, train_ratio=0.8, seed=1)
+    assert names == ["beach", "forest", "harbor"]
+    assert [sum(label == c for _, label in train) for c in range(3)] == [8, 8, 8]
+    assert [sum(label == c for _, label in test) for c in range(3)] == [2, 2, 2]
+    assert not {p for p, _ in train} & {p for p, _ in test}
+    assert all(Path(p).parent.name == names[label] for p, label in train + test)
+    assert data.scene_splits(root, 0.8, seed=1) == (train, test, names)
+    assert data.scene_splits(root, 0.8, seed=2)[0] != train
+
+
+def test_scene_splits_list_files(tmp_path):
+    root = make_scenes(tmp_path, ["a", "b"], per_class=3, subfolder="img")
+    (root / "train.txt").write_text("img/a/a00.tif 0\nimg/a/a01.tif 0\nimg/b/b00.tif 1\n")
+    (root / "val.txt").write_text("img/b/b01.tif 1\n\nimg/a/a02.tif 0\n")
+    train, test, names = data.scene_splits(root)
+    assert names == ["0", "1"] and [label for _, label in train] == [0, 0, 1] and test[0] == (str(root / "img/b/b01.tif"), 1)
+    (root / "val.txt").write_text("img/b/b01.tif b\n")
+    (root / "train.txt").write_text("img/a/a00.tif a\nimg/b/b00.tif b\n")
+    assert data.scene_splits(root / "train.txt") == ([(str(root / "img/a/a00.tif"), 0), (str(root / "img/b/b00.tif"), 1)],
+                                                     [(str(root / "img/b/b01.tif"), 1)], ["a", "b"])
+    (root / "train.txt").write_text("img/a/missing.tif a\n")
+    with pytest.raises(data.DataError, match="train.txt:1: .*missing.tif does not exist"):
+        data.scene_splits(root)
+
+
+def test_scene_splits_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataError, match="no classes found"):
+        data.scene_splits(tmp_path / "empty")
+    make_scenes(tmp_path / "one", ["only"])
+    with pytest.raises(data.DataError, match="only one class"):
+        data.scene_splits(tmp_path / "one")
+    make_scenes(tmp_path / "gap", ["a", "b"])
+    (tmp_path / "gap" / "Images" / "c").mkdir()
+    with pytest.raises(data.DataError, match="class 'c' has no images"):
+        data.scene_splits(tmp_path / "gap")
+
+
+def test_scene_dataset_transforms(tmp_path):
+    root = make_scenes(tmp_path, ["x", "y"], per_class=2, size=(40, 60))
+    train_items, test_items, _ = data.scene_splits(root, 0.5)
+    evaluation = data.SceneDataset(test_items, img_size=16)
+    x, label = evaluation[0]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and label == test_items[0][1]
+    # eval = shorter side to 16 / 0.875 = 18 (40x60 -> 18x27), then the centre 16x16
+    image = torch.from_numpy(data.read_image(test_items[0][0]).astype(np.float32))
+    mean, std = (torch.tensor(v).view(3, 1, 1) * 255 for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
+    resized = torch.nn.functional.interpolate(((image - mean) / std)[None], size=(18, 27), mode="bilinear", antialias=True)[0]
+    torch.testing.assert_close(x, resized[:, 1:17, 5:21])
+    training = data.SceneDataset(train_items, img_size=16, train=True, seed=4)
+    assert training[1][0].shape == (3, 16, 16) and torch.equal(training[1][0], training[1][0])
+    with pytest.raises(data.DataError, match=f"{test_items[0][0]} has 3 bands .* in_chans=4"):
+        data.SceneDataset(test_items, img_size=16, in_chans=4)[0]
+    train_ds, test_ds, names = data.make_scene_datasets(data.SceneDataConfig(root=str(root), img_size=16, train_ratio=0.5))
+    assert train_ds.train and not test_ds.train and names == ["x", "y"] and len(train_ds) + len(test_ds) == 4

@@ -1,0 +1,448 @@
+"""fsdp_setup.py — the distributed runtime: process groups, the paper's parallel layouts on FSDP2.
+
+`init_distributed()` starts the process group however the job was launched (torchrun, plain
+`srun`, or nothing at all), and `parallelize(model, strategy, ...)` applies, in a fixed order,
+activation checkpointing, per-block `torch.compile`, and FSDP2 `fully_shard` per transformer Block
+(encoder and decoder) then the root, or DistributedDataParallel, then materialises and initialises
+a meta-device model shard by shard (ViT-15B never exists whole on one host). Rank 0 prints one
+greppable `[fsdp] ...` line per feature applied.
+
+    dist_info = init_distributed()
+    with torch.device("meta"):
+        model = MaskedAutoencoder(get_config("vit_3b"))
+    validate_layout("hybrid_shard", 1, dist_info.world_size)       # cheap, before heavy work
+    model = parallelize(model, "hybrid_shard", shard_group_size=1)  # sharded, on dist_info.device
+
+The paper's FSDP1 settings (Tsaris et al. 2024) and what this file does with FSDP2 instead:
+
+| paper (FSDP1)                          | here (FSDP2, `fully_shard`)                                       |
+|----------------------------------------|-------------------------------------------------------------------|
+| ShardingStrategy.FULL_SHARD            | `full_shard`: 1-D mesh (shard=world), reshard_after_forward=True  |
+| ShardingStrategy.SHARD_GRAD_OP         | `shard_grad_op`: 1-D mesh, reshard_after_forward=False            |
+| ShardingStrategy.HYBRID_SHARD, k GPUs  | `hybrid_shard` + `shard_group_size=k`: 2-D mesh                   |
+|                                        | (replicate=world/k, shard=k), reshard_after_forward=True          |
+| HYBRID_SHARD with 1 GPU per group      | `hybrid_shard`, k=1: mesh (world, 1) = pure data parallel. FSDP2  |
+|                                        | all-reduces across replicas; FSDP1 silently skipped that at k=1   |
+|                                        | (pytorch/pytorch#154888), the replicas drifted apart.             |
+| ShardingStrategy.NO_SHARD              | `no_shard`: mesh (world, 1), reshard_after_forward=False          |
+| DDP baseline                           | `ddp`: torch DistributedDataParallel                              |
+| auto_wrap_policy (transformer blocks)  | explicit `fully_shard` on every vit.Block, patch_embed, then root |
+| BackwardPrefetch.BACKWARD_PRE          | FSDP2 default: in backward each block's pre-hook issues the next  |
+|                                        | block's all-gather (implicit prefetch), nothing to set            |
+| limit_all_gathers=True                 | not needed: FSDP2 bounds in-flight all-gather buffers with stream |
+|                                        | events instead of record_stream + a blocking CPU rate limiter     |
+| MixedPrecision(param, reduce, buffer)  | MixedPrecisionPolicy(param_dtype, reduce_dtype); buffers stay fp32|
+| sync_module_states / param_init_fn     | meta build + per-shard init from one seed (identical to 1 GPU)    |
+| no_sync()                              | `set_grad_sync(model, False)` on non-final accumulation steps     |
+
+Launch on one Frontier node (8 MI250X GCDs), either way:
+
+    torchrun --standalone --nproc_per_node=8 train.py --model vit_3b --strategy hybrid_shard --shard-group-size 1
+    srun -N1 -n8 -c7 --gpus-per-task=1 --gpu-bind=closest python train.py --model vit_3b ...
+
+and on many nodes (one task per GCD, or one torchrun per node):
+
+    srun -N128 --ntasks-per-node=8 -c7 --gpus-per-task=1 --gpu-bind=closest python train.py --model vit_5b \
+        --strategy hybrid_shard --shard-group-size 8
+    srun -N128 --ntasks-per-node=1 -c56 --gpus-per-node=8 torchrun --nnodes=128 --nproc_per_node=8 \
+        --rdzv_backend=c10d --rdzv_endpoint=$(scontrol show hostnames $SLURM_NODELIST | head -1):29500 train.py ...
+
+With plain srun the first host of the node list is the rendezvous (set MASTER_ADDR / MASTER_PORT to
+override; port 29500 by default). Without any launcher, one process runs with a world-size-1
+process group, so the FSDP code path is the same as on 1000 GPUs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
+
+from vit import Block, init_param_
+
+STRATEGIES = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard", "ddp")
+PRECISIONS = ("bf16", "bf16-reduce", "fp32")
+DEFAULT_MASTER_PORT = 29500
+
+
+def log(message: str) -> None:
+    """Print on rank 0 only, prefixed so that `grep '\\[fsdp\\]'` finds every decision made here."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[fsdp] {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Process group: torchrun, srun, or a single process
+
+
+@dataclass
+class Dist:
+    rank: int  # global rank
+    local_rank: int  # rank within the node
+    world_size: int
+    device: torch.device  # this rank's accelerator (or cpu)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class LaunchEnv:
+    launcher: str  # "torchrun" | "slurm" | "single"
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str | None = None  # only needed for slurm; torchrun passes its own store
+    master_port: int | None = None
+
+
+def first_host(nodelist: str) -> str:
+    """First hostname of a SLURM node list, e.g. 'frontier[00123-00125,00200],login1' -> 'frontier00123'.
+
+    SLURM compresses lists as prefix[ranges]suffix..., ranges keeping their zero padding; the first
+    host is each bracket's first number. Pure Python, because `scontrol` is not on every compute node.
+    """
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):  # the first entry ends at the first comma outside brackets
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            end = i
+            break
+    entry = nodelist[:end].strip()
+    host = re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[-,]", m.group(1))[0], entry)
+    if not host or "[" in host or "]" in host:
+        raise ValueError(f"cannot read the first host of SLURM node list {nodelist!r}; set MASTER_ADDR instead")
+    return host
+
+
+def resolve_launch(env: Mapping[str, str]) -> LaunchEnv:
+    """Who launched us, from the environment alone (pure: unit-testable without a process group).
+
+    torchrun's variables win: under `srun ... torchrun` both sets exist and torchrun's are per
+    process. SLURM's are used only when srun started more than one task, so a one-task allocation
+    (or `salloc` + python) stays a single process instead of waiting for peers that never come.
+    """
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv("torchrun", int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]))
+    ntasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", 1)))
+    if "SLURM_PROCID" in env and ntasks > 1:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
+        master_addr = env.get("MASTER_ADDR") or first_host(nodelist)
+        master_port = int(env.get("MASTER_PORT", DEFAULT_MASTER_PORT))
+        rank, local_rank = int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0))
+        return LaunchEnv("slurm", rank, local_rank, ntasks, master_addr, master_port)
+    return LaunchEnv("single", 0, 0, 1)
+
+
+def init_distributed() -> Dist:
+    """Start the process group (nccl on CUDA/ROCm, gloo on CPU), pin this rank's device."""
+    launch = resolve_launch(os.environ)
+    if torch.cuda.is_available():  # true on ROCm too, where "nccl" is RCCL
+        # srun --gpus-per-task=1 shows each task only its own GPU: local_rank 5 is then cuda:0.
+        device = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend, device_id = "nccl", device
+    else:
+        device, backend, device_id = torch.device("cpu"), "gloo", None
+    if not dist.is_initialized():
+        if launch.launcher == "torchrun":
+            dist.init_process_group(backend, init_method="env://", device_id=device_id)
+        elif launch.launcher == "slurm":
+            dist.init_process_group(
+                backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+                rank=launch.rank, world_size=launch.world_size, device_id=device_id,
+            )
+        else:  # an in-memory store: no port, no peers, yet every collective and DeviceMesh works
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
+    info = Dist(dist.get_rank(), launch.local_rank, dist.get_world_size(), device)
+    where = f", rendezvous {launch.master_addr}:{launch.master_port}" if launch.launcher == "slurm" else ""
+    log(f"launcher {launch.launcher}: world size {info.world_size}, backend {backend}, device {device}{where}")
+    return info
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every impossible layout fails here, on every rank, before any collective
+
+
+def checkpoint_every(activation_checkpointing: str | int) -> int:
+    """'none' -> 0, 'full' -> 1, k (int or digit string) -> k: checkpoint every k-th Block."""
+    value = activation_checkpointing
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if value == "none":
+        return 0
+    if value == "full":
+        return 1
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ValueError(
+        f"activation_checkpointing must be 'none', 'full' or a positive integer k (every k-th block), "
+        f"got {activation_checkpointing!r}"
+    )
+
+
+def validate_layout(
+    strategy: str,
+    shard_group_size: int | None,
+    world_size: int,
+    mixed_precision: str = "bf16",
+    activation_checkpointing: str | int = "none",
+    device: torch.device | None = None,
+) -> None:
+    """Raise ValueError naming the setting and the fix if this layout cannot run. No communication."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+    if mixed_precision not in PRECISIONS:
+        raise ValueError(f"unknown mixed_precision {mixed_precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    checkpoint_every(activation_checkpointing)
+    if strategy == "hybrid_shard":
+        if shard_group_size is None:
+            raise ValueError(
+                "hybrid_shard needs shard_group_size (--shard-group-size): the number of GPUs that shard one "
+                "model replica, e.g. 1 (pure data parallel), 2, 4 or 8 (one Frontier node)"
+            )
+        if not isinstance(shard_group_size, int) or isinstance(shard_group_size, bool) or shard_group_size < 1:
+            raise ValueError(f"shard_group_size must be a positive integer, got {shard_group_size!r}")
+        if world_size % shard_group_size != 0:
+            divisors = [k for k in range(1, world_size + 1) if world_size % k == 0]
+            raise ValueError(
+                f"world size {world_size} is not divisible by shard_group_size {shard_group_size}; "
+                f"choose one of {divisors} or change the number of GPUs"
+            )
+    elif shard_group_size is not None:
+        # An error, not a note: a sweep that forgets to switch the strategy would otherwise
+        # silently measure a different layout than its label says.
+        raise ValueError(
+            f"shard_group_size={shard_group_size} only applies to strategy hybrid_shard, not {strategy}; "
+            f"drop --shard-group-size or use --strategy hybrid_shard"
+        )
+    if mixed_precision != "fp32":
+        device = device or _default_device()
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError(
+                f"mixed_precision {mixed_precision!r} needs bf16, which {torch.cuda.get_device_name(device)} "
+                f"does not support; use --mixed-precision fp32"
+            )
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# parallelize: one small apply_* function per feature, called in a fixed order
+
+
+def apply_activation_checkpointing(blocks: list[nn.Module], every: int) -> None:
+    """Recompute every `every`-th Block's activations in backward instead of storing them.
+
+    The Block's `forward` is replaced in place rather than wrapping the module, so parameter
+    names (and checkpoint keys) stay `blocks.N.attn.qkv.weight`, not `..._checkpoint_wrapped_module...`.
+    Non-reentrant checkpointing composes with FSDP2's hooks and torch.compile; preserving the RNG
+    state makes drop path draw the same mask when the block is recomputed.
+    """
+    chosen = [block for i, block in enumerate(blocks) if (i + 1) % every == 0]
+    for block in chosen:
+        block.forward = _checkpointed(block.forward)
+    kind = "full" if every == 1 else f"every {every}th block"
+    log(f"activation checkpointing {kind}: {len(chosen)}/{len(blocks)} blocks (non-reentrant, RNG preserved)")
+
+
+def _checkpointed(forward):
+    @functools.wraps(forward)
+    def checkpointed_forward(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+
+    return checkpointed_forward
+
+
+def apply_compile(blocks: list[nn.Module]) -> None:
+    """torch.compile each Block in place (`Module.compile`, names unchanged). Blocks share one code
+    object, so the encoder compiles once and the decoder once, however deep the model."""
+    for block in blocks:
+        block.compile()
+    log(f"compile: torch.compile on {len(blocks)} blocks")
+
+
+def build_mesh(strategy: str, shard_group_size: int | None, world_size: int, device_type: str) -> DeviceMesh:
+    if strategy in ("full_shard", "shard_grad_op"):
+        return init_device_mesh(device_type, (world_size,), mesh_dim_names=("shard",))
+    shard = shard_group_size if strategy == "hybrid_shard" else 1  # no_shard = replicate over all
+    return init_device_mesh(device_type, (world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
+
+
+def mixed_precision_policy(mixed_precision: str, cast_forward_inputs: bool = True) -> MixedPrecisionPolicy:
+    if mixed_precision == "fp32":
+        return MixedPrecisionPolicy(cast_forward_inputs=cast_forward_inputs)
+    # 'bf16': fp32 reduction, so the gradient sum over hundreds of ranks keeps fp32 precision.
+    reduce_dtype = torch.bfloat16 if mixed_precision == "bf16-reduce" else torch.float32
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype, cast_forward_inputs=cast_forward_inputs)
+
+
+def apply_fsdp(model: nn.Module, blocks: list[nn.Module], strategy: str, shard_group_size: int | None, mixed_precision: str) -> None:
+    """fully_shard bottom-up: each Block (one all-gather / reduce-scatter unit), the patch embedding, the root."""
+    mesh = build_mesh(strategy, shard_group_size, dist.get_world_size(), _default_device().type)
+    reshard = strategy in ("full_shard", "hybrid_shard")  # nothing to reshard in a shard group of 1 (no_shard)
+    policy = mixed_precision_policy(mixed_precision)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+    # The patch embedding is its own unit so that only it receives bf16 images; the root keeps the
+    # fp32 inputs, so MAE's pixel targets and the masking noise are not rounded to bf16.
+    fully_shard(model.patch_embed, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+    # The root (norms, tokens, decoder_embed/pred) keeps FSDP2's default: not resharded after
+    # forward, since backward needs it first.
+    fully_shard(model, mesh=mesh, mp_policy=mixed_precision_policy(mixed_precision, cast_forward_inputs=False))
+    dims = ", ".join(f"{name}={size}" for name, size in zip(mesh.mesh_dim_names, mesh.shape))
+    log(f"layout {strategy}: mesh ({dims}), reshard_after_forward={reshard}, {len(blocks)} blocks + patch_embed + root")
+    reduce = {"bf16": "fp32", "bf16-reduce": "bf16", "fp32": "fp32"}[mixed_precision]
+    log(f"mixed precision {mixed_precision}: params/compute {'fp32' if mixed_precision == 'fp32' else 'bf16'}, "
+        f"gradient reduction {reduce}, master weights fp32")
+    # MAE returns pred as a slice (a view); it is never modified in place, so FSDP2's warning
+    # about in-place ops on views is noise on every rank.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+
+def apply_ddp(model: nn.Module, device: torch.device, mixed_precision: str) -> nn.Module:
+    """The paper's baseline. DDP has no parameter dtype: bf16 runs the forward under torch.autocast
+    (matmuls in bf16, norms and softmax in fp32, fp32 gradients); bf16-reduce adds a bf16 all-reduce hook."""
+    if mixed_precision != "fp32":
+        model.forward = _autocast(model.forward, device.type)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if mixed_precision == "bf16-reduce":
+        ddp.register_comm_hook(None, _bf16_allreduce_hook)
+    log(f"layout ddp: DistributedDataParallel over {dist.get_world_size()} ranks")
+    how = {"bf16": "autocast bf16, fp32 gradient all-reduce", "bf16-reduce": "autocast bf16, bf16 gradient all-reduce",
+           "fp32": "fp32"}[mixed_precision]
+    log(f"mixed precision {mixed_precision}: {how}")
+    return ddp
+
+
+def _bf16_allreduce_hook(process_group, bucket):
+    """DDP comm hook: all-reduce the gradient bucket in bf16 (half the bytes), average, back to fp32.
+    torch ships one (bf16_compress_hook) but only for NCCL; this one also runs on gloo."""
+    group = process_group or dist.group.WORLD
+    grad = bucket.buffer()
+    grad_bf16 = grad.to(torch.bfloat16).div_(dist.get_world_size(group))
+    work = dist.all_reduce(grad_bf16, group=group, async_op=True)
+    return work.get_future().then(lambda fut: grad.copy_(fut.value()[0]))
+
+
+def _autocast(forward, device_type: str):
+    @functools.wraps(forward)
+    def autocast_forward(*args, **kwargs):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return forward(*args, **kwargs)
+
+    return autocast_forward
+
+
+@torch.no_grad()
+def init_sharded_(model: nn.Module, device: torch.device, seed: int) -> None:
+    """Materialise a meta-built model on `device` and give it exactly the weights of a normal build.
+
+    Replays VisionTransformer.init_weights(seed): one generator, parameters in named_parameters()
+    order, each initialised full-size (one parameter at a time: ViT-15B's largest is 0.4 GB) and
+    only this rank's FSDP shard kept. `distribute_tensor(..., src_data_rank=None)` cuts the shard
+    with the same torch.chunk layout as FSDP2, without communication.
+    """
+    model.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        full = torch.empty(param.shape, dtype=param.dtype, device=device)
+        init_param_(name, full, generator)
+        if isinstance(param, DTensor):
+            local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+            param.to_local().copy_(local)
+        else:
+            param.copy_(full)
+    model.init_buffers()  # the fixed sin-cos position embeddings
+    log(f"init: meta model materialised on {device}, initialised per shard from seed {seed}")
+
+
+def parallelize(
+    model: nn.Module,
+    strategy: str,
+    shard_group_size: int | None = None,
+    mixed_precision: str = "bf16",
+    activation_checkpointing: str | int = "none",
+    compile: bool = False,
+    seed: int = 0,
+) -> nn.Module:
+    """Apply the layout to a VisionTransformer / MaskedAutoencoder; returns the model to train.
+
+    A model on the meta device is materialised on this rank's device and initialised from `seed`
+    (same weights as a normal build); a model with real weights keeps them (e.g. a loaded checkpoint).
+    Call init_distributed() first. Build the optimizer afterwards, from the returned model.
+    """
+    device = _default_device()
+    if not dist.is_initialized():
+        raise ValueError("parallelize() needs a process group: call fsdp_setup.init_distributed() first")
+    validate_layout(strategy, shard_group_size, dist.get_world_size(), mixed_precision, activation_checkpointing, device)
+    on_meta = any(p.is_meta for p in model.parameters())
+    blocks = [m for m in model.modules() if isinstance(m, Block)]  # encoder blocks, then decoder blocks
+
+    # 1. Activation checkpointing innermost, so recomputation happens inside FSDP2's all-gathered window.
+    every = checkpoint_every(activation_checkpointing)
+    if every:
+        apply_activation_checkpointing(blocks, every)
+    # 2. Compile each block (with its checkpointing) before FSDP2 adds its hooks around it.
+    if compile:
+        apply_compile(blocks)
+    # 3. Data parallelism.
+    if strategy == "ddp":
+        if on_meta:  # DDP needs real, identical weights on every rank before it wraps
+            init_sharded_(model, device, seed)
+        else:
+            model.to(device)
+        return apply_ddp(model, device, mixed_precision)
+    apply_fsdp(model, blocks, strategy, shard_group_size, mixed_precision)
+    # 4. Only now allocate memory: each rank materialises its own shards.
+    if on_meta:
+        init_sharded_(model, device, seed)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Training-loop helpers that hide FSDP2 vs DDP
+
+
+def set_grad_sync(model: nn.Module, enabled: bool) -> None:
+    """Turn gradient reduction off for non-final micro-steps of gradient accumulation (FSDP1's no_sync)."""
+    if isinstance(model, DistributedDataParallel):
+        model.require_backward_grad_sync = enabled  # exactly what DDP.no_sync() toggles
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)  # reduce-scatter and, for HSDP, the replica all-reduce
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm; returns it as a plain scalar tensor (no host sync).
+
+    With FSDP2 the gradients are DTensors: torch's clip_grad_norm_ reduces the squared norms of
+    the local shards over the shard dimension only (on a 2-D mesh, replicas are not counted twice)
+    and returns a replicated DTensor.
+    """
+    total_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+    return total_norm.full_tensor() if isinstance(total_norm, DTensor) else total_norm
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model underneath (for state dicts and methods): DDP wraps, FSDP2 modifies in place."""
+    return model.module if isinstance(model, DistributedDataParallel) else model

@@ -144,6 +144,9 @@ def test_bad_input_errors_name_the_file(tmp_path):
     truncated = truncated_copy(tmp_path)
     with pytest.raises(data.CorruptImageError, match=f"{truncated}.*truncated"):
         data.read_geotiff(truncated)
+    header_only = truncated_copy(tmp_path, "u16_1b_cog.tif", keep=0.004)
+    with pytest.raises(data.CorruptImageError, match=f"{header_only}: unreadable TIFF header"):
+        data.read_geotiff(header_only)
     text = tmp_path / "notes.tif"
     text.write_text("not an image at all\n")
     with pytest.raises(data.CorruptImageError, match=f"{text}: not an image"):

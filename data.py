@@ -104,24 +104,33 @@ class GeoTiff:
             raise CorruptImageError(f"{self.path}: not a TIFF file (wrong magic bytes)")
         try:
             self._tif = tifffile.TiffFile(self.path)
-            self._page = self._tif.pages[0]
         except Exception as err:
             raise CorruptImageError(f"{self.path}: unreadable TIFF header ({err}); the file is truncated or corrupt") from err
-        page = self._page
-        if page.imagedepth != 1 or page.dtype is None:
-            self.close()
-            raise DataError(f"{self.path}: unsupported TIFF layout (depth {page.imagedepth}, "
-                            f"{page.bitspersample}-bit samples); convert it with `gdal_translate -ot UInt16 in.tif out.tif`")
         try:
-            page.decode(None, 0)  # tifffile returns a decoder that raises if the codec is missing
-        except Exception as err:
+            self.info = self._inspect()
+        except BaseException:
             self.close()
+            raise
+        self._file_size = os.path.getsize(self.path)
+        self.segments_decoded = 0
+
+    def _inspect(self) -> GeoTiffInfo:
+        try:
+            page = self._page = self._tif.pages[0]
+        except Exception as err:
+            raise CorruptImageError(f"{self.path}: unreadable TIFF header ({err}); the file is truncated or corrupt") from err
+        if page.imagedepth != 1 or page.dtype is None:
+            raise DataError(f"{self.path}: unsupported TIFF layout (depth {page.imagedepth}, {page.bitspersample}-bit "
+                            "samples); convert it, e.g. `gdal_translate -ot UInt16 in.tif out.tif`")
+        try:
+            page.decode(None, 0)  # tifffile hands out a decoder that raises when the codec is missing
+        except Exception as err:
             raise DataError(
                 f"{self.path}: compression {page.compression!r} with predictor {page.predictor} cannot be decoded "
                 f"({err}). Install the full codec set with `pip install -U imagecodecs`, or re-encode "
                 "with GDAL: `gdal_translate -co COMPRESS=DEFLATE -co TILED=YES in.tif out.tif`") from err
         nodata = page.tags.get(GDAL_NODATA_TAG)
-        self.info = GeoTiffInfo(
+        return GeoTiffInfo(
             path=self.path,
             height=page.imagelength,
             width=page.imagewidth,
@@ -132,11 +141,9 @@ class GeoTiff:
             tile_shape=(page.tilelength, page.tilewidth) if page.is_tiled
             else (min(page.rowsperstrip, page.imagelength), page.imagewidth),
             interleave="band" if page.planarconfig == 2 else "pixel",
-            compression=page.compression.name if hasattr(page.compression, "name") else str(page.compression),
+            compression=getattr(page.compression, "name", str(page.compression)),
             bigtiff=self._tif.is_bigtiff,
         )
-        self._file_size = os.path.getsize(self.path)
-        self.segments_decoded = 0
 
     def __enter__(self):
         return self
@@ -149,33 +156,18 @@ class GeoTiff:
 
     def window_segments(self, window=None, bands=None) -> list[int]:
         """Indices (into the file's offset table) of the segments a window intersects."""
-        info = self.info
-        row, col, height, width = self._check_window(window)
-        bands = self._check_bands(bands)
-        tile_rows, tile_cols = info.tile_shape
-        across = math.ceil(info.width / tile_cols)
-        per_plane = across * math.ceil(info.height / tile_rows)
-        # Band-interleaved files store each band's tiles as a separate plane, so a band
-        # subset skips the other planes entirely; pixel-interleaved tiles hold every band.
-        planes = sorted(set(bands)) if info.interleave == "band" else [0]
-        return [plane * per_plane + r * across + c
-                for plane in planes
-                for r in range(row // tile_rows, (row + height - 1) // tile_rows + 1)
-                for c in range(col // tile_cols, (col + width - 1) // tile_cols + 1)]
+        return self._segments(self._check_window(window), self._check_bands(bands))
 
     def read(self, window=None, bands=None) -> np.ndarray:
         """Pixels of `window` = (row, col, height, width) for `bands`, as (bands, height, width)."""
         info = self.info
-        row, col, height, width = self._check_window(window)
+        row, col, height, width = window = self._check_window(window)
         bands = self._check_bands(bands)
-        tile_rows, tile_cols = info.tile_shape
-        across = math.ceil(info.width / tile_cols)
-        per_plane = across * math.ceil(info.height / tile_rows)
+        tile_rows, tile_cols, across, per_plane = self._grid()
         band_interleaved = info.interleave == "band"
         all_bands = bands == list(range(info.bands))
-        out_shape = (len(bands), height, width) if band_interleaved else (height, width, len(bands))
-        out = np.empty(out_shape, info.dtype)
-        for index in self.window_segments(window, bands):
+        out = np.empty((len(bands), height, width) if band_interleaved else (height, width, len(bands)), info.dtype)
+        for index in self._segments(window, bands):
             plane, position = divmod(index, per_plane)
             top, left = position // across * tile_rows, position % across * tile_cols
             tile = self._decode(index)  # (rows, cols, samples)
@@ -193,6 +185,23 @@ class GeoTiff:
             else:
                 out[y0 - row:y1 - row, x0 - col:x1 - col] = piece if all_bands else piece[..., bands]
         return out if band_interleaved else np.ascontiguousarray(out.transpose(2, 0, 1))
+
+    def _grid(self) -> tuple[int, int, int, int]:
+        """Segment rows, segment cols, segments across the image, segments per band plane."""
+        tile_rows, tile_cols = self.info.tile_shape
+        across = math.ceil(self.info.width / tile_cols)
+        return tile_rows, tile_cols, across, across * math.ceil(self.info.height / tile_rows)
+
+    def _segments(self, window, bands) -> list[int]:
+        row, col, height, width = window
+        tile_rows, tile_cols, across, per_plane = self._grid()
+        # Band-interleaved files store each band's tiles as a separate plane, so a band
+        # subset skips the other planes entirely; pixel-interleaved tiles hold every band.
+        planes = sorted(set(bands)) if self.info.interleave == "band" else [0]
+        return [plane * per_plane + r * across + c
+                for plane in planes
+                for r in range(row // tile_rows, (row + height - 1) // tile_rows + 1)
+                for c in range(col // tile_cols, (col + width - 1) // tile_cols + 1)]
 
     def _decode(self, index: int) -> np.ndarray:
         page = self._page
@@ -703,15 +712,15 @@ class SceneDataset(_EpochSeededDataset):
     def __getitem__(self, index) -> tuple[torch.Tensor, int]:
         path, label = self.items[index]
         image, nodata = read_image_and_nodata(path)  # scenes are small; read whole
-        check_band_count(path, image.shape[0], self.bands, self.in_chans)
+        file_bands = image.shape[0]
+        check_band_count(path, file_bands, self.bands, self.in_chans)
         if self.bands is not None:
             image = image[self.bands]
         if not self.train:
-            x = self.normalize(image, path, image.shape[0], None, nodata)
-            return eval_transform(x, self.img_size), int(label)
+            return eval_transform(self.normalize(image, path, file_bands, self.bands, nodata), self.img_size), int(label)
         rng = self.rng(index)
         top, left, h, w = random_resized_box(rng, *image.shape[1:], self.scale)
-        x = self.normalize(random_dihedral(image[:, top:top + h, left:left + w], rng), path, image.shape[0], None, nodata)
+        x = self.normalize(random_dihedral(image[:, top:top + h, left:left + w], rng), path, file_bands, self.bands, nodata)
         return resize(x, self.img_size, self.img_size), int(label)
 
 

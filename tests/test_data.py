@@ -454,5 +454,10 @@ def test_scene_dataset_transforms(tmp_path):
     assert training[1][0].shape == (3, 16, 16) and torch.equal(training[1][0], training[1][0])
     with pytest.raises(data.DataError, match=f"{test_items[0][0]} has 3 bands .* in_chans=4"):
         data.SceneDataset(test_items, img_size=16, in_chans=4)[0]
+    stats = write_stats(tmp_path / "s.json", [10.0, 20.0, 30.0], [2.0, 4.0, 8.0])  # of all 3 bands; select 2
+    x, _ = data.SceneDataset(test_items, img_size=16, stats=stats, bands=[2, 0], in_chans=2)[0]
+    selected = torch.from_numpy(data.read_image(test_items[0][0])[[2, 0]].astype(np.float32))
+    expected = (selected - torch.tensor([30.0, 10.0]).view(2, 1, 1)) / torch.tensor([8.0, 2.0]).view(2, 1, 1)
+    torch.testing.assert_close(x, data.eval_transform(expected, 16))
     train_ds, test_ds, names = data.make_scene_datasets(data.SceneDataConfig(root=str(root), img_size=16, train_ratio=0.5))
     assert train_ds.train and not test_ds.train and names == ["x", "y"] and len(train_ds) + len(test_ds) == 4

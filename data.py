@@ -861,7 +861,15 @@ def bench(folder=None, workers=0, repeats=5, scene_size=10000):
     """Print chips/s per worker of our reader and of PretrainDataset against tifffile's bare
     decode of the same files and, without a folder, how much faster a 512x512 window of a
     tiled DEFLATE scene is than the whole scene. All times are medians over `repeats`."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a DataLoader worker uses one thread; measure the same
+    try:
+        _bench(folder, workers, repeats, scene_size)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench(folder, workers, repeats, scene_size):
     with tempfile.TemporaryDirectory() as tmp:
         stats = os.path.join(folder, "stats.json") if folder else None
         if folder is None:

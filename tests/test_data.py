@@ -342,6 +342,22 @@ def test_loader_workers_see_set_epoch_and_match_in_process(demo):
     assert data.make_loader(dataset, 4, sampler, workers=0).num_workers == 0
 
 
+def test_random_resized_box_stays_inside_and_in_scale():
+    rng = np.random.default_rng(0)
+    for height, width in [(100, 100), (37, 300), (300, 37), (1, 1)]:
+        for _ in range(50):
+            top, left, h, w = data.random_resized_box(rng, height, width, (0.2, 1.0))
+            assert 0 <= top and top + h <= height and 0 <= left and left + w <= width and h > 0 and w > 0
+            if (height, width) == (100, 100):
+                assert 0.18 <= h * w / 10000 <= 1 and 3 / 4 - 0.05 <= w / h <= 4 / 3 + 0.05
+
+
+def test_bench_runs_and_reports_ratios(demo, capsys):
+    data.bench(str(demo[0]), repeats=1, scene_size=600)
+    out = capsys.readouterr().out
+    assert "bare decode" in out and "x bare time" in out and "faster than the whole scene" in out
+
+
 def test_synthetic_dataset_is_deterministic():
     dataset = data.SyntheticDataset(10, in_chans=3, img_size=8, seed=1)
     assert len(dataset) == 10 and dataset[2].shape == (3, 8, 8) and torch.equal(dataset[2], dataset[2])

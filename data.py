@@ -569,12 +569,19 @@ class PretrainDataset(_EpochSeededDataset):
     def num_skipped(self) -> int:
         return int(self._skipped.sum())
 
-    def set_epoch(self, epoch: int):
-        """Also reports (and resets) the corrupt files skipped in the epoch that just ended."""
-        if self.num_skipped and epoch != int(self._epoch):
-            print(f"epoch {int(self._epoch)}: skipped {self.num_skipped} corrupt image reads "
-                  "(paths in the warnings above)", file=sys.stderr)
+    def report_skipped(self) -> int:
+        """Print and reset the count of corrupt files skipped since the last report."""
+        skipped = self.num_skipped
+        if skipped:
+            print(f"epoch {int(self._epoch)}: skipped {skipped} corrupt image reads (paths in the warnings above)",
+                  file=sys.stderr)
             self._skipped.zero_()
+        return skipped
+
+    def set_epoch(self, epoch: int):
+        """Starting a new epoch reports the corrupt files skipped in the one that ended."""
+        if epoch != int(self._epoch):
+            self.report_skipped()
         super().set_epoch(epoch)
 
 

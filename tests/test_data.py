@@ -116,6 +116,27 @@ def test_small_window_of_big_tiled_scene_stays_small(tmp_path):
     np.testing.assert_array_equal(window[0], scene[700:1212, 900:1412])
 
 
+def test_big_endian_and_sparse_tiles(tmp_path):
+    pixels = ARRAYS["u16_4b"][:, :32, :32]
+    tifffile.imwrite(tmp_path / "motorola.tif", pixels, byteorder=">", tile=(16, 16), compression="zlib", predictor=True,
+                     photometric="minisblack", planarconfig="separate")
+    read = data.read_geotiff(tmp_path / "motorola.tif")
+    assert read.dtype == np.dtype("uint16") and read.dtype.isnative
+    np.testing.assert_array_equal(read, pixels)
+    # GDAL's SPARSE_OK=TRUE stores an all-nodata tile as offset 0, byte count 0.
+    path = tmp_path / "sparse.tif"
+    tifffile.imwrite(path, pixels[0], tile=(16, 16), extratags=[(data.GDAL_NODATA_TAG, "s", 0, "7", True)])
+    raw = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tif:
+        counts = tif.pages[0].tags["TileByteCounts"]
+    width = counts.valuebytecount // counts.count
+    raw[counts.valueoffset:counts.valueoffset + width] = bytes(width)  # tile 0 now has no bytes
+    path.write_bytes(bytes(raw))
+    expected = pixels[:1].copy()
+    expected[:, :16, :16] = 7
+    np.testing.assert_array_equal(data.read_geotiff(path), expected)
+
+
 def test_read_image_jpeg_png_and_tiff(tmp_path):
     rgb = ARRAYS["u8_3b"].transpose(1, 2, 0)
     Image.fromarray(rgb).save(tmp_path / "a.png")

@@ -40,13 +40,25 @@ grads are reduce-scattered in the shard group, then (hybrid) all-reduced across 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import gc
+import itertools
 import json
-import math
+import os
+import shutil
+import statistics
+import subprocess
 import sys
+import threading
+import time
 from dataclasses import asdict, dataclass
 
 import torch
 
+import fsdp_setup
+import train
+from fsdp_setup import checkpoint_every
 from mae import MaskedAutoencoder
 from vit import get_config
 
@@ -66,8 +78,46 @@ PAPER_MEMORY_GIB = [
     ("vit_15b", "hybrid_shard", 4, 16, 61.7), ("vit_15b", "hybrid_shard", 8, 16, 34.9),
     ("vit_15b", "hybrid_shard", 16, 16, 21.2), ("vit_15b", "full_shard", 1024, 1024, 9.8),
 ]
-STRATEGIES = ("ddp", "no_shard", "full_shard", "shard_grad_op", "hybrid_shard")
 PRECISION_BYTES = {"bf16": (2, 4), "bf16-reduce": (2, 2), "fp32": (4, 4)}  # (compute c, reduce r)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepTimer:
+    """Per-step times without a host sync inside the loop: CUDA events queued on the stream on a GPU
+    (read once, after one synchronize at the end), perf_counter on the CPU (which runs synchronously)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks = []
+
+    def mark(self) -> None:
+        """Call before the first step and after each step."""
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def step_times_s(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+
+
+def write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,21 +150,6 @@ class PlanConfig:
             raise ValueError(f"--mixed-precision must be one of {', '.join(PRECISION_BYTES)}, got {self.mixed_precision!r}")
         checkpoint_every(self.ac)  # validates
         self.vit = get_config(self.model, in_chans=self.in_chans, **({"img_size": self.img_size} if self.img_size else {}))
-
-
-def checkpoint_every(ac: str | int) -> int:
-    """0 = no checkpointing, 1 = every Block ("full"), k = every k-th Block."""
-    if ac in ("none", 0, "0"):
-        return 0
-    if ac == "full":
-        return 1
-    try:
-        k = int(ac)
-    except (TypeError, ValueError):
-        k = -1
-    if k < 1:
-        raise ValueError(f"activation checkpointing must be 'none', 'full' or a positive integer k, got {ac!r}")
-    return k
 
 
 @dataclass
@@ -151,13 +186,12 @@ def activation_bytes(plan: PlanConfig, sizes: ModelSizes) -> int:
     full_enc = block_activation_bytes(1 + K, cfg.embed_dim, cfg.mlp_dim, cfg.num_heads, c)
     full_dec = block_activation_bytes(1 + L, Dd, 4 * Dd, plan.decoder_num_heads, c)
     every = checkpoint_every(plan.ac)
-
-    def saved(depth: int, full: int, block_input: int) -> int:
-        checkpointed = depth // every if every else 0
-        return checkpointed * block_input + (depth - checkpointed) * full
-
-    blocks = saved(sizes.encoder_depth, full_enc, c * (1 + K) * cfg.embed_dim)
-    blocks += saved(sizes.decoder_depth, full_dec, c * (1 + L) * Dd)
+    # fsdp_setup checkpoints Block i of the encoder-then-decoder list when (i + 1) % every == 0.
+    checkpointed = [every > 0 and (i + 1) % every == 0 for i in range(sizes.encoder_depth + sizes.decoder_depth)]
+    blocks = 0
+    for i, ckpt in enumerate(checkpointed):
+        tokens, dim, full = (1 + K, cfg.embed_dim, full_enc) if i < sizes.encoder_depth else (1 + L, Dd, full_dec)
+        blocks += c * tokens * dim if ckpt else full  # a checkpointed Block keeps only its input
     patch_dim = cfg.patch_size**2 * cfg.in_chans
     outside = (4 + c) * cfg.in_chans * cfg.img_size**2  # the fp32 batch and its compute-dtype copy
     outside += 2 * c * (1 + K) * cfg.embed_dim + 2 * c * (1 + L) * Dd  # norm + embed / norm + pred inputs
@@ -292,6 +326,353 @@ def cmd_plan(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# sweep: MAE training steps through train.py's own functions, timed
+# ---------------------------------------------------------------------------------------------
+
+# Per-GPU batch sizes of the original MAE measurements on an H100 (../shared/ANCHORS.md) and the paper's 32.
+GPU_BATCH_SIZES = {"vit_base": 512, "vit_large": 256, "vit_huge": 128, "vit_1b": 128, "vit_3b": 64,
+                   "vit_5b": 32, "vit_e": 32, "vit_15b": 32}
+TABLE_COLUMNS = [("model", "model"), ("layout", "layout"), ("ac", "ac"), ("compile", "compile"),
+                 ("batch_size", "batch/GPU"), ("status", "status"), ("img_per_s", "img/s"),
+                 ("tflops_per_gpu", "TFLOP/s/GPU"), ("mfu", "MFU"), ("peak_mem_gib", "peak GiB"),
+                 ("predicted_mem_gib", "plan GiB"), ("first_step_s", "1st step s"), ("energy_j_per_img", "J/img")]
+
+
+class PowerMeter:
+    """Mean power draw (W) of this rank's GPU over a window, sampled in the background.
+
+    `nvidia-smi -lms` runs as one child process printing a sample every 100 ms (no Python in the
+    loop to compete with the training thread); else torch.cuda.power_draw() (pynvml / amdsmi, if
+    installed) in a thread; else no reading. H100 power.draw is itself a ~1 s average: time at least
+    a few seconds for a meaningful number.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.samples, self.stop_event, self.threads, self.proc = device, [], None, [], None
+        self.smi = shutil.which("nvidia-smi") if device.type == "cuda" and not torch.version.hip else None
+        self.torch_reader = False
+        if device.type == "cuda" and self.smi is None:
+            try:
+                torch.cuda.power_draw(device)
+                self.torch_reader = True
+            except Exception:  # no pynvml / amdsmi: no power readings
+                pass
+
+    @property
+    def available(self) -> bool:
+        return self.smi is not None or self.torch_reader
+
+    def smi_id(self) -> str:
+        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        return visible[self.device.index] if self.device.index < len(visible) else str(self.device.index)
+
+    def start(self) -> None:
+        self.samples, self.stop_event = [], threading.Event()
+        if self.smi:
+            cmd = [self.smi, f"--id={self.smi_id()}", "--query-gpu=power.draw", "--format=csv,noheader,nounits", "-lms", "100"]
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self.threads = [threading.Thread(target=self._read_smi, daemon=True)]
+        elif self.torch_reader:
+            self.threads = [threading.Thread(target=self._poll_torch, daemon=True)]
+        for thread in self.threads:
+            thread.start()
+
+    def _read_smi(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                self.samples.append(float(line.strip()))
+            except ValueError:  # "[N/A]" on cards without a power sensor
+                pass
+
+    def _poll_torch(self) -> None:
+        while not self.stop_event.wait(0.1):
+            self.samples.append(torch.cuda.power_draw(self.device) / 1e3)  # mW -> W
+
+    def stop(self) -> float | None:
+        if self.stop_event is None:
+            return None
+        self.stop_event.set()
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=5)
+        for thread in self.threads:
+            thread.join(timeout=5)
+        return statistics.mean(self.samples) if self.samples else None
+
+
+def parse_strategy(spec: str) -> tuple[str, int | None]:
+    """'full_shard' -> ('full_shard', None); 'hybrid_shard:8' -> ('hybrid_shard', 8)."""
+    name, _, group = spec.partition(":")
+    if group and not group.isdigit():
+        raise ValueError(f"--strategies entry {spec!r}: write hybrid_shard:K with an integer shard group size K")
+    return name, int(group) if group else None
+
+
+def sweep_configs(args, on_gpu: bool) -> list[train.TrainConfig]:
+    """One train.TrainConfig per point of models x strategies x ac x compile x batch sizes."""
+    models = args.models or (["vit_large", "vit_huge", "vit_1b", "vit_3b"] if on_gpu else ["vit_tiny"])
+    strategies = args.strategies or ["no_shard"]
+    acs = args.ac or (["none"] if on_gpu else ["none", "full"])
+    compiles = [c == "on" for c in (args.compile or (["on"] if on_gpu else ["off"]))]
+    # MAE's decoder (512 wide, 8 Blocks) on GPU; on CPU the demo's small one, else it dominates vit_tiny.
+    decoder = {} if on_gpu else {k: train.DEMO_DEFAULTS[k] for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")}
+    decoder.update({k: getattr(args, k) for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+                    if getattr(args, k) is not None})
+    base = train.TrainConfig(data="synthetic", steps=10**9, warmup_steps=1, lr=1e-4, workers=0, seed=0,
+                             mixed_precision=args.mixed_precision, mask_ratio=args.mask_ratio,
+                             img_size=args.img_size, in_chans=args.in_chans, **decoder)
+    configs = []
+    for model, spec, ac, compiled in itertools.product(models, strategies, acs, compiles):
+        strategy, group = parse_strategy(spec)
+        batch_sizes = args.batch_sizes or [GPU_BATCH_SIZES.get(model, 32) if on_gpu else 8]
+        for batch_size in batch_sizes:
+            configs.append(dataclasses.replace(base, model=model, strategy=strategy, shard_group_size=group,
+                                               ac=ac, compile=compiled, batch_size=batch_size))
+    return configs
+
+
+def predicted_memory_gib(cfg: train.TrainConfig, dist: fsdp_setup.Dist) -> float | None:
+    """The planner's prediction for this configuration, to set beside the measured peak."""
+    if cfg.strategy not in ("ddp", "no_shard", "full_shard", "shard_grad_op", "hybrid_shard"):
+        return None
+    group = {"ddp": 1, "no_shard": 1, "hybrid_shard": cfg.shard_group_size}.get(cfg.strategy, dist.world_size)
+    plan = PlanConfig(model=cfg.model, gpus=dist.world_size, gpus_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)),
+                      batch_size=cfg.batch_size, ac=cfg.ac, mixed_precision=train.resolve_mixed_precision(cfg.mixed_precision, dist.device),
+                      img_size=cfg.img_size, in_chans=cfg.in_chans or 3, mask_ratio=cfg.mask_ratio,
+                      decoder_embed_dim=cfg.decoder_embed_dim, decoder_depth=cfg.decoder_depth,
+                      decoder_num_heads=cfg.decoder_num_heads)
+    return layout_estimate(plan, cfg.strategy, group, model_sizes(plan))["mem_gib"]
+
+
+def profile_steps(step, first: int, count: int, path: str, device: torch.device) -> None:
+    """Where the time goes: `count` more steps under torch.profiler, the top ops written to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i in range(first, first + count):
+            step(i)
+        synchronize(device)
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"{count} steps, sorted by {sort_by}\n")
+        f.write(prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=70))
+
+
+def measure(cfg: train.TrainConfig, dist: fsdp_setup.Dist, steps: int, warmup: int, power: PowerMeter,
+            profile_path: str | None = None) -> dict:
+    """Build, warm up (the first step includes compilation), time `steps` steps. Raises on OOM."""
+    model = train.build_model(cfg, dist)
+    optimizer = train.build_optimizer(model, cfg)
+    mae = fsdp_setup.unwrap(model)
+    vit = mae.cfg
+    # Synthetic images already on the device: the loader is not what is measured here.
+    imgs = torch.randn(cfg.batch_size, vit.in_chans, vit.img_size, vit.img_size, device=dist.device)
+    mask_generator = torch.Generator(dist.device).manual_seed(dist.rank)
+    step = lambda i: train.train_step(model, optimizer, [imgs], cfg, i, mask_generator=mask_generator)  # noqa: E731
+
+    synchronize(dist.device)
+    start = time.perf_counter()
+    losses = [step(0)]
+    losses[0].item()  # the host waits for the first step: compilation + first-touch allocations
+    first_step_s = time.perf_counter() - start
+    for i in range(1, warmup):
+        losses.append(step(i))
+    synchronize(dist.device)
+    if dist.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dist.device)  # steady state: optimizer state exists by now
+    timer = StepTimer(dist.device)
+    power.start()
+    timer.mark()
+    for i in range(warmup, warmup + steps):
+        losses.append(step(i))
+        timer.mark()
+    times = timer.step_times_s()  # synchronizes once
+    watts = power.stop()
+    if not torch.isfinite(torch.stack(losses)).all():
+        raise RuntimeError(f"non-finite loss while benchmarking {cfg.model}: a bug, not a timing")
+    if profile_path and dist.is_main:
+        profile_steps(step, warmup + steps, 3, profile_path, dist.device)
+    elif profile_path:  # the other ranks take the same steps, unprofiled, so collectives match
+        for i in range(warmup + steps, warmup + steps + 3):
+            step(i)
+    step_s = statistics.median(times)
+    img_per_s = cfg.batch_size * dist.world_size / step_s
+    tflops = img_per_s * 3 * mae.forward_flops_per_image(cfg.mask_ratio) / dist.world_size / 1e12
+    _, peak = train.peak_tflops(dist.device)
+    # Every rank reports its own GPU's power; energy per image counts all of them.
+    all_watts = [watts]
+    if dist.world_size > 1:
+        all_watts = [None] * dist.world_size
+        torch.distributed.all_gather_object(all_watts, watts)
+    total_watts = sum(all_watts) if all(w is not None for w in all_watts) else None
+    return dict(
+        status="ok", img_per_s=img_per_s, tflops_per_gpu=tflops, mfu=tflops / peak if peak else None,
+        peak_mem_gib=train.peak_memory_gib(dist.device) if dist.device.type == "cuda" else None,
+        first_step_s=first_step_s, step_s_median=step_s, step_s_min=min(times),
+        power_w=total_watts, energy_j_per_img=total_watts / img_per_s if total_watts else None,
+        loss=losses[-1].item(),
+    )
+
+
+def run_one(cfg: train.TrainConfig, dist: fsdp_setup.Dist, args, power: PowerMeter) -> dict:
+    layout = cfg.strategy + (f":{cfg.shard_group_size}" if cfg.shard_group_size else "")
+    row = dict(model=cfg.model, layout=layout, ac=cfg.ac, compile="on" if cfg.compile else "off",
+               batch_size=cfg.batch_size, world_size=dist.world_size, device=device_name(dist.device),
+               torch=torch.__version__, steps=args.steps, warmup=args.warmup)
+    try:
+        train.validate(cfg, dist.world_size, dist.device)  # same answer on every rank: no hang
+        row["predicted_mem_gib"] = predicted_memory_gib(cfg, dist)
+    except ValueError as err:
+        return {**row, "status": f"invalid: {err}"}
+    torch.compiler.reset()  # each configuration compiles afresh (no recompiles with dynamic shapes)
+    if dist.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dist.device)
+    result = None
+    profile_path = None
+    if args.profile and args.out:
+        profile_path = os.path.join(args.out, f"profile-{cfg.model}-{layout.replace(':', '')}-ac{cfg.ac}-"
+                                              f"{'compiled' if cfg.compile else 'eager'}-b{cfg.batch_size}.txt")
+    try:
+        result = measure(cfg, dist, args.steps, args.warmup, power, profile_path)
+    except torch.OutOfMemoryError:
+        # Every rank runs the same shapes, so all ranks run out together. The model and the
+        # traceback's frames are dropped below, before the next configuration allocates.
+        result = dict(status="oom", peak_mem_gib=train.peak_memory_gib(dist.device) if dist.device.type == "cuda" else None)
+    finally:
+        gc.collect()
+        if dist.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {**row, **result}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    def cell(value):
+        if value is None:
+            return "–"
+        if isinstance(value, float):
+            return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+        return str(value) if len(str(value)) <= 40 else str(value)[:39] + "…"  # full text in the JSON
+
+    lines = ["| " + " | ".join(label for _, label in TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    lines += ["| " + " | ".join(cell(row.get(key)) for key, _ in TABLE_COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def cmd_sweep(args) -> list[dict]:
+    if args.steps < 1 or args.warmup < 1:
+        raise ValueError(f"--steps and --warmup must be >= 1 (the first warm-up step compiles), got {args.steps}, {args.warmup}")
+    dist = fsdp_setup.init_distributed()
+    try:
+        configs = sweep_configs(args, dist.device.type == "cuda")
+        if args.mem_cap_gib and dist.device.type == "cuda":
+            # E.g. "does it train on an 80 GB H100?" asked on a 141 GB H200: the allocator refuses beyond the cap.
+            total = torch.cuda.get_device_properties(dist.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap_gib * GiB / total), dist.device)
+        power = PowerMeter(dist.device)
+        rows = []
+        if dist.is_main and args.out:
+            os.makedirs(args.out, exist_ok=True)
+            open(os.path.join(args.out, "bench.jsonl"), "w").close()
+        for cfg in configs:
+            row = run_one(cfg, dist, args, power)
+            rows.append(row)
+            if dist.is_main:
+                print(json.dumps(row), flush=True)
+                if args.out:  # row by row, so a sweep cut short by a time limit keeps what it measured
+                    with open(os.path.join(args.out, "bench.jsonl"), "a") as f:
+                        f.write(json.dumps(row) + "\n")
+        if dist.is_main:
+            head = (f"{device_name(dist.device)} x {dist.world_size}, torch {torch.__version__}, "
+                    f"{args.steps} timed steps (median) after {args.warmup} warm-up, synthetic data on the device")
+            table = markdown_table(rows)
+            print(f"\n{head}\n\n{table}")
+            if args.out:
+                write_json(os.path.join(args.out, "bench.json"), rows)
+                with open(os.path.join(args.out, "bench.md"), "w") as f:
+                    f.write(f"{head}\n\n{table}\n")
+        return rows
+    finally:
+        fsdp_setup.cleanup()
+
+
+# ---------------------------------------------------------------------------------------------
+# sdpa: which attention kernel is fastest at MAE's (short) sequence lengths on this card
+# ---------------------------------------------------------------------------------------------
+
+# (model, batch per GPU): the encoder sees 1 + L/4 tokens, the decoder 1 + L at 16 heads of 32.
+SDPA_DEFAULT_SHAPES = [("vit_large", 256), ("vit_huge", 256), ("vit_1b", 128), ("vit_3b", 64)]
+
+
+def mae_attention_shapes(model: str, batch_size: int, mask_ratio: float = 0.75) -> list[tuple[str, tuple]]:
+    """[(label, (B, H, N, head_dim))] of the encoder's and the decoder's attention calls."""
+    cfg = get_config(model)
+    L = cfg.num_patches
+    K = int(L * (1 - mask_ratio))
+    return [(f"{model} encoder", (batch_size, cfg.num_heads, 1 + K, cfg.embed_dim // cfg.num_heads)),
+            (f"{model} decoder", (batch_size, 16, 1 + L, 512 // 16))]
+
+
+def time_attention(shape: tuple, backend, device: torch.device, dtype: torch.dtype, iters: int) -> float | None:
+    """Median ms of one forward + backward of SDPA on q, k, v laid out as vit.Attention makes them
+    (views of one fused qkv tensor), or None if the backend cannot run this shape/dtype/device."""
+    from torch.nn.attention import sdpa_kernel
+
+    B, H, N, d = shape
+    qkv = torch.randn(B, N, 3, H, d, device=device, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(B, H, N, d, device=device, dtype=dtype)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward_backward():
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        torch.autograd.grad(out, qkv, grad_out)
+
+    timer = StepTimer(device)
+    try:
+        with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+            for _ in range(3):  # warm-up: kernel selection, autotuning
+                forward_backward()
+            timer.mark()
+            for _ in range(iters):
+                forward_backward()
+                timer.mark()
+            return statistics.median(timer.step_times_s()) * 1e3
+    except RuntimeError:  # "No available kernel": this backend does not support the inputs
+        return None
+
+
+def cmd_sdpa(args) -> list[dict]:
+    from torch.nn.attention import SDPBackend
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    backends = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    if args.shapes:
+        try:
+            shapes = [("", tuple(int(x) for x in s.split("x"))) for s in args.shapes]
+            assert all(len(shape) == 4 for _, shape in shapes)
+        except (ValueError, AssertionError):
+            raise ValueError(f"--shapes takes BxHxNxd, e.g. 256x16x50x64, got {args.shapes}") from None
+    else:
+        shapes = [shape for model, batch in SDPA_DEFAULT_SHAPES for shape in mae_attention_shapes(model, batch)]
+    print(f"SDPA forward+backward, median ms of {args.iters}, {device_name(device)}, {dtype}, torch {torch.__version__}")
+    print("| shape (B×H×N×d) | " + " | ".join(backends) + " | fastest |\n|---|" + "---|" * (len(backends) + 1))
+    rows = []
+    for label, shape in shapes:
+        ms = {name: time_attention(shape, backend, device, dtype, args.iters) for name, backend in backends.items()}
+        timed = {k: v for k, v in ms.items() if v is not None and k != "default"}
+        fastest = min(timed, key=timed.get) if timed else None
+        rows.append(dict(label=label, shape=list(shape), ms=ms, fastest=fastest))
+        cells = " | ".join("n/a" if v is None else f"{v:.2f}" for v in ms.values())
+        print(f"| {label} {'×'.join(map(str, shape))} | {cells} | {fastest} |", flush=True)
+    if args.out:
+        write_json(os.path.join(args.out, "sdpa.json"), rows)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------
 
@@ -315,13 +696,35 @@ def parse_args(argv=None):
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
     p.add_argument("--paper", action="store_true", help="compare with the paper's measured memory instead")
+    p = sub.add_parser("sweep", help="time MAE training steps (train.py's code) for each configuration")
+    p.add_argument("--models", nargs="*", default=None, help="default: vit_large vit_huge vit_1b vit_3b on GPU, vit_tiny on CPU")
+    p.add_argument("--strategies", nargs="*", default=None, help="layouts, hybrid as hybrid_shard:K (default: no_shard)")
+    p.add_argument("--ac", nargs="*", default=None, help="none | full | k each (default: none on GPU, none full on CPU)")
+    p.add_argument("--compile", nargs="*", default=None, choices=["off", "on"], help="default: on on GPU, off on CPU")
+    p.add_argument("--batch-sizes", nargs="*", type=int, default=None, help="per GPU (default: per model, 8 on CPU)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first; the first one is reported apart")
+    p.add_argument("--mixed-precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | bf16 | bf16-reduce | fp32")
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--in-chans", type=int, default=None)
+    p.add_argument("--decoder-embed-dim", type=int, default=None, help="default: 512 on GPU (MAE), 64 on CPU (demo)")
+    p.add_argument("--decoder-depth", type=int, default=None, help="default: 8 on GPU, 2 on CPU")
+    p.add_argument("--decoder-num-heads", type=int, default=None, help="default: 16 on GPU, 4 on CPU")
+    p.add_argument("--mem-cap-gib", type=float, default=None, help="let the allocator use at most this much GPU memory")
+    p.add_argument("--profile", action="store_true", help="profile 3 more steps per configuration into --out")
+    p.add_argument("--out", default=None, help="folder for bench.json, bench.jsonl (row by row) and bench.md")
+    p = sub.add_parser("sdpa", help="time each SDPA backend at MAE's attention shapes")
+    p.add_argument("--shapes", nargs="*", default=None, help="BxHxNxd, e.g. 256x16x50x64 (default: MAE's shapes)")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--out", default=None, help="folder for sdpa.json")
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> None:
+def main(argv=None):
     args = parse_args(argv)
-    if args.command == "plan":
-        cmd_plan(args)
+    command = {"plan": cmd_plan, "sdpa": cmd_sdpa, "sweep": cmd_sweep}[args.command]
+    return command(args)
 
 
 if __name__ == "__main__":

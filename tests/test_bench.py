@@ -143,3 +143,52 @@ def test_plan_cli_json(capsys):
 def test_plan_rejects_bad_settings(argv):
     with pytest.raises((ValueError, SystemExit)):
         bench.main(["plan"] + argv)
+
+
+# ---- the sweep: train.py's code path end to end on CPU (a test, not a timing) ----
+
+
+def test_sweep_end_to_end_on_cpu(tmp_path, monkeypatch):
+    # Same code path, not a copy: every step goes through train.train_step.
+    calls = []
+    real_step = bench.train.train_step
+    monkeypatch.setattr(bench.train, "train_step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
+    out = tmp_path / "bench"
+    rows = bench.main(["sweep", "--models", "vit_tiny", "--strategies", "no_shard", "hybrid_shard:3",
+                       "--ac", "none", "full", "--batch-sizes", "4", "--steps", "2", "--warmup", "1",
+                       "--profile", "--out", str(out)])
+    assert [(r["layout"], r["ac"]) for r in rows] == [("no_shard", "none"), ("no_shard", "full"),
+                                                      ("hybrid_shard:3", "none"), ("hybrid_shard:3", "full")]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 2
+    flops = 3 * MaskedAutoencoder(get_config("vit_tiny"), 64, 2, 4).forward_flops_per_image()
+    for r in ok:
+        assert r["img_per_s"] == pytest.approx(4 / r["step_s_median"])
+        assert r["tflops_per_gpu"] == pytest.approx(r["img_per_s"] * flops / 1e12)
+        assert r["mfu"] is None and r["peak_mem_gib"] is None and r["energy_j_per_img"] is None  # CPU
+        assert r["first_step_s"] > 0 and r["loss"] > 0
+    # A shard group that does not divide the world is a row saying why, not a crash.
+    bad = [r for r in rows if r["layout"] == "hybrid_shard:3"]
+    assert all(r["status"].startswith("invalid") and "shard_group_size" in r["status"] for r in bad)
+    assert json.loads((out / "bench.json").read_text()) == json.loads(json.dumps(rows))
+    assert len((out / "bench.jsonl").read_text().splitlines()) == 4
+    assert "| vit_tiny | no_shard | full |" in (out / "bench.md").read_text()
+    assert len(list(out.glob("profile-*.txt"))) == 2
+    assert len(calls) == 2 * (1 + 2 + 3)  # warm-up, timed, profiled steps of the two valid rows
+
+
+def test_sweep_reports_out_of_memory_as_a_row(monkeypatch):
+    def build_model_oom(cfg, dist):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")
+
+    monkeypatch.setattr(bench.train, "build_model", build_model_oom)
+    rows = bench.main(["sweep", "--models", "vit_tiny", "--batch-sizes", "4", "--ac", "none",
+                       "--steps", "1", "--warmup", "1"])
+    assert [r["status"] for r in rows] == ["oom"]
+
+
+def test_sdpa_cli_on_cpu(tmp_path):
+    rows = bench.main(["sdpa", "--shapes", "2x2x5x8", "--iters", "2", "--out", str(tmp_path)])
+    assert rows[0]["shape"] == [2, 2, 5, 8] and rows[0]["ms"]["math"] > 0
+    assert rows[0]["fastest"] in ("flash", "efficient", "cudnn", "math")
+    assert json.loads((tmp_path / "sdpa.json").read_text())[0]["shape"] == [2, 2, 5, 8]

@@ -958,6 +958,13 @@ def main(argv=None):
     demo = commands.add_parser("demo", help="write the built-in sample chips and stats.json")
     demo.add_argument("folder")
     args = parser.parse_args(argv)
+    try:
+        _run_command(args)
+    except DataError as err:  # the message already says which file and what to do
+        sys.exit(f"error: {err}")
+
+
+def _run_command(args):
     if args.command == "stats":
         result = compute_stats(args.source, args.max_files, args.sample_size, args.seed)
         with open(args.out, "w") as f:

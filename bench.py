@@ -14,11 +14,13 @@ train_step) on synthetic data already on the device, so what it measures is what
 The memory model (per GPU, bytes; P = all MAE parameters, P_b = the largest Block, s = shard group,
 c = compute bytes (2 for bf16), r = gradient-reduction bytes (4: fp32 reduce, 2: bf16-reduce)):
 
-  state       16·P/s        fp32 master params 4 + fp32 grads 4 + AdamW exp_avg, exp_avg_sq 8, sharded
+  params, AdamW  4·P/s + 8·P/s   fp32 master weights, exp_avg and exp_avg_sq, sharded
+  grads       4·P/s         fp32, sharded; freed after each step (zero_grad(set_to_none=True))
   gathered    c·2·P_b       full_shard / hybrid: the current Block and the prefetched next one
               c·P           shard_grad_op / no_shard: every Block stays unsharded from forward to backward
-  buffers     c·P_b + c·P_b + 2·r·P_b   all-gather output before copy-out, unsharded grads of one Block,
-                                        two reduce-scatter inputs in flight (one reducing, one filling)
+  buffers     (c + c + r + 2·r)·P_b   per Block in backward: all-gather output before copy-out, unsharded
+              grads, their cast to the reduce dtype, two reduce-scatter inputs in flight (one reducing,
+              one filling)
   activations per Block and token (c bytes each unless said): LayerNorm inputs 2·D, qkv input D,
               q, k, v 3·D, attention output D and its (B, L, D) copy for proj D, fc1 input D,
               GELU input M, fc2 input M = 9·D + 2·M, + LayerNorm mean/rstd 2·2 fp32, + logsumexp H fp32.
@@ -28,13 +30,19 @@ c = compute bytes (2 for bf16), r = gradient-reduction bytes (4: fp32 reduce, 2:
               one Block recomputed plus about one Block of gradients in flight. Outside the Blocks: the
               image (fp32 batch + compute-dtype copy), norm/embed/pred inputs, the fp32 loss terms.
   overhead    RUNTIME_OVERHEAD_GIB, one constant: allocator fragmentation, the collectives' workspaces
-              and the CUDA/ROCm context. Calibrated on the paper's 13 measurements (BENCHMARKS.md).
+              and the CUDA/ROCm context, fitted to measured peaks (BENCHMARKS.md).
+
+  peak = params + AdamW + max(grads, activations [+ gathered if kept]) + [gathered if not kept]
+         + buffers + overhead
+Backward creates each Block's grads as it frees that Block's activations (and, when kept, its unsharded
+params), so the grads and the saved activations never peak together: the larger side counts.
 
 DDP keeps full fp32 params, grads and DDP's gradient buckets (4 bytes/param each), AdamW state, and the
 bf16 weight copies autocast keeps through forward. Communication per GPU per step uses ring collectives:
 an all-gather or reduce-scatter of X bytes over n GPUs moves (n−1)/n·X per GPU, an all-reduce twice that.
 FSDP gathers params in forward and, when resharded after forward (full_shard, hybrid), again in backward;
 grads are reduce-scattered in the shard group, then (hybrid) all-reduced across the world/s replicas.
+Collectives whose group spans nodes are also counted apart ("inter"): that is what the paper's rule avoids.
 """
 
 from __future__ import annotations
@@ -66,17 +74,24 @@ GiB = 2**30
 # The one fitted constant: the least-squares fit (relative error) of the 13 memory measurements below,
 # activation checkpointing on. Their residuals without it are 0.7–1.2 GiB within 1–2 nodes and 1.7–3.2 GiB
 # at 1,024 GCDs (reduce-scatters queueing behind slow collectives, not modelled); FSDP1's NO_SHARD: 8.2.
-RUNTIME_OVERHEAD_GIB = 1.7
-# Peak memory per MI250X GCD measured by the paper (GB there; their sharded part scales as exactly
-# 16 bytes/param in GiB, so GiB): (model, strategy, shard group, world size, GiB). Batch 32, 224 px.
-PAPER_MEMORY_GIB = [
-    ("vit_3b", "no_shard", 1, 8, 61.7), ("vit_3b", "hybrid_shard", 2, 8, 26.3),
-    ("vit_3b", "full_shard", 8, 8, 8.95), ("vit_3b", "full_shard", 1024, 1024, 4.08),
-    ("vit_5b", "hybrid_shard", 2, 16, 43.6), ("vit_5b", "hybrid_shard", 4, 16, 23.5),
-    ("vit_5b", "hybrid_shard", 8, 16, 13.4), ("vit_5b", "hybrid_shard", 16, 16, 8.4),
-    ("vit_5b", "full_shard", 1024, 1024, 4.5),
-    ("vit_15b", "hybrid_shard", 4, 16, 61.7), ("vit_15b", "hybrid_shard", 8, 16, 34.9),
-    ("vit_15b", "hybrid_shard", 16, 16, 21.2), ("vit_15b", "full_shard", 1024, 1024, 9.8),
+RUNTIME_OVERHEAD_GIB = 1.5
+# Measured peak memory per GPU to check the model against: (source, model, patch, strategy, shard group,
+# world size, batch per GPU, activation checkpointing, GiB). The paper (FSDP1 on MI250X GCDs, 224 px) says
+# GB, but its sharded part scales as exactly 16 bytes/param in GiB, so GiB. Whether it checkpointed is not
+# stated: its numbers only fit with checkpointing (BENCHMARKS.md). The original MAE code (one H100, bf16
+# autocast, no sharding, no checkpointing; ../shared/ANCHORS.md) checks the activation model alone.
+PAPER, MAE_H100 = "paper, MI250X, FSDP1", "original MAE, H100"
+MEASURED_MEMORY_GIB = [
+    (PAPER, "vit_3b", 14, "no_shard", 1, 8, 32, "full", 61.7), (PAPER, "vit_3b", 14, "hybrid_shard", 2, 8, 32, "full", 26.3),
+    (PAPER, "vit_3b", 14, "full_shard", 8, 8, 32, "full", 8.95), (PAPER, "vit_3b", 14, "full_shard", 1024, 1024, 32, "full", 4.08),
+    (PAPER, "vit_5b", 14, "hybrid_shard", 2, 16, 32, "full", 43.6), (PAPER, "vit_5b", 14, "hybrid_shard", 4, 16, 32, "full", 23.5),
+    (PAPER, "vit_5b", 14, "hybrid_shard", 8, 16, 32, "full", 13.4), (PAPER, "vit_5b", 14, "hybrid_shard", 16, 16, 32, "full", 8.4),
+    (PAPER, "vit_5b", 14, "full_shard", 1024, 1024, 32, "full", 4.5),
+    (PAPER, "vit_15b", 14, "hybrid_shard", 4, 16, 32, "full", 61.7), (PAPER, "vit_15b", 14, "hybrid_shard", 8, 16, 32, "full", 34.9),
+    (PAPER, "vit_15b", 14, "hybrid_shard", 16, 16, 32, "full", 21.2), (PAPER, "vit_15b", 14, "full_shard", 1024, 1024, 32, "full", 9.8),
+    (MAE_H100, "vit_base", 16, "no_shard", 1, 1, 512, "none", 26.7), (MAE_H100, "vit_large", 16, "no_shard", 1, 1, 256, "none", 23.0),
+    (MAE_H100, "vit_huge", 14, "no_shard", 1, 1, 128, "none", 25.8), (MAE_H100, "vit_1b", 16, "no_shard", 1, 1, 128, "none", 27.0),
+    (MAE_H100, "vit_3b", 16, "no_shard", 1, 1, 64, "none", 52.5),
 ]
 PRECISION_BYTES = {"bf16": (2, 4), "bf16-reduce": (2, 2), "fp32": (4, 4)}  # (compute c, reduce r)
 
@@ -135,6 +150,7 @@ class PlanConfig:
     ac: str = "full"  # activation checkpointing: none | full | k (every k-th Block)
     mixed_precision: str = "bf16"  # bf16 (fp32 reduce) | bf16-reduce | fp32
     img_size: int | None = None  # None: the model config's (224 for the paper's models)
+    patch_size: int | None = None  # None: the model config's
     in_chans: int = 3
     mask_ratio: float = 0.75
     decoder_embed_dim: int = 512
@@ -149,7 +165,8 @@ class PlanConfig:
         if self.mixed_precision not in PRECISION_BYTES:
             raise ValueError(f"--mixed-precision must be one of {', '.join(PRECISION_BYTES)}, got {self.mixed_precision!r}")
         checkpoint_every(self.ac)  # validates
-        self.vit = get_config(self.model, in_chans=self.in_chans, **({"img_size": self.img_size} if self.img_size else {}))
+        overrides = {k: v for k, v in (("img_size", self.img_size), ("patch_size", self.patch_size)) if v}
+        self.vit = get_config(self.model, in_chans=self.in_chans, **overrides)
 
 
 @dataclass
@@ -224,14 +241,16 @@ def layout_estimate(plan: PlanConfig, strategy: str, shard_group_size: int, size
     replica_spans_nodes = n > plan.gpus_per_node and replicas > 1
     if strategy == "ddp":
         params, grads, optimizer = 4 * P, 4 * P, 8 * P
-        gathered = c * P if c < 4 else 0  # autocast's bf16 weight copies, alive from forward to backward
+        # autocast's bf16 weight copies: cached through forward, saved for backward, freed as it goes.
+        gathered, gathered_released = (c * P if c < 4 else 0), True
         buffers = 4 * P  # DDP's gradient buckets (a second copy of every fp32 grad)
         collectives = [(2 * ring(n) * P * 4, n > plan.gpus_per_node)]  # all-reduce of the fp32 grads
     else:
         params, grads, optimizer = 4 * P / s, 4 * P / s, 8 * P / s
         keeps_all = strategy in ("shard_grad_op", "no_shard")  # reshard_after_forward=False
-        gathered = c * P if keeps_all else c * 2 * P_b
-        buffers = c * P_b + c * P_b + 2 * r * P_b
+        # Kept Blocks are resharded one by one in backward; else two Blocks are unsharded at any time.
+        gathered, gathered_released = (c * P, True) if keeps_all else (c * 2 * P_b, False)
+        buffers = c * P_b + c * P_b + r * P_b + 2 * r * P_b
         gathers = 1 if keeps_all else 2  # forward, and again in backward when resharded after forward
         collectives = [
             (gathers * ring(s) * c * P, shard_spans_nodes),  # all-gather params
@@ -239,11 +258,15 @@ def layout_estimate(plan: PlanConfig, strategy: str, shard_group_size: int, size
             (2 * ring(replicas) * r * P / s, replica_spans_nodes),  # all-reduce grad shards across replicas
         ]
     activations = activation_bytes(plan, sizes)
+    # train.py frees the grads after each step (zero_grad(set_to_none=True)); backward creates each Block's
+    # grads as it frees that Block's activations (and kept params), so the peak holds the larger side.
+    released = activations + (gathered if gathered_released else 0)
+    peak = params + optimizer + max(grads, released) + (0 if gathered_released else gathered) + buffers
     parts = dict(params=params, grads=grads, optimizer=optimizer, gathered=gathered, buffers=buffers,
                  activations=activations)
     parts = {k: v / GiB for k, v in parts.items()}
     parts["overhead"] = RUNTIME_OVERHEAD_GIB
-    mem = sum(parts.values())
+    mem = peak / GiB + RUNTIME_OVERHEAD_GIB
     return dict(strategy=strategy, shard_group_size=s, mem_gib=mem,
                 comm_gib_per_step=sum(b for b, _ in collectives) / GiB,
                 internode_gib_per_step=sum(b for b, spans in collectives if spans) / GiB,
@@ -276,7 +299,8 @@ def format_plan(rows: list[dict], plan: PlanConfig, best: dict | None, why: str)
             f"{plan.batch_size}/GPU, {plan.vit.img_size} px, mask {plan.mask_ratio}, ac {plan.ac}, {plan.mixed_precision}")
     cols = ["params", "grads", "optimizer", "gathered", "buffers", "activations", "overhead"]
     labels = ["params", "grads", "AdamW", "gather", "buffer", "activ", "other", "total", "comm", "inter"]
-    lines = [head, "GiB per GPU; comm = GiB each GPU sends per step, inter = of it across nodes",
+    lines = [head, "GiB per GPU; total = peak = params + AdamW + max(grads, activ [+ gather when kept]) + ...; "
+                   "comm = GiB each GPU sends per step, inter = of it across nodes",
              f"{'layout':<18}" + "".join(f"{label:>8}" for label in labels) + "  fits"]
     for row in rows:
         name = row["strategy"] + (f" {row['shard_group_size']}" if row["strategy"] == "hybrid_shard" else "")
@@ -293,31 +317,36 @@ def format_plan(rows: list[dict], plan: PlanConfig, best: dict | None, why: str)
     return "\n".join(lines)
 
 
-def paper_check(ac: str = "full") -> list[dict]:
-    """The planner against every memory measurement of the paper (MI250X GCD, 64 GiB)."""
+def measured_check(paper_ac: str | None = None) -> list[dict]:
+    """The planner against every measured peak in MEASURED_MEMORY_GIB; `paper_ac` overrides the
+    paper's (inferred) activation checkpointing, to see what the other choice would predict."""
     rows = []
-    for model, strategy, s, world, measured in PAPER_MEMORY_GIB:
-        plan = PlanConfig(model=model, gpus=world, gpu_mem_gib=64.0, batch_size=32, ac=ac)
+    for source, model, patch, strategy, s, world, batch, ac, measured in MEASURED_MEMORY_GIB:
+        ac = paper_ac if paper_ac and source == PAPER else ac
+        plan = PlanConfig(model=model, patch_size=patch, gpus=world, batch_size=batch, ac=ac)
         predicted = layout_estimate(plan, strategy, s, model_sizes(plan))["mem_gib"]
-        rows.append(dict(model=model, strategy=strategy, shard_group_size=s, gpus=world, measured_gib=measured,
-                         predicted_gib=round(predicted, 2), error=round(predicted / measured - 1, 3)))
+        rows.append(dict(source=source, model=f"{model}/{patch}", strategy=strategy, shard_group_size=s, gpus=world,
+                         batch_size=batch, ac=ac, measured_gib=measured, predicted_gib=round(predicted, 2),
+                         error=round(predicted / measured - 1, 3)))
     return rows
 
 
 def cmd_plan(args) -> None:
-    if args.paper:
-        rows = paper_check(args.ac)
+    if args.check:
+        rows = measured_check(args.ac if args.ac != "full" else None)
         if args.json:
             print(json.dumps(rows, indent=1))
             return
-        print(f"| model | layout | GPUs | paper GiB | predicted GiB (ac {args.ac}) | error |\n|---|---|---|---|---|---|")
+        print("| measured on | model/patch | layout | GPUs | batch | ac | measured GiB | predicted GiB | error |\n"
+              "|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['model']} | {r['strategy']} {r['shard_group_size']} | {r['gpus']} | {r['measured_gib']} | "
-                  f"{r['predicted_gib']:.1f} | {r['error']:+.0%} |")
+            print(f"| {r['source']} | {r['model']} | {r['strategy']} {r['shard_group_size']} | {r['gpus']} | "
+                  f"{r['batch_size']} | {r['ac']} | {r['measured_gib']} | {r['predicted_gib']:.1f} | {r['error']:+.0%} |")
         return
     plan = PlanConfig(model=args.model, gpus=args.gpus, gpus_per_node=args.gpus_per_node, gpu_mem_gib=args.gpu_mem_gib,
                       batch_size=args.batch_size, ac=args.ac, mixed_precision=args.mixed_precision,
-                      img_size=args.img_size, in_chans=args.in_chans, mask_ratio=args.mask_ratio)
+                      img_size=args.img_size, patch_size=args.patch_size, in_chans=args.in_chans,
+                      mask_ratio=args.mask_ratio)
     rows = plan_layouts(plan)
     best, why = recommend(rows, plan)
     for row in rows:
@@ -692,10 +721,12 @@ def parse_args(argv=None):
     p.add_argument("--ac", default="full", help="none | full | k (checkpoint every k-th Block)")
     p.add_argument("--mixed-precision", default="bf16", choices=list(PRECISION_BYTES))
     p.add_argument("--img-size", type=int, default=None, help="default: the model config's (224)")
+    p.add_argument("--patch-size", type=int, default=None, help="default: the model config's")
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
-    p.add_argument("--paper", action="store_true", help="compare with the paper's measured memory instead")
+    p.add_argument("--check", action="store_true",
+                   help="compare with measured peaks (the paper's, the original MAE's on an H100) instead")
     p = sub.add_parser("sweep", help="time MAE training steps (train.py's code) for each configuration")
     p.add_argument("--models", nargs="*", default=None, help="default: vit_large vit_huge vit_1b vit_3b on GPU, vit_tiny on CPU")
     p.add_argument("--strategies", nargs="*", default=None, help="layouts, hybrid as hybrid_shard:K (default: no_shard)")

@@ -105,7 +105,8 @@ class GeoTiff:
         try:
             self._tif = tifffile.TiffFile(self.path)
         except Exception as err:
-            raise CorruptImageError(f"{self.path}: unreadable TIFF header ({err}); the file is truncated or corrupt") from err
+            raise CorruptImageError(f"{self.path}: unreadable TIFF header ({err}); "
+                                    "the file is truncated or corrupt") from err
         try:
             self.info = self._inspect()
         except BaseException:
@@ -118,7 +119,8 @@ class GeoTiff:
         try:
             page = self._page = self._tif.pages[0]
         except Exception as err:
-            raise CorruptImageError(f"{self.path}: unreadable TIFF header ({err}); the file is truncated or corrupt") from err
+            raise CorruptImageError(f"{self.path}: unreadable TIFF header ({err}); "
+                                    "the file is truncated or corrupt") from err
         if page.imagedepth != 1 or page.dtype is None:
             raise DataError(f"{self.path}: unsupported TIFF layout (depth {page.imagedepth}, {page.bitspersample}-bit "
                             "samples); convert it, e.g. `gdal_translate -ot UInt16 in.tif out.tif`")
@@ -291,7 +293,8 @@ def read_image_and_nodata(path) -> tuple[np.ndarray, float | None]:
         raise DataError(f"{path}: {err} Convert big scenes to tiled GeoTIFF "
                         "(`gdal_translate -co TILED=YES -co COMPRESS=DEFLATE`) so they are read in windows") from err
     except (OSError, SyntaxError, ValueError) as err:
-        raise CorruptImageError(f"{path}: Pillow could not decode it ({err}); the file is truncated or corrupt") from err
+        raise CorruptImageError(f"{path}: Pillow could not decode it ({err}); "
+                                "the file is truncated or corrupt") from err
     return (pixels[None] if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))), None
 
 
@@ -359,7 +362,8 @@ def compute_stats(source, max_files=500, sample_size=512, seed=0, progress=True)
             count[b] = total
             low[b], high[b] = min(low[b], valid.min()), max(high[b], valid.max())
         if progress and (i + 1 == len(paths) or (i + 1) % max(1, len(paths) // 50) == 0):
-            print(f"\rstats: {i + 1}/{len(paths)} files", end="\n" if i + 1 == len(paths) else "", file=sys.stderr, flush=True)
+            done = i + 1 == len(paths)
+            print(f"\rstats: {i + 1}/{len(paths)} files", end="\n" if done else "", file=sys.stderr, flush=True)
     if (count == 0).any():
         raise DataError(f"{source}: band(s) {np.flatnonzero(count == 0).tolist()} have no valid pixels in the sample")
     return {"format": "geofm-stats-1", "bands": first[1], "dtype": np.dtype(first[2]).name, "nodata": first[3],
@@ -448,7 +452,10 @@ def random_resized_box(rng, height, width, scale, ratio=(3 / 4, 4 / 3)) -> tuple
         if 0 < w <= width and 0 < h <= height:
             return int(rng.integers(height - h + 1)), int(rng.integers(width - w + 1)), h, w
     aspect = min(max(width / height, ratio[0]), ratio[1])
-    w, h = (width, min(height, round(width / aspect))) if width / height < aspect else (min(width, round(height * aspect)), height)
+    if width / height < aspect:
+        w, h = width, min(height, round(width / aspect))
+    else:
+        w, h = min(width, round(height * aspect)), height
     return (height - h) // 2, (width - w) // 2, h, w
 
 
@@ -651,7 +658,8 @@ def scene_splits(root, train_ratio=None, seed=0) -> tuple[list, list, list[str]]
     if not os.path.isdir(root):
         raise DataError(f"{root}: not a folder")
     if os.path.isfile(list_file):
-        test_file = next((os.path.join(root, n) for n in ("val.txt", "test.txt") if os.path.isfile(os.path.join(root, n))), None)
+        test_file = next((os.path.join(root, name) for name in ("val.txt", "test.txt")
+                          if os.path.isfile(os.path.join(root, name))), None)
         if test_file is None:
             raise DataError(f"{list_file}: no val.txt or test.txt next to it for the test split")
         train_rows, test_rows = _read_list_file(list_file, root), _read_list_file(test_file, root)
@@ -670,7 +678,8 @@ def scene_splits(root, train_ratio=None, seed=0) -> tuple[list, list, list[str]]
     else:
         class_folder, class_names = _find_class_folder(root)
         if len(class_names) < 2:
-            raise DataError(f"{class_folder}: only one class folder ({class_names[0]}); classification needs two or more")
+            raise DataError(f"{class_folder}: only one class folder ({class_names[0]}); "
+                            "classification needs two or more")
         files_per_class = []
         for name in class_names:
             try:
@@ -724,10 +733,12 @@ class SceneDataset(_EpochSeededDataset):
         if self.bands is not None:
             image = image[self.bands]
         if not self.train:
-            return eval_transform(self.normalize(image, path, file_bands, self.bands, nodata), self.img_size), int(label)
+            x = self.normalize(image, path, file_bands, self.bands, nodata)
+            return eval_transform(x, self.img_size), int(label)
         rng = self.rng(index)
         top, left, h, w = random_resized_box(rng, *image.shape[1:], self.scale)
-        x = self.normalize(random_dihedral(image[:, top:top + h, left:left + w], rng), path, file_bands, self.bands, nodata)
+        box = random_dihedral(image[:, top:top + h, left:left + w], rng)
+        x = self.normalize(box, path, file_bands, self.bands, nodata)
         return resize(x, self.img_size, self.img_size), int(label)
 
 
@@ -836,7 +847,8 @@ def make_demo_chips(folder, n=64, size=64, bands=4, seed=0) -> str:
     wavelength = np.linspace(0, 1, bands)  # band 0 ~ blue ... last band ~ short-wave infrared
     spectra = np.stack([
         0.09 - 0.07 * wavelength,  # water: dark, darker in the infrared
-        0.04 + 0.05 * np.exp(-((wavelength - 0.3) / 0.1) ** 2) + 0.4 / (1 + np.exp(-(wavelength - 0.55) * 30)),  # vegetation: red edge
+        # vegetation: a green bump, then the red edge into bright near-infrared
+        0.04 + 0.05 * np.exp(-((wavelength - 0.3) / 0.1) ** 2) + 0.4 / (1 + np.exp(-(wavelength - 0.55) * 30)),
         0.10 + 0.20 * wavelength,  # bare soil: brightening towards the infrared
         0.22 + 0.03 * wavelength,  # built-up: bright and flat
     ])
@@ -848,7 +860,8 @@ def make_demo_chips(folder, n=64, size=64, bands=4, seed=0) -> str:
             land[np.abs((x - size / 2) * np.sin(angle) - (y - size / 2) * np.cos(angle) + offset - size / 2) < 1.2] = 3
         texture = 1 + 0.15 * (_smooth_noise(rng, size, 8) - 0.5)
         reflectance = spectra[land].transpose(2, 0, 1) * texture + rng.normal(0, 0.004, (bands, size, size))
-        _write_geotiff(os.path.join(folder, f"chip_{i:04d}.tif"), np.clip(reflectance * 10000, 0, 65535).astype(np.uint16))
+        digital_numbers = np.clip(reflectance * 10000, 0, 65535).astype(np.uint16)  # Sentinel-2 L2A scaling
+        _write_geotiff(os.path.join(folder, f"chip_{i:04d}.tif"), digital_numbers)
     stats_path = os.path.join(folder, "stats.json")
     with open(stats_path, "w") as f:
         json.dump(compute_stats(folder, max_files=None, progress=False), f, indent=1)
@@ -926,7 +939,8 @@ def _bench(folder, workers, repeats, scene_size):
             corners = iter(np.random.default_rng(0).integers(0, scene_size - 512, (10 * repeats, 2)).tolist())
             window = _median_seconds(lambda: read_geotiff(scene, window=(*next(corners), 512, 512)), 10 * repeats)
             print(f"  whole scene: read_geotiff {whole:.2f} s, tifffile.imread {bare_whole:.2f} s")
-            print(f"  512x512 window: {window * 1000:.1f} ms, {whole / window:.0f}x faster than the whole scene (target >= 50x)")
+            print(f"  512x512 window: {window * 1000:.1f} ms, "
+                  f"{whole / window:.0f}x faster than the whole scene (target >= 50x)")
 
 
 def _write_bench_scene(path, size):
@@ -969,7 +983,8 @@ def _run_command(args):
         result = compute_stats(args.source, args.max_files, args.sample_size, args.seed)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
-        print(f"wrote {args.out}: mean {[round(m, 2) for m in result['mean']]}, std {[round(s, 2) for s in result['std']]}")
+        print(f"wrote {args.out}: mean {[round(m, 2) for m in result['mean']]}, "
+              f"std {[round(s, 2) for s in result['std']]}")
     elif args.command == "bench":
         bench(args.folder, args.workers, args.repeats, scene_size=0 if args.folder else 10000)
     else:

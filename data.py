@@ -467,11 +467,13 @@ def random_dihedral(pixels: np.ndarray, rng) -> np.ndarray:
 
 
 def resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bilinear (C, h, w) -> (C, height, width), antialiased when shrinking to avoid aliasing."""
+    """Bilinear (C, h, w) -> (C, height, width), antialiased when shrinking to avoid aliasing.
+    Float stays float; uint8 stays uint8 (rounded), in channels-last memory order."""
     if x.shape[-2:] == (height, width):
         return x.contiguous()
     shrink = height < x.shape[-2] or width < x.shape[-1]
-    return F.interpolate(x[None], size=(height, width), mode="bilinear", align_corners=False, antialias=shrink)[0]
+    batch = x[None].contiguous(memory_format=torch.channels_last) if x.dtype == torch.uint8 else x[None]
+    return F.interpolate(batch, size=(height, width), mode="bilinear", align_corners=False, antialias=shrink)[0]
 
 
 def eval_transform(x: torch.Tensor, img_size: int) -> torch.Tensor:
@@ -563,7 +565,12 @@ class PretrainDataset(_EpochSeededDataset):
             check_band_count(path, file_bands, cfg.bands, cfg.in_chans)
             top, left, h, w = self._pick_box(rng, *image.shape[1:])
             pixels = image[cfg.bands if cfg.bands is not None else slice(None), top:top + h, left:left + w]
-        x = self.normalize(random_dihedral(pixels, rng), path, file_bands, cfg.bands, nodata)
+        pixels = random_dihedral(pixels, rng)
+        if pixels.dtype == np.uint8 and nodata is None:
+            # 8-bit images (JPEG, PNG, RGB GeoTIFF) are resized before normalising, on torch's
+            # channels-last uint8 kernel like torchvision's pipeline: ~5x cheaper than in float.
+            pixels = resize(torch.from_numpy(np.ascontiguousarray(pixels)), cfg.img_size, cfg.img_size).numpy()
+        x = self.normalize(pixels, path, file_bands, cfg.bands, nodata)
         return resize(x, cfg.img_size, cfg.img_size)
 
     def _pick_box(self, rng, height, width) -> tuple[int, int, int, int]:

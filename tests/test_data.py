@@ -302,6 +302,21 @@ def test_pretrain_dataset_shapes_determinism_and_epochs(demo):
     assert selected[0].shape == (2, 16, 16)
 
 
+def test_uint8_images_take_the_fast_resize_and_match_float(tmp_path):
+    Image.fromarray(ARRAYS["u8_3b"].transpose(1, 2, 0)).save(tmp_path / "rgb.png")
+    cfg = data.PretrainDataConfig(img_size=40, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3))  # whole 48x64 image
+    dataset = data.PretrainDataset([str(tmp_path / "rgb.png")], cfg)
+    x = dataset[0]
+    assert x.shape == (3, 40, 40) and x.dtype == torch.float32 and x.is_contiguous()
+    rng = dataset.rng(0)  # replay the dataset's draws: the (whole-image) box, then the flip/rotation
+    assert dataset._pick_box(rng, 48, 64) == (0, 0, 48, 64)
+    pixels = data.random_dihedral(ARRAYS["u8_3b"], rng)
+    in_float = data.resize(data.Normalizer()(pixels, "rgb.png", 3, None, None), 40, 40)
+    assert not torch.equal(x, in_float)  # it did take the uint8 path, which rounds
+    assert (x - in_float).abs().max() < 3 / (255 * 0.224)  # but by a few uint8 levels, no more
+    assert (x - in_float).abs().mean() < 0.5 / (255 * 0.224)
+
+
 def test_pretrain_dataset_rejects_wrong_band_count(demo, tmp_path):
     folder, stats = demo
     manifest = tmp_path / "list.txt"

@@ -6,7 +6,6 @@ in arrays.npz, so every pixel comparison here is against an independent writer.
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +53,8 @@ def test_gdal_fixture_reads_exactly(name):
 
 
 def test_cog_returns_full_resolution_not_overview():
-    assert len(tifffile.TiffFile(FIXTURES / "u16_1b_cog.tif").pages) == 2  # the fixture really has an overview
+    with tifffile.TiffFile(FIXTURES / "u16_1b_cog.tif") as tif:
+        assert len(tif.pages) == 2  # the fixture really has an overview after the full image
     assert data.read_geotiff(FIXTURES / "u16_1b_cog.tif").shape == (1, 140, 130)
 
 

@@ -1,0 +1,348 @@
+"""train.py: the demo runs; resume is bit-exact (1 and 2 ranks); signals, NaNs and crashes during
+a save leave a resumable run folder; export loads into a plain VisionTransformer.
+
+References are independent of the code under test: an uninterrupted run for every resumed one,
+torch's own DCP-to-file converter for export and resharding, hand-computed schedules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+import data
+import fsdp_setup
+import train
+from _dist_util import free_port, run_ranks
+from vit import ViTConfig, VisionTransformer, get_config
+
+# A tiny model on 32 px chips: a step takes milliseconds, a run a second or two.
+TINY = ["--model", "vit_tiny", "--decoder-embed-dim", "32", "--decoder-depth", "1", "--decoder-num-heads", "4",
+        "--batch-size", "8", "--lr", "1e-3", "--warmup-steps", "2", "--workers", "0", "--log-every", "1",
+        "--mixed-precision", "fp32", "--strategy", "full_shard"]
+STEPS = 10  # 64 chips / batch 8 = 8 steps per epoch on one rank: resume and the run cross an epoch boundary
+
+
+@pytest.fixture(scope="module")
+def chips(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("chips")
+    data.make_demo_chips(str(folder), n=64, size=48, bands=4)  # stats.json inside: found by train.py
+    return str(folder)
+
+
+def args(chips, out, *extra, steps=STEPS):
+    return [*TINY, "--data", chips, "--out", str(out), "--steps", str(steps), *extra]
+
+
+def losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, f)]
+
+
+def latest(out):
+    with open(os.path.join(out, "latest")) as f:
+        return f.read().strip()
+
+
+def whole(tensor):
+    """A DTensor (FSDP2 shard) gathered; a plain tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def full_checkpoint(folder, tmp_path):
+    """Every tensor of a DCP checkpoint, read by torch's own converter (not by train.py's code)."""
+    target = tmp_path / f"full-{os.path.basename(folder)}.pt"
+    dcp_to_torch_save(str(folder), str(target))
+    return torch.load(target, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def reference(chips, tmp_path_factory):
+    """An uninterrupted STEPS-step run on one rank: what every interrupted run must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    assert train.main(args(chips, out)) == 0
+    return out
+
+
+# ---- pure pieces ----
+
+
+def test_lr_schedule_warmup_then_half_cosine():
+    cfg = train.TrainConfig(lr=1.0, steps=110, warmup_steps=10)
+    assert train.lr_at(0, cfg, 110, 10) == 0.0
+    assert train.lr_at(5, cfg, 110, 10) == 0.5
+    assert train.lr_at(10, cfg, 110, 10) == 1.0
+    assert train.lr_at(60, cfg, 110, 10) == pytest.approx(0.5)  # halfway through the cosine
+    assert train.lr_at(110, cfg, 110, 10) == pytest.approx(0.0)
+
+
+def test_parse_args_demo_defaults_and_alternatives():
+    demo = train.parse_args([])
+    assert (demo.model, demo.data, demo.steps) == ("vit_tiny", "demo", train.DEMO_DEFAULTS["steps"])
+    real = train.parse_args(["--data", "synthetic", "--model", "vit_large"])
+    assert (real.model, real.steps, real.lr, real.decoder_embed_dim) == ("vit_large", None, None, 512)
+    assert train.parse_args(["--epochs", "3"]).steps is None  # --epochs replaces the demo's --steps
+    assert train.parse_args(["--blr", "1e-3"]).lr is None
+    assert train.parse_args(["--no-norm-pix-loss", "--resume"]).norm_pix_loss is False
+    with pytest.raises(SystemExit):
+        train.parse_args(["--steps", "5", "--epochs", "1"])
+
+
+def test_optimizer_groups_follow_the_mae_recipe():
+    from mae import MaskedAutoencoder
+
+    model = MaskedAutoencoder(get_config("vit_tiny"), 32, 1, 4)
+    optimizer = train.build_optimizer(model, train.TrainConfig(weight_decay=0.05))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = ({names[id(p)] for p in g["params"]} for g in optimizer.param_groups)
+    assert optimizer.param_groups[0]["weight_decay"] == 0.05 and optimizer.param_groups[1]["weight_decay"] == 0.0
+    assert {"cls_token", "mask_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "norm.bias"} <= no_decay
+    assert {"blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "decoder_pred.weight"} <= decay
+    assert optimizer.defaults["betas"] == (0.9, 0.95)
+    assert len(decay) + len(no_decay) == len(names)
+
+
+def test_peak_tflops(monkeypatch):
+    assert train.peak_tflops(torch.device("cpu")) == ("cpu", None)
+    assert train.peak_tflops(torch.device("cpu"), 100.0) == ("cpu", 100.0)
+    for name, expected in [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
+                           ("NVIDIA A100-SXM4-80GB", 312.0), ("AMD Instinct MI250X", 191.5),
+                           ("AMD Instinct MI300X", 1307.0), ("Tesla V100", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, n=name: n)
+        assert train.peak_tflops(torch.device("cuda", 0)) == (name, expected)
+
+
+def test_find_checkpoint_skips_incomplete_folders(tmp_path):
+    def make(name, complete=True):
+        (tmp_path / name).mkdir()
+        if complete:
+            (tmp_path / name / ".metadata").write_text("")
+            (tmp_path / name / "train_state.json").write_text("{}")
+
+    assert train.find_checkpoint(tmp_path) is None
+    make("step-5"), make("step-20"), make("step-30", complete=False), make(".tmp-step-40")
+    assert train.find_checkpoint(tmp_path).name == "step-20"  # newest complete, no pointer
+    (tmp_path / "latest").write_text("step-5\n")
+    assert train.find_checkpoint(tmp_path).name == "step-5"  # the pointer wins
+    (tmp_path / "latest").write_text("step-30\n")
+    assert train.find_checkpoint(tmp_path).name == "step-20"  # pointer to a broken folder: ignored
+
+
+# ---- whole runs ----
+
+
+def test_demo_smoke(tmp_path, capsys):
+    """`python train.py` with a few steps: sample chips, metrics, config, checkpoint, picture."""
+    from PIL import Image
+
+    assert train.main(["--out", str(tmp_path), "--steps", "4", "--warmup-steps", "1", "--log-every", "2"]) == 0
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [2, 4]
+    assert set(records[0]) == {"step", "epoch", "loss", "lr", "grad_norm", "img_per_s", "tflops_per_gpu", "mfu",
+                               "peak_mem_gib", "data_wait_frac"}
+    assert records[0]["mfu"] is None and records[0]["img_per_s"] > 0 and math.isfinite(records[-1]["loss"])
+    config = json.load(open(tmp_path / "config.json"))
+    assert config["model"] == "vit_tiny" and config["in_chans"] == 4 and config["mixed_precision"] == "fp32"
+    assert latest(tmp_path) == "step-4" and (tmp_path / "step-4" / ".metadata").is_file()
+    picture = Image.open(tmp_path / "recon-step-4.png")
+    side = 2 * (4 * 64 + 3 * 2)  # 4 panels across and 4 images down, 64 px, 2 px gaps, upscaled 2x
+    assert picture.size == (side, side) and picture.mode == "RGB"
+    printed = capsys.readouterr().out
+    assert "recon-step-4.png" in printed and "peak for MFU: cpu = unknown" in printed
+    # Running the demo again starts over instead of refusing.
+    assert train.main(["--out", str(tmp_path), "--steps", "2", "--warmup-steps", "1", "--log-every", "2"]) == 0
+    assert latest(tmp_path) == "step-2" and not (tmp_path / "step-4").exists()
+
+
+def test_resume_is_bit_exact_on_one_rank(chips, reference, tmp_path):
+    assert train.main(args(chips, tmp_path, "--max-steps-per-run", "5")) == 0  # stops mid-epoch
+    assert latest(tmp_path) == "step-5" and len(losses(tmp_path)) == 5
+    assert train.main(args(chips, tmp_path, "--resume")) == 0
+    assert losses(tmp_path) == losses(reference)  # loss and grad norm of every step, bit for bit
+    exported, expected = train.export_encoder(str(tmp_path)), train.export_encoder(str(reference))
+    assert all(torch.equal(exported["model"][k], expected["model"][k]) for k in expected["model"])
+
+
+def test_sigterm_saves_exits_zero_and_resumes(chips, reference, tmp_path, monkeypatch):
+    real_step = train.train_step
+
+    def step_with_signal(*a, **kw):
+        if a[4] == 3:  # during the 4th step, as SLURM would, at any moment
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(train, "train_step", step_with_signal)
+    assert train.main(args(chips, tmp_path, "--ckpt-every", "100")) == 0
+    assert latest(tmp_path) == "step-4" and len(losses(tmp_path)) == 4
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    monkeypatch.setattr(train, "train_step", real_step)
+    assert train.main(args(chips, tmp_path, "--resume")) == 0
+    assert losses(tmp_path) == losses(reference)
+
+
+def test_nan_loss_stops_without_a_new_checkpoint(chips, tmp_path, monkeypatch, capsys):
+    real_step = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a, **kw: real_step(*a, **kw) * (math.nan if a[4] == 5 else 1))
+    code = train.cli(args(chips, tmp_path, "--ckpt-every", "2"))
+    assert code == 1
+    message = capsys.readouterr().err
+    assert "not finite at step 6" in message and "step-4" in message and "Traceback" not in message
+    assert latest(tmp_path) == "step-4"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("step-", ".tmp-step-"))) == ["step-2", "step-4"]
+
+
+def test_nan_weights_are_never_saved(chips, tmp_path, monkeypatch):
+    """An inf gradient poisons the weights one step before the loss shows it: the save checks them."""
+    real_step = train.train_step
+
+    def poison(model, *a, **kw):
+        loss = real_step(model, *a, **kw)
+        if a[3] == 3:  # the 4th step, whose end is a checkpoint
+            with torch.no_grad():
+                next(model.parameters()).to_local().fill_(math.inf)
+        return loss
+
+    monkeypatch.setattr(train, "train_step", poison)
+    with pytest.raises(train.TrainingDiverged, match="step 4.*step-2"):
+        train.main(args(chips, tmp_path, "--ckpt-every", "2"))
+    assert latest(tmp_path) == "step-2" and not (tmp_path / "step-4").exists()
+
+
+def test_crash_during_save_keeps_the_previous_checkpoint(chips, reference, tmp_path, monkeypatch):
+    real_publish = train.publish_checkpoint
+
+    def crash_on_second_save(out, tmp, final, keep):
+        if final.name == "step-6":  # every rank's shards and .metadata are written, not yet renamed
+            raise KeyboardInterrupt("killed during save")
+        real_publish(out, tmp, final, keep)
+
+    monkeypatch.setattr(train, "publish_checkpoint", crash_on_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args(chips, tmp_path, "--ckpt-every", "3"))
+    assert latest(tmp_path) == "step-3" and (tmp_path / ".tmp-step-6" / ".metadata").is_file()
+    monkeypatch.setattr(train, "publish_checkpoint", real_publish)
+    assert train.main(args(chips, tmp_path, "--resume", "--ckpt-every", "3")) == 0
+    assert losses(tmp_path) == losses(reference)  # metrics of the lost steps 4-6 were replaced
+    assert not (tmp_path / ".tmp-step-6").exists() and latest(tmp_path) == f"step-{STEPS}"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("step-", ".tmp-step-"))) == ["step-10", "step-6", "step-9"]  # --keep 3
+
+
+def test_export_loads_into_a_vision_transformer(reference, tmp_path):
+    target = tmp_path / "encoder.pt"
+    assert train.cli(["export", "--ckpt", str(reference), "--out", str(target)]) == 0
+    exported = torch.load(target, weights_only=True)
+    assert exported["step"] == STEPS
+    encoder = VisionTransformer(ViTConfig(**exported["vit_config"]))
+    encoder.load_state_dict(exported["model"], strict=True)  # official layout: every key, nothing else
+    full = full_checkpoint(reference / f"step-{STEPS}", tmp_path)["model"]
+    for key, value in exported["model"].items():
+        assert torch.equal(value, full[key]), key
+    encoder(torch.randn(2, 4, 32, 32))
+
+
+def test_init_loads_official_weights(chips, tmp_path):
+    """--init: an ImageNet-MAE-style file (encoder only, under "model") sets the encoder; the decoder stays fresh."""
+    from mae import MaskedAutoencoder
+
+    source = MaskedAutoencoder(get_config("vit_tiny", in_chans=4), 32, 1, 4)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.normal_()
+    torch.save({"model": source.encoder_state_dict()}, tmp_path / "mae.pth")
+    cfg = train.parse_args(args(chips, tmp_path / "run", "--init", str(tmp_path / "mae.pth")))
+    cfg = train.dataclasses.replace(cfg, in_chans=4)
+    dist = fsdp_setup.init_distributed()
+    try:
+        model = train.build_model(cfg, dist)
+        fresh = train.build_model(train.dataclasses.replace(cfg, init=None), dist)
+        weights = {k: whole(v) for k, v in model.state_dict().items()}
+        for key, value in source.encoder_state_dict().items():
+            assert torch.equal(weights[key], value), key
+        fresh_weights = {k: whole(v) for k, v in fresh.state_dict().items()}
+        assert torch.equal(weights["decoder_pred.weight"], fresh_weights["decoder_pred.weight"])
+        bad = train.dataclasses.replace(cfg, img_size=64)
+        with pytest.raises(ValueError, match="does not fit this model"):
+            train.build_model(bad, dist)
+    finally:
+        fsdp_setup.cleanup()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "vit_nano"], "unknown model"),
+    (["--batch-size", "6", "--accum-steps", "4"], "multiple of --accum-steps"),
+    (["--img-size", "36"], "not divisible by patch_size"),
+    (["--strategy", "hybrid_shard"], "--shard-group-size"),
+    (["--data", "/nonexistent/folder"], "no such folder"),
+    (["--steps", "4", "--warmup-steps", "4"], "warmup"),
+])
+def test_user_errors_are_one_clear_line(chips, tmp_path, capsys, extra, message):
+    assert train.cli([*args(chips, tmp_path), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.startswith("error:")
+
+
+def test_refuses_to_overwrite_a_run_without_resume(chips, reference, capsys):
+    assert train.cli(args(chips, reference)) == 2
+    assert "pass --resume" in capsys.readouterr().err
+
+
+# ---- two ranks (gloo) ----
+
+
+def _two_rank_runs(rank, chips, root, ports):
+    """Reference, interrupted and resumed runs with accumulation, then a bad flag on rank 1 only.
+    One spawn for all four (torch imports once); each run rendezvous on a port of its own."""
+    extra = ["--accum-steps", "2"]
+    runs = [args(chips, os.path.join(root, "reference"), *extra),
+            args(chips, os.path.join(root, "resumed"), *extra, "--max-steps-per-run", "5"),
+            args(chips, os.path.join(root, "resumed"), *extra, "--resume")]
+    for port, argv in zip(ports, runs):
+        os.environ["MASTER_PORT"] = str(port)
+        assert train.main(argv) == 0
+    # A flag that only one rank gets wrong must stop both, with no rank waiting in a collective.
+    os.environ["MASTER_PORT"] = str(ports[-1])
+    data_path = chips if rank == 0 else "/nonexistent/folder"
+    assert train.cli([*args(chips, os.path.join(root, "bad")), "--data", data_path]) == 2
+
+
+def test_two_ranks_resume_bit_exact_and_reshard_to_one(chips, tmp_path, capsys):
+    ports = [free_port() for _ in range(4)]
+    run_ranks(_two_rank_runs, world_size=2, args=(chips, str(tmp_path), ports), timeout_s=240)
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    assert len(losses(reference)) == STEPS
+    assert losses(resumed) == losses(reference)
+    assert json.load(open(resumed / "config.json"))["world_size"] == 2
+
+    # The 2-rank checkpoint at step 5 (in the resumed run's folder no more: take the reference's
+    # final one) resharded onto one rank: model and optimizer equal torch's own full reading.
+    step_folder = reference / f"step-{STEPS}"
+    full = full_checkpoint(step_folder, tmp_path)
+    cfg = train.parse_args(args(chips, tmp_path / "x", "--accum-steps", "2"))
+    cfg = train.dataclasses.replace(cfg, in_chans=4)
+    dist = fsdp_setup.init_distributed()
+    try:
+        model = train.build_model(cfg, dist)
+        optimizer = train.build_optimizer(model, cfg)
+        state = train.load_checkpoint(step_folder, model, optimizer, dist, torch.Generator())
+        assert state["world_size"] == 2
+        model_state, optim_state = train.get_state_dict(model, optimizer)
+        for key, value in model_state.items():
+            assert torch.equal(whole(value), full["model"][key]), key
+        for key, value in optim_state["state"]["blocks.0.attn.qkv.weight"].items():
+            expected = full["optim"]["state"]["blocks.0.attn.qkv.weight"][key]
+            assert torch.equal(whole(value), expected), key
+    finally:
+        fsdp_setup.cleanup()
+
+    # ... and a 1-rank run resumes from it, saying what it cannot keep.
+    capsys.readouterr()
+    assert train.main(args(chips, reference, "--accum-steps", "2", "--resume", "--steps", str(STEPS + 4))) == 0
+    printed = capsys.readouterr().out
+    assert "written by 2 ranks" in printed and "data order" in printed
+    assert [s for s, _, _ in losses(reference)] == list(range(1, STEPS + 5))

@@ -1,0 +1,851 @@
+"""train.py — MAE pretraining of geofm's ViTs, from a 2-minute CPU demo to 1,024 GPUs, with exact resume.
+
+    python train.py                 # the built-in demo: a tiny ViT MAE on CPU (~2 min), writes runs/demo/
+    torchrun --standalone --nproc_per_node=8 train.py --model vit_3b --data /data/millionaid \
+        --strategy hybrid_shard --shard-group-size 1 --batch-size 32 --epochs 800 --out runs/vit3b --resume
+    srun -N128 --ntasks-per-node=8 -c7 --gpus-per-task=1 --gpu-bind=closest --signal=USR1@180 \
+        python train.py --model vit_5b --data /data/millionaid --strategy hybrid_shard --shard-group-size 8 \
+        --batch-size 32 --epochs 800 --out runs/vit5b --resume
+    python train.py export --ckpt runs/vit3b --out vit3b_encoder.pt   # encoder weights for eval.py
+
+A straight line, like nanoGPT: config -> process group -> data -> model -> optimizer -> loop, with
+checkpoints on the side. The same code runs one CPU process (gloo, a world-size-1 process group)
+and a thousand GPUs (NCCL/RCCL); fsdp_setup.py holds everything distributed.
+
+Recipe (He et al. 2021, ../shared/ANCHORS.md): AdamW β=(0.9, 0.95), weight decay 0.05 except biases,
+norms and the cls/mask tokens, lr = blr × global batch / 256, linear warmup then half-cycle cosine to
+0, set every iteration. `--batch-size` is per GPU per optimizer step; `--accum-steps` splits it into
+micro-batches (global batch = batch size × world size, whatever the accumulation).
+
+Checkpoints are torch.distributed.checkpoint folders `out/step-N/` (each rank writes its own shards;
+no pickled Python objects), completed under a temporary name and renamed, then the `out/latest`
+pointer is replaced. `--resume` continues bit-exactly (same world size) from the newest complete one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+import data
+import fsdp_setup
+from mae import MaskedAutoencoder, load_mae_checkpoint
+from vit import ViTConfig, VisionTransformer, get_config
+
+SYNTHETIC_IMAGES = 1_000_000  # `--data synthetic`: MillionAID-sized, generated on the fly
+
+
+# ---------------------------------------------------------------------------------------------
+# Config: one field per command-line flag
+
+
+def flag(default, help: str, **argparse_kwargs):
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = flag("vit_base", "model from vit.CONFIGS (vit_tiny ... vit_15b)")
+    img_size: int | None = flag(None, "input side in pixels (default: the model's, 224)")
+    in_chans: int | None = flag(None, "bands the model sees; checked against the data (default: from the data, 3 for synthetic)")
+    decoder_embed_dim: int = flag(512, "MAE decoder width")
+    decoder_depth: int = flag(8, "MAE decoder blocks")
+    decoder_num_heads: int = flag(16, "MAE decoder attention heads")
+    mask_ratio: float = flag(0.75, "fraction of patches removed")
+    norm_pix_loss: bool = flag(True, "disable per-patch target normalisation", flag="--no-norm-pix-loss")
+    init: str | None = flag(None, "start from an official-layout MAE/ViT checkpoint (.pth), e.g. ImageNet MAE weights")
+    # data
+    data: str = flag("demo", "image folder, manifest file, 'synthetic', or 'demo' (generated sample chips)")
+    bands: str | None = flag(None, "comma-separated 0-based bands to read, e.g. 3,2,1,7 (default: all)")
+    stats: str | None = flag(None, "per-band statistics JSON from `python data.py stats` (default: <data>/stats.json if present)")
+    workers: int = flag(8, "DataLoader worker processes per rank")
+    # schedule
+    batch_size: int = flag(32, "images per GPU per optimizer step (the paper's local batch 32)")
+    accum_steps: int = flag(1, "split --batch-size into this many micro-batches (gradient accumulation)")
+    epochs: float | None = flag(None, "training length in epochs (default 800, the MAE recipe)")
+    steps: int | None = flag(None, "training length in optimizer steps (instead of --epochs)")
+    blr: float | None = flag(None, "base lr; lr = blr x global batch / 256 (default 1.5e-4)")
+    lr: float | None = flag(None, "absolute peak lr (instead of --blr)")
+    warmup_epochs: float | None = flag(None, "linear warmup in epochs (default 40)")
+    warmup_steps: int | None = flag(None, "linear warmup in steps (instead of --warmup-epochs)")
+    weight_decay: float = flag(0.05, "AdamW weight decay (none on biases, norms, tokens)")
+    clip_grad: float | None = flag(None, "clip the global gradient norm to this (MAE pretraining does not)")
+    seed: int = flag(0, "seed of the init, data order, augmentations and masks")
+    # parallelism (fsdp_setup.py)
+    strategy: str = flag("full_shard", "full_shard | shard_grad_op | hybrid_shard | no_shard | ddp")
+    shard_group_size: int | None = flag(None, "GPUs sharding one replica (hybrid_shard only)")
+    mixed_precision: str = flag("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | bf16-reduce | fp32")
+    ac: str = flag("none", "activation checkpointing: none | full | k (every k-th block)")
+    compile: bool = flag(False, "torch.compile each transformer block")
+    # run folder, checkpoints, logging
+    out: str | None = flag(None, "run folder (default runs/demo for the demo, else runs/<model>)")
+    resume: bool = flag(False, "continue from the newest complete checkpoint in --out; none yet: start fresh")
+    ckpt_every: int = flag(1000, "checkpoint every N steps (and always at the end and on SIGTERM/SIGUSR1)")
+    keep: int = flag(3, "checkpoints kept in --out")
+    max_steps_per_run: int | None = flag(None, "stop cleanly (with a checkpoint) after N steps of this run")
+    log_every: int = flag(10, "one log line and metrics.jsonl record every N steps")
+    recon_every: int | None = flag(None, "reconstruction PNG every N steps (default: with each checkpoint; 0: never)")
+    rgb_bands: str = flag("0,1,2", "bands shown as red,green,blue in the reconstruction PNG")
+    peak_tflops: float | None = flag(None, "peak dense bf16 TFLOP/s per GPU for MFU (default: from the device name)")
+
+
+# `python train.py` with no --data is the README's quick start: these replace the defaults above.
+# A 4-band 64 px sample, a ViT-Tiny with a small decoder, and an lr high enough that the loss
+# falls visibly within ~2 minutes on 2 CPU cores.
+DEMO_DEFAULTS = dict(
+    model="vit_tiny", img_size=64, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
+    batch_size=16, steps=300, lr=1.5e-3, warmup_steps=20, workers=0, ckpt_every=300, log_every=20,
+    rgb_bands="2,1,0",  # near-infrared, green, blue of the sample: vegetation shows red (false colour)
+)
+EXCLUSIVE = [("epochs", "steps"), ("blr", "lr"), ("warmup_epochs", "warmup_steps")]
+
+
+def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
+    """The flags of TrainConfig. Without defaults, the parsed namespace holds only the flags given."""
+    parser = argparse.ArgumentParser(
+        description="MAE pretraining of a ViT (`python train.py export --help` for encoder export). "
+        "Without --data: the built-in CPU demo, whose defaults are shown as [demo: ...].",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(TrainConfig):
+        meta = dict(f.metadata)
+        name = meta.pop("flag", "--" + f.name.replace("_", "-"))
+        help_text = meta.pop("help") + (f" [demo: {DEMO_DEFAULTS[f.name]}]" if f.name in DEMO_DEFAULTS else "")
+        default = f.default if with_defaults else argparse.SUPPRESS
+        if isinstance(f.default, bool):
+            action = "store_false" if f.default else "store_true"
+            parser.add_argument(name, dest=f.name, action=action, default=default, help=help_text)
+        else:
+            meta.setdefault("type", {"int": int, "float": float, "str": str}[f.type.split(" |")[0]])
+            parser.add_argument(name, dest=f.name, default=default, help=help_text, **meta)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    parser = build_parser()
+    parser.parse_args(argv)  # --help, and errors in types, before anything else
+    given = vars(build_parser(with_defaults=False).parse_args(argv))
+    values = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    if given.get("data", values["data"]) == "demo":
+        values.update(DEMO_DEFAULTS)
+    for a, b in EXCLUSIVE:
+        if a in given and b in given:
+            parser.error(f"--{a.replace('_', '-')} and --{b.replace('_', '-')} are alternatives; give one")
+        if a in given or b in given:  # the one given replaces a default of its alternative
+            values[b if a in given else a] = None
+    return TrainConfig(**{**values, **given})
+
+
+def int_list(text: str | None, name: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--{name} must be comma-separated integers like 3,2,1, got {text!r}") from None
+
+
+def resolve_mixed_precision(mixed_precision: str, device: torch.device) -> str:
+    if mixed_precision == "auto":
+        # bf16 on CPU is slow and not bit-stable across thread counts; fp32 keeps the demo and tests exact.
+        return "bf16" if device.type == "cuda" else "fp32"
+    return mixed_precision
+
+
+def model_config(cfg: TrainConfig) -> ViTConfig:
+    overrides = {k: v for k, v in (("img_size", cfg.img_size), ("in_chans", cfg.in_chans)) if v is not None}
+    return get_config(cfg.model, **overrides)
+
+
+def validate(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
+    """Every user error that needs no data and no memory, as a ValueError naming the flag."""
+    model_config(cfg)  # unknown model, img size vs patch size, bands
+    if cfg.batch_size < 1 or cfg.accum_steps < 1 or cfg.batch_size % cfg.accum_steps:
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} must be a positive multiple of --accum-steps {cfg.accum_steps} "
+            "(the per-GPU batch is split into equal micro-batches)"
+        )
+    if not 0.0 <= cfg.mask_ratio < 1.0:
+        raise ValueError(f"--mask-ratio must be in [0, 1), got {cfg.mask_ratio}")
+    for name in ("steps", "epochs", "log_every", "keep", "max_steps_per_run"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if cfg.ckpt_every < 0 or (cfg.recon_every or 0) < 0:
+        raise ValueError("--ckpt-every and --recon-every must be >= 0 (0 = only at the end / never)")
+    int_list(cfg.bands, "bands")
+    int_list(cfg.rgb_bands, "rgb-bands")
+    if cfg.data not in ("demo", "synthetic") and not os.path.exists(cfg.data):
+        raise ValueError(f"--data {cfg.data}: no such folder or manifest file (or use --data synthetic / demo)")
+    for name in ("init", "stats"):
+        path = getattr(cfg, name)
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"--{name} {path}: no such file")
+    fsdp_setup.validate_layout(
+        cfg.strategy, cfg.shard_group_size, world_size,
+        resolve_mixed_precision(cfg.mixed_precision, device), cfg.ac, device,
+    )
+
+
+def on_every_rank(fn, dist: fsdp_setup.Dist):
+    """Run fn on every rank; a ValueError on any rank is raised on all of them, with the same
+    message, so no rank is left waiting in a collective that a failed rank never joins."""
+    error = None
+    try:
+        result = fn()
+    except ValueError as err:
+        error, result = str(err), None
+    errors = [error]
+    if dist.world_size > 1:
+        errors = [None] * dist.world_size
+        tdist.all_gather_object(errors, error)
+    failed = [rank for rank, e in enumerate(errors) if e is not None]
+    if failed:
+        where = f" [rank {failed[0]}{' and others' if len(failed) > 1 else ''}]" if len(failed) < dist.world_size else ""
+        raise ValueError(errors[failed[0]] + where)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks (bench.py imports these: the same code path, not a copy)
+
+
+def build_model(cfg: TrainConfig, dist: fsdp_setup.Dist) -> torch.nn.Module:
+    """MaskedAutoencoder built on the meta device (no memory, any size), then sharded, materialised
+    and initialised per shard by fsdp_setup; `--init` weights are loaded after that."""
+    with torch.device("meta"):
+        model = MaskedAutoencoder(
+            model_config(cfg), cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads, cfg.norm_pix_loss
+        )
+    model = fsdp_setup.parallelize(
+        model, cfg.strategy, cfg.shard_group_size, resolve_mixed_precision(cfg.mixed_precision, dist.device),
+        cfg.ac, cfg.compile, seed=cfg.seed,
+    )
+    if cfg.init:
+        load_init_weights(model, cfg, dist)
+    return model
+
+
+def load_init_weights(model: torch.nn.Module, cfg: TrainConfig, dist: fsdp_setup.Dist) -> None:
+    """Continual pretraining: rank 0 reads an official-layout checkpoint (whole, on CPU), checks it
+    against a meta-device copy of the model (mae.load_mae_checkpoint's rules), and broadcasts it
+    shard by shard; other ranks never hold the full weights."""
+    def read_and_check():
+        if not dist.is_main:
+            return {}, []
+        state = torch.load(cfg.init, map_location="cpu", weights_only=True)
+        state = state.get("model", state)
+        with torch.device("meta"):
+            reference = MaskedAutoencoder(
+                model_config(cfg), cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads, cfg.norm_pix_loss
+            )
+        with warnings.catch_warnings():  # copying into meta tensors is a deliberate no-op here
+            warnings.simplefilter("ignore")
+            missing = load_mae_checkpoint(reference, {**state})
+        return state, missing
+
+    state, missing = on_every_rank(read_and_check, dist)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(fsdp_setup.unwrap(model), state, options=options)
+    log(dist, f"init: weights from {cfg.init}" + (f"; {len(missing)} decoder tensors keep their fresh init" if missing else ""))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW β=(0.9, 0.95), as MAE. No weight decay on biases, norm weights (1-D) and the cls/mask
+    tokens; fused kernels on GPUs (one launch for all parameters), foreach on CPU."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            skip = param.ndim <= 1 or name.endswith(("cls_token", "mask_token"))
+            (no_decay if skip else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.95), fused=True if on_gpu else None)
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int, warmup_steps: int) -> float:
+    """MAE's per-iteration schedule: linear warmup from 0, then a half-cycle cosine to 0."""
+    if step < warmup_steps:
+        return cfg.lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def train_step(model, optimizer, micro_batches, cfg: TrainConfig, step: int, *, mask_generator=None, stats=None):
+    """One optimizer step over the micro-batches of this rank; returns the global-batch mean loss.
+
+    The loss stays on the device (no host sync); `stats`, if given, receives the gradient norm
+    (before clipping) as a device tensor. `mask_generator` draws the masking noise, so that it can
+    be checkpointed apart from any other use of the RNG.
+    """
+    lr = lr_at(step, cfg, cfg.steps, cfg.warmup_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=micro_batches[0].device)
+    for i, imgs in enumerate(micro_batches):
+        # Reduce gradients only once per step: non-final micro-steps just accumulate locally.
+        fsdp_setup.set_grad_sync(model, i == len(micro_batches) - 1)
+        noise = None
+        if mask_generator is not None:
+            num_patches = fsdp_setup.unwrap(model).cfg.num_patches
+            noise = torch.rand(imgs.shape[0], num_patches, generator=mask_generator, device=imgs.device)
+        loss, _, _ = model(imgs, mask_ratio=cfg.mask_ratio, noise=noise)
+        (loss / len(micro_batches)).backward()
+        loss_sum += loss.detach()
+    grad_norm = fsdp_setup.clip_grad_norm_(model, cfg.clip_grad if cfg.clip_grad else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_sum / len(micro_batches)
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        tdist.all_reduce(loss)  # SUM (gloo has no AVG); ranks hold equal-sized batches
+        loss = loss / tdist.get_world_size()
+    if stats is not None:
+        stats["grad_norm"] = grad_norm
+    return loss
+
+
+# Dense bf16 TFLOP/s per device (datasheets), matched against the device name, most specific first.
+PEAK_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.0,  # SXM
+    "H200": 989.0,
+    "A100": 312.0,
+    "MI250X": 191.5,  # per GCD: each of a card's two dies is its own device, as on Frontier
+    "MI300X": 1307.0,
+}
+
+
+def peak_tflops(device: torch.device, override: float | None = None) -> tuple[str, float | None]:
+    """(device name, peak TFLOP/s or None). CPUs and unknown devices have no peak: MFU is then null."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if override is not None:
+        return name, override
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return name, tflops
+    return name, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: out/step-N/ = DCP shards + train_state.json (rank 0) + rank-R.json (RNG per rank)
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / ".metadata").is_file() and (folder / "train_state.json").is_file()
+
+
+def find_checkpoint(out: Path) -> Path | None:
+    """`latest` if it names a complete checkpoint, else the newest complete step-N, else None."""
+    latest = out / "latest"
+    if latest.is_file():
+        candidate = out / latest.read_text().strip()
+        if is_complete(candidate):
+            return candidate
+    steps = sorted((int(m.group(1)), p) for p in out.glob("step-*") if (m := STEP_DIR.match(p.name)) and is_complete(p))
+    return steps[-1][1] if steps else None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name, fsync, rename over `path`: readers see the old or the new file, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def generator_state(generator: torch.Generator) -> list[int]:
+    return generator.get_state().tolist()
+
+
+def set_generator_state(generator: torch.Generator, state: list[int]) -> None:
+    generator.set_state(torch.tensor(state, dtype=torch.uint8))
+
+
+def rank_rng_state(dist: fsdp_setup.Dist, mask_generator: torch.Generator) -> dict:
+    state = {"mask_generator": generator_state(mask_generator), "torch_cpu": torch.get_rng_state().tolist()}
+    if dist.device.type == "cuda":
+        state["torch_cuda"] = torch.cuda.get_rng_state(dist.device).tolist()
+    return state
+
+
+def publish_checkpoint(out: Path, tmp: Path, final: Path, keep: int) -> None:
+    """Rank 0, after every rank has written: rename, then point `latest` at it, then prune.
+
+    `latest` changes only after the folder is complete under its final name, so a crash at any
+    point leaves `latest` on the previous complete checkpoint.
+    """
+    if final.exists():  # a previous, complete save of the same step (e.g. resumed then stopped at once)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    write_atomic(out / "latest", final.name + "\n")
+    steps = sorted((int(m.group(1)), p) for p in out.glob("step-*") if (m := STEP_DIR.match(p.name)))
+    for _, old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in out.glob(".tmp-step-*"):  # left by crashed saves
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def save_checkpoint(out: Path, model, optimizer, train_state: dict, dist, mask_generator, keep: int) -> Path:
+    step = train_state["step"]
+    tmp, final = out / f".tmp-step-{step}", out / f"step-{step}"
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(dist)
+    write_atomic(tmp / f"rank-{dist.rank:05d}.json", json.dumps(rank_rng_state(dist, mask_generator)))
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))  # ends with a gather on rank 0
+    if dist.is_main:
+        write_atomic(tmp / "train_state.json", json.dumps(train_state, indent=1))
+        publish_checkpoint(out, tmp, final, keep)
+    barrier(dist)
+    return final
+
+
+def load_checkpoint(folder: Path, model, optimizer, dist, mask_generator) -> dict:
+    """Restore model and optimizer (resharded by DCP to this layout) and, for the same world size,
+    this rank's RNG states. Returns the checkpoint's train_state.json."""
+    train_state = json.loads((folder / "train_state.json").read_text())
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    if train_state["world_size"] == dist.world_size:
+        rng = json.loads((folder / f"rank-{dist.rank:05d}.json").read_text())
+        set_generator_state(mask_generator, rng["mask_generator"])
+        torch.set_rng_state(torch.tensor(rng["torch_cpu"], dtype=torch.uint8))
+        if "torch_cuda" in rng and dist.device.type == "cuda":
+            torch.cuda.set_rng_state(torch.tensor(rng["torch_cuda"], dtype=torch.uint8), dist.device)
+    return train_state
+
+
+def params_finite(model, dist) -> bool:
+    """All parameters finite on every rank: the last check before a save, so a checkpoint never
+    holds NaN weights (an inf gradient poisons them one step before the loss shows it)."""
+    ok = torch.ones((), device=dist.device)
+    for param in model.parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        ok *= torch.isfinite(local).all()
+    if dist.world_size > 1:
+        tdist.all_reduce(ok, op=tdist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def resolve_step_folder(path: str) -> Path:
+    folder = Path(path)
+    if is_complete(folder):
+        return folder
+    found = find_checkpoint(folder) if folder.is_dir() else None
+    if found is None:
+        raise ValueError(f"--ckpt {path}: neither a complete step-N checkpoint folder nor a run folder holding one")
+    return found
+
+
+def export_encoder(ckpt_path: str) -> dict:
+    """The encoder of a checkpoint as one official-layout state dict, in a single process (no process
+    group: DCP reads every shard). Returns {"model", "vit_config", "step"}; save it with torch.save,
+    it loads with torch.load(weights_only=True) into vit.VisionTransformer(ViTConfig(**vit_config))."""
+    folder = resolve_step_folder(ckpt_path)
+    train_state = json.loads((folder / "train_state.json").read_text())
+    vit_cfg = ViTConfig(**train_state["vit_config"])
+    with torch.device("meta"):
+        encoder = VisionTransformer(vit_cfg)
+    encoder.to_empty(device="cpu")  # no init: every tensor is read from the checkpoint
+    state = {"model": encoder.state_dict()}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(folder), no_dist=True)  # reads only the encoder's keys
+    return {"model": state["model"], "vit_config": dataclasses.asdict(vit_cfg), "step": train_state["step"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data, pictures, logging
+
+
+def build_data(cfg: TrainConfig, dist: fsdp_setup.Dist, out: Path):
+    """(dataset, its display stats (mean, std) per band or None, number of bands). Fails early (on
+    the main process, before any worker starts) on a bad folder, band selection or stats file."""
+    if cfg.data == "synthetic":
+        in_chans = cfg.in_chans or 3
+        dataset = data.SyntheticDataset(SYNTHETIC_IMAGES, in_chans, model_config(cfg).img_size, cfg.seed)
+        return dataset, None, in_chans
+    source, stats = cfg.data, cfg.stats
+    if cfg.data == "demo":
+        source = str(out / "sample-chips")
+        if dist.is_main and not os.path.isfile(os.path.join(source, "stats.json")):
+            data.make_demo_chips(source)  # 64 chips, 64 px, 4 bands (blue ... short-wave infrared)
+        barrier(dist)
+        stats = os.path.join(source, "stats.json")
+    elif stats is None and os.path.isfile(os.path.join(cfg.data, "stats.json")):
+        stats = os.path.join(cfg.data, "stats.json")
+    bands = int_list(cfg.bands, "bands")
+    data_cfg = data.PretrainDataConfig(img_size=model_config(cfg).img_size, bands=bands, in_chans=cfg.in_chans, stats=stats)
+    dataset = data.PretrainDataset(source, data_cfg, seed=cfg.seed)
+    in_chans = dataset[0].shape[0]  # reads one image: a wrong band selection or stats file fails here
+    mean, std = dataset.normalize.mean, dataset.normalize.std
+    if mean is None:  # 3-band uint8: data.py normalises with ImageNet's statistics
+        mean, std = [v * 255 for v in data.IMAGENET_MEAN], [v * 255 for v in data.IMAGENET_STD]
+    elif bands is not None and len(mean) != len(bands):
+        mean, std = [mean[b] for b in bands], [std[b] for b in bands]
+    return dataset, (torch.tensor(mean), torch.tensor(std)), in_chans
+
+
+@torch.no_grad()
+def save_reconstruction(model, imgs, pixel_stats, rgb_bands, path: Path, dist, seed: int) -> None:
+    """A PNG, one row per image: original | masked | reconstruction | reconstruction pasted into
+    the visible patches, in pixel space (dataset normalisation undone), RGB from `rgb_bands`.
+
+    Every rank runs the forward (FSDP all-gathers need all of them); noise from its own seeded
+    generator, so the training masks are not disturbed. Rank 0 writes the file.
+    """
+    from PIL import Image
+
+    mae = fsdp_setup.unwrap(model)
+    generator = torch.Generator(imgs.device).manual_seed(seed)
+    noise = torch.rand(imgs.shape[0], mae.cfg.num_patches, generator=generator, device=imgs.device)
+    _, pred, mask = model(imgs, mask_ratio=0.75, noise=noise)
+    if not dist.is_main:
+        return
+    _, recon, pasted = mae.reconstruction_images(imgs, pred, mask)
+    removed = mae.unpatchify(mask.float().unsqueeze(-1).expand(-1, -1, pred.shape[-1]))
+    panels = [imgs.float(), imgs.float(), recon, pasted]
+    if pixel_stats is not None:
+        mean, std = (s.to(imgs.device)[None, :, None, None] for s in pixel_stats)
+        panels = [p * std + mean for p in panels]
+    bands = [b if b < imgs.shape[1] else 0 for b in rgb_bands[:3]] if imgs.shape[1] >= 3 else [0, 0, 0]
+    panels = [p[:, bands] for p in panels]
+    # One contrast stretch for all three bands of an image (2-98 percentile of the original), so
+    # band ratios, i.e. colours, survive; applied to every panel of the row alike.
+    low = torch.quantile(panels[0].flatten(1), 0.02, dim=1)[:, None, None, None]
+    high = torch.quantile(panels[0].flatten(1), 0.98, dim=1)[:, None, None, None]
+    panels = [((p - low) / (high - low).clamp_min(1e-6)).clamp(0, 1) for p in panels]
+    panels[1] = torch.where(removed[:, :3] > 0, torch.full_like(panels[1], 0.8), panels[1])  # masked: light grey
+    gap = torch.ones(imgs.shape[0], 3, imgs.shape[2], 2, device=imgs.device)
+    rows = torch.cat([x for p in panels for x in (p, gap)][:-1], dim=3)  # (B, 3, H, 4W + gaps)
+    grid = torch.cat([x for r in rows for x in (r, torch.ones(3, 2, rows.shape[3], device=imgs.device))][:-1], dim=1)
+    scale = max(1, 128 // imgs.shape[2])
+    picture = (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
+    Image.fromarray(picture).resize((picture.shape[1] * scale, picture.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def log(dist, message: str) -> None:
+    if dist.is_main:
+        print(message, flush=True)
+
+
+def barrier(dist) -> None:
+    if dist.world_size > 1:
+        tdist.barrier()
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated device memory; on CPU the process's peak resident set (Linux reports KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class StopRequest:
+    """SIGTERM/SIGUSR1 (SLURM preemption or time limit) only set a flag; the loop finishes the
+    step, saves and exits 0. Ranks may receive the signal at different steps, so they agree:
+    each step all-reduces the flag (MAX) asynchronously and reads last step's result, which has
+    long arrived, so the hot loop never waits on the device for it; all ranks stop one step later."""
+
+    def __init__(self, dist):
+        self.dist, self.signal_name, self.pending = dist, None, None
+        self.previous = {s: signal.signal(s, self.handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def handler(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        if self.dist.world_size == 1:
+            return self.signal_name is not None
+        result = self.pending is not None and bool(self.pending.item())
+        self.pending = torch.full((), float(self.signal_name is not None), device=self.dist.device)
+        tdist.all_reduce(self.pending, op=tdist.ReduceOp.MAX)
+        return result
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    dist = fsdp_setup.init_distributed()
+    try:
+        return train(cfg, dist)
+    finally:
+        fsdp_setup.cleanup()
+
+
+def train(cfg: TrainConfig, dist: fsdp_setup.Dist) -> int:
+    # ---- setup: every user error before heavy work, on every rank ----
+    on_every_rank(lambda: validate(cfg, dist.world_size, dist.device), dist)
+    out = Path(cfg.out or ("runs/demo" if cfg.data == "demo" else f"runs/{cfg.model}"))
+    previous = on_every_rank(lambda: check_run_folder(cfg, out), dist)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if previous is not None and not cfg.resume:  # only the demo gets here: it starts over in its folder
+            for old in [*out.glob("step-*"), *out.glob(".tmp-step-*"), out / "latest"]:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+    previous = previous if cfg.resume else None
+    barrier(dist)
+    dataset, pixel_stats, in_chans = on_every_rank(lambda: build_data(cfg, dist, out), dist)
+    cfg = dataclasses.replace(cfg, in_chans=in_chans, img_size=model_config(cfg).img_size,
+                              mixed_precision=resolve_mixed_precision(cfg.mixed_precision, dist.device), out=str(out))
+    sampler = data.ResumableDistributedSampler(len(dataset), dist.rank, dist.world_size, seed=cfg.seed)
+    micro_batch = cfg.batch_size // cfg.accum_steps
+    steps_per_epoch = sampler.num_samples // cfg.batch_size
+    global_batch = cfg.batch_size * dist.world_size
+    cfg = on_every_rank(lambda: resolve_schedule(cfg, len(dataset), steps_per_epoch, global_batch), dist)
+    rgb_bands = int_list(cfg.rgb_bands, "rgb-bands")
+    if dist.is_main:
+        write_atomic(out / "config.json", json.dumps({**dataclasses.asdict(cfg), "world_size": dist.world_size}, indent=1))
+
+    # ---- model, optimizer ----
+    model = build_model(cfg, dist)
+    optimizer = build_optimizer(model, cfg)
+    mae = fsdp_setup.unwrap(model)
+    mask_generator = torch.Generator(dist.device).manual_seed(cfg.seed * 1_000_003 + dist.rank)
+    device_name, peak = peak_tflops(dist.device, cfg.peak_tflops)
+    flops_per_image = 3 * mae.forward_flops_per_image(cfg.mask_ratio)  # forward + backward (2x)
+    num_params = sum(p.numel() for p in model.parameters())
+    log(dist, f"model {cfg.model} ({mae.cfg.img_size} px, patch {mae.cfg.patch_size}, {in_chans} bands): "
+              f"{num_params / 1e6:.2f}M parameters with the decoder, {flops_per_image / 3e9:.2f} GFLOP forward per image")
+    log(dist, f"peak for MFU: {device_name} = " + (f"{peak:g} TFLOP/s" + (" (--peak-tflops)" if cfg.peak_tflops else "")
+                                                if peak else "unknown (MFU null; pass --peak-tflops)"))
+    log(dist, f"data {cfg.data}: {len(dataset)} images, global batch {global_batch} ({dist.world_size} x {cfg.batch_size}"
+              f"{f' in {cfg.accum_steps} micro-batches' if cfg.accum_steps > 1 else ''}), {steps_per_epoch} steps/epoch; "
+              f"{cfg.steps} steps, warmup {cfg.warmup_steps}, peak lr {cfg.lr:.3g}")
+
+    # ---- resume ----
+    step, epoch, epoch_index = 0, 0, 0  # epoch_index: samples this rank has consumed in the epoch
+    if cfg.resume and previous is None:
+        log(dist, f"resume: no checkpoint in {out} yet, starting from scratch")
+    if cfg.resume and previous is not None:
+        on_every_rank(lambda: check_resumable(previous, cfg, mae), dist)
+        state = load_checkpoint(previous, model, optimizer, dist, mask_generator)
+        step, epoch, epoch_index = state["step"], state["epoch"], state["epoch_index"]
+        if state["world_size"] != dist.world_size:
+            log(dist, f"warning: {previous.name} was written by {state['world_size']} ranks, this run has "
+                      f"{dist.world_size}: model and optimizer are resharded, but the data order and the masks "
+                      f"cannot continue exactly; the sampler restarts at the next epoch boundary and masks are reseeded")
+            epoch, epoch_index = (epoch + 1, 0) if epoch_index else (epoch, 0)
+            mask_generator.manual_seed(cfg.seed * 1_000_003 + dist.rank + 7919 * step)
+        latest = out / "latest"
+        if latest.is_file() and latest.read_text().strip() != previous.name:
+            log(dist, f"warning: {latest} names {latest.read_text().strip()!r}, not a complete checkpoint")
+        log(dist, f"resume: {previous} (step {step}, epoch {epoch})")
+    if dist.is_main:
+        trim_metrics(out / "metrics.jsonl", step)
+
+    # ---- the loop ----
+    # The signal handlers first: DataLoader workers are forked later and inherit them, so a SIGTERM
+    # sent to the whole process group (SLURM does) does not kill them under the main process.
+    stop = StopRequest(dist)
+    loader = data.make_loader(dataset, micro_batch, sampler, workers=cfg.workers)
+    recon_every = cfg.ckpt_every if cfg.recon_every is None else cfg.recon_every
+    recon_imgs = torch.stack([dataset[i] for i in range(min(4, len(dataset)))]).to(dist.device)
+    last_saved = previous if cfg.resume else None
+    step_stats, pending_losses, data_wait = {}, [], 0.0
+    steps_this_run, interval_start, interval_step = 0, time.perf_counter(), step
+    exit_reason = "done" if step >= cfg.steps else None
+    try:
+        while exit_reason is None:
+            sampler.load_state_dict({"epoch": epoch, "index": epoch_index})
+            if hasattr(dataset, "set_epoch"):  # augmentations from (seed, epoch, index): same after a resume
+                dataset.set_epoch(epoch)
+            batches = iter(loader)
+            while epoch_index + cfg.batch_size <= sampler.num_samples:
+                t0 = time.perf_counter()
+                micro_batches = [next(batches).to(dist.device, non_blocking=True) for _ in range(cfg.accum_steps)]
+                data_wait += time.perf_counter() - t0
+                loss = train_step(model, optimizer, micro_batches, cfg, step, mask_generator=mask_generator, stats=step_stats)
+                step, steps_this_run, epoch_index = step + 1, steps_this_run + 1, epoch_index + cfg.batch_size
+                pending_losses.append((step, loss, step_stats["grad_norm"]))
+                if stop.agreed():
+                    exit_reason = "signal"
+                elif step >= cfg.steps:
+                    exit_reason = "done"
+                elif cfg.max_steps_per_run and steps_this_run >= cfg.max_steps_per_run:
+                    exit_reason = "max-steps-per-run"
+                save_now = exit_reason is not None or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
+                recon_now = exit_reason == "done" or (recon_every and step % recon_every == 0)
+                if step % cfg.log_every and not save_now and not recon_now:
+                    continue
+                # ---- a sync point: check the losses, log, then maybe save ----
+                losses = torch.stack([l for _, l, _ in pending_losses]).tolist()
+                bad = next((s for (s, _, _), l in zip(pending_losses, losses) if not math.isfinite(l)), None)
+                if bad is None and save_now and not params_finite(model, dist):
+                    bad = step
+                if bad is not None:
+                    where = f"{last_saved}" if last_saved else "none (this run saved nothing)"
+                    raise TrainingDiverged(
+                        f"loss is not finite at step {bad}; stopping without writing a checkpoint. Last good checkpoint: "
+                        f"{where}. Resume from it with a lower --lr/--blr, longer warmup or --clip-grad.")
+                elapsed = time.perf_counter() - interval_start
+                record = metrics_record(step, epoch + epoch_index / sampler.num_samples, sum(losses) / len(losses),
+                                        lr_at(step - 1, cfg, cfg.steps, cfg.warmup_steps), pending_losses[-1][2].item(),
+                                        (step - interval_step) * global_batch / elapsed, flops_per_image, dist, peak,
+                                        data_wait / elapsed)
+                if dist.is_main:
+                    with open(out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    print(format_record(record, cfg.steps), flush=True)
+                pending_losses.clear()
+                if recon_now:
+                    save_reconstruction(model, recon_imgs, pixel_stats, rgb_bands, out / f"recon-step-{step}.png", dist, cfg.seed)
+                if save_now:
+                    train_state = {"step": step, "epoch": epoch, "epoch_index": epoch_index, "world_size": dist.world_size,
+                                   "batch_size": cfg.batch_size, "lr": record["lr"], "loss": record["loss"],
+                                   "vit_config": dataclasses.asdict(mae.cfg), "config": dataclasses.asdict(cfg)}
+                    last_saved = save_checkpoint(out, model, optimizer, train_state, dist, mask_generator, cfg.keep)
+                    log(dist, f"checkpoint: {last_saved}")
+                if exit_reason is not None:
+                    break
+                data_wait, interval_start, interval_step = 0.0, time.perf_counter(), step
+            else:
+                epoch, epoch_index = epoch + 1, 0
+    finally:
+        stop.restore()
+
+    if exit_reason == "signal":
+        log(dist, f"received {stop.signal_name or 'a stop signal on another rank'}: saved {last_saved}; "
+                  f"rerun with --resume to continue")
+    elif exit_reason == "max-steps-per-run":
+        log(dist, f"stopped after {steps_this_run} steps (--max-steps-per-run): saved {last_saved}; rerun with --resume")
+    else:
+        pictures = sorted(out.glob("recon-step-*.png"), key=lambda p: int(p.stem.split("-")[-1]))
+        log(dist, f"finished {cfg.steps} steps. Run folder {out}: config.json, metrics.jsonl, checkpoint {last_saved}"
+                  + (f", reconstruction {pictures[-1]}" if pictures else ""))
+    return 0
+
+
+def resolve_schedule(cfg: TrainConfig, num_images: int, steps_per_epoch: int, global_batch: int) -> TrainConfig:
+    """Fill in steps, warmup_steps and lr from epochs / blr and the data; check they make sense."""
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"the data has {num_images} images, fewer than one global batch ({global_batch} = world size x "
+            f"--batch-size); use a smaller --batch-size or more data"
+        )
+    steps = cfg.steps or round((cfg.epochs or 800) * steps_per_epoch)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round((cfg.warmup_epochs or 40) * steps_per_epoch)
+    if warmup >= steps:
+        raise ValueError(
+            f"warmup ({warmup} steps) is not shorter than the run ({steps} steps, {steps_per_epoch} steps/epoch); "
+            "pass a smaller --warmup-epochs or --warmup-steps"
+        )
+    lr = cfg.lr if cfg.lr is not None else (cfg.blr or 1.5e-4) * global_batch / 256
+    return dataclasses.replace(cfg, steps=steps, warmup_steps=warmup, lr=lr)
+
+
+def check_run_folder(cfg: TrainConfig, out: Path) -> Path | None:
+    """The checkpoint to resume from (None: fresh start). A non-demo run never overwrites checkpoints silently."""
+    previous = find_checkpoint(out) if out.is_dir() else None
+    if previous is not None and not cfg.resume and cfg.data != "demo":
+        raise ValueError(f"{out} already holds checkpoints ({previous.name}); pass --resume to continue, or choose a new --out")
+    return previous
+
+
+def check_resumable(folder: Path, cfg: TrainConfig, mae) -> None:
+    """Same model as the checkpoint's, else DCP would fail deep inside with a shape error."""
+    state = json.loads((folder / "train_state.json").read_text())
+    decoder = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+    if state["vit_config"] != dataclasses.asdict(mae.cfg) or any(state["config"][k] != getattr(cfg, k) for k in decoder):
+        raise ValueError(
+            f"{folder} holds a different model ({state['config']['model']}, {state['vit_config']}, decoder "
+            f"{[state['config'][k] for k in decoder]}); resume with the same --model, --img-size, bands and decoder "
+            "flags, or choose a new --out"
+        )
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop records after the resumed step (written after that checkpoint by a killed run); a fresh start empties the file."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        write_atomic(path, "".join(line + "\n" for line in lines))
+
+
+def metrics_record(step, epoch, loss, lr, grad_norm, img_per_s, flops_per_image, dist, peak, data_wait_frac) -> dict:
+    tflops_per_gpu = img_per_s * flops_per_image / dist.world_size / 1e12
+    return {
+        "step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr, "grad_norm": grad_norm,
+        "img_per_s": round(img_per_s, 2), "tflops_per_gpu": round(tflops_per_gpu, 4),
+        "mfu": round(tflops_per_gpu / peak, 4) if peak else None,
+        "peak_mem_gib": round(peak_memory_gib(dist.device), 3), "data_wait_frac": round(data_wait_frac, 4),
+    }
+
+
+def format_record(r: dict, total_steps: int) -> str:
+    mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+    return (f"step {r['step']:>6}/{total_steps} | epoch {r['epoch']:7.2f} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
+            f"grad {r['grad_norm']:.3f} | {r['img_per_s']:8.1f} img/s | {r['tflops_per_gpu']:7.2f} TFLOP/s/gpu | "
+            f"MFU {mfu} | mem {r['peak_mem_gib']:.2f} GiB | data {r['data_wait_frac']:.0%}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def export_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="train.py export", description="write a checkpoint's encoder as one file")
+    parser.add_argument("--ckpt", required=True, help="run folder (its latest checkpoint) or a step-N folder")
+    parser.add_argument("--out", required=True, help="output .pt file")
+    args = parser.parse_args(argv)
+    exported = export_encoder(args.ckpt)
+    torch.save(exported, args.out)
+    print(f"wrote {args.out}: encoder of step {exported['step']} ({len(exported['model'])} tensors, "
+          f"{exported['vit_config']['img_size']} px, {exported['vit_config']['in_chans']} bands)")
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    try:
+        return export_main(argv[1:]) if argv[:1] == ["export"] else main(argv)
+    except (ValueError, TrainingDiverged) as err:  # user errors and divergence: the message, no traceback
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1 if isinstance(err, TrainingDiverged) else 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

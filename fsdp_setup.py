@@ -374,7 +374,8 @@ def init_sharded_(model: nn.Module, device: torch.device, seed: int) -> None:
         else:
             param.copy_(full)
     model.init_buffers()  # the fixed sin-cos position embeddings
-    log(f"init: meta model materialised on {device}, initialised per shard from seed {seed}")
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    log(f"init: meta model materialised on {device}, initialised {'per shard ' if sharded else ''}from seed {seed}")
 
 
 def parallelize(

@@ -549,6 +549,7 @@ def run_one(cfg: train.TrainConfig, dist: fsdp_setup.Dist, args, power: PowerMet
     layout = cfg.strategy + (f":{cfg.shard_group_size}" if cfg.shard_group_size else "")
     row = dict(model=cfg.model, layout=layout, ac=cfg.ac, compile="on" if cfg.compile else "off",
                batch_size=cfg.batch_size, world_size=dist.world_size, device=device_name(dist.device),
+               mixed_precision=train.resolve_mixed_precision(cfg.mixed_precision, dist.device),
                torch=torch.__version__, steps=args.steps, warmup=args.warmup)
     try:
         train.validate(cfg, dist.world_size, dist.device)  # same answer on every rank: no hang

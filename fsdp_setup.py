@@ -22,8 +22,8 @@ The paper's FSDP1 settings (Tsaris et al. 2024) and what this file does with FSD
 | ShardingStrategy.HYBRID_SHARD, k GPUs  | `hybrid_shard` + `shard_group_size=k`: 2-D mesh                   |
 |                                        | (replicate=world/k, shard=k), reshard_after_forward=True          |
 | HYBRID_SHARD with 1 GPU per group      | `hybrid_shard`, k=1: mesh (world, 1) = pure data parallel. FSDP2  |
-|                                        | all-reduces across replicas; FSDP1 silently skipped that at k=1   |
-|                                        | (pytorch/pytorch#154888), the replicas drifted apart.             |
+|                                        | all-reduces across replicas; FSDP1 at k=1 was reported to skip    |
+|                                        | it silently (pytorch/pytorch#154888), so replicas drift apart.    |
 | ShardingStrategy.NO_SHARD              | `no_shard`: mesh (world, 1), reshard_after_forward=False          |
 | DDP baseline                           | `ddp`: torch DistributedDataParallel                              |
 | auto_wrap_policy (transformer blocks)  | explicit `fully_shard` on every vit.Block, patch_embed, then root |
@@ -306,12 +306,16 @@ def apply_fsdp(model: nn.Module, blocks: list[nn.Module], strategy: str, shard_g
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
     # The patch embedding is its own unit so that only it receives bf16 images; the root keeps the
     # fp32 inputs, so MAE's pixel targets and the masking noise are not rounded to bf16.
-    fully_shard(model.patch_embed, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None:
+        fully_shard(patch_embed, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
     # The root (norms, tokens, decoder_embed/pred) keeps FSDP2's default: not resharded after
     # forward, since backward needs it first.
-    fully_shard(model, mesh=mesh, mp_policy=mixed_precision_policy(mixed_precision, cast_forward_inputs=False))
+    root_policy = mixed_precision_policy(mixed_precision, cast_forward_inputs=patch_embed is None)
+    fully_shard(model, mesh=mesh, mp_policy=root_policy)
     dims = ", ".join(f"{name}={size}" for name, size in zip(mesh.mesh_dim_names, mesh.shape))
-    log(f"layout {strategy}: mesh ({dims}), reshard_after_forward={reshard}, {len(blocks)} blocks + patch_embed + root")
+    units = f"{len(blocks)} blocks{' + patch_embed' if patch_embed is not None else ''} + root"
+    log(f"layout {strategy}: mesh ({dims}), reshard_after_forward={reshard}, {units}")
     reduce = {"bf16": "fp32", "bf16-reduce": "bf16", "fp32": "fp32"}[mixed_precision]
     log(f"mixed precision {mixed_precision}: params/compute {'fp32' if mixed_precision == 'fp32' else 'bf16'}, "
         f"gradient reduction {reduce}, master weights fp32")

@@ -215,18 +215,18 @@ def test_nan_weights_are_never_saved(chips, tmp_path, monkeypatch):
 
 
 def test_crash_during_save_keeps_the_previous_checkpoint(chips, reference, tmp_path, monkeypatch):
-    real_publish = train.publish_checkpoint
+    real_replace = os.replace
 
-    def crash_on_second_save(out, tmp, final, keep):
-        if final.name == "step-6":  # every rank's shards and .metadata are written, not yet renamed
+    def killed_while_renaming(src, dst):
+        if os.path.basename(src) == ".tmp-step-6":  # every rank's shards and .metadata are written
             raise KeyboardInterrupt("killed during save")
-        real_publish(out, tmp, final, keep)
+        real_replace(src, dst)
 
-    monkeypatch.setattr(train, "publish_checkpoint", crash_on_second_save)
+    monkeypatch.setattr(train.os, "replace", killed_while_renaming)
     with pytest.raises(KeyboardInterrupt):
         train.main(args(chips, tmp_path, "--ckpt-every", "3"))
     assert latest(tmp_path) == "step-3" and (tmp_path / ".tmp-step-6" / ".metadata").is_file()
-    monkeypatch.setattr(train, "publish_checkpoint", real_publish)
+    monkeypatch.setattr(train.os, "replace", real_replace)
     assert train.main(args(chips, tmp_path, "--resume", "--ckpt-every", "3")) == 0
     assert losses(tmp_path) == losses(reference)  # metrics of the lost steps 4-6 were replaced
     assert not (tmp_path / ".tmp-step-6").exists() and latest(tmp_path) == f"step-{STEPS}"
@@ -296,7 +296,7 @@ def test_refuses_to_overwrite_a_run_without_resume(chips, reference, capsys):
 
 
 def _two_rank_runs(rank, chips, root, ports):
-    """Reference, interrupted and resumed runs with accumulation, then a bad flag on rank 1 only.
+    """Reference, interrupted and resumed runs with accumulation, a SIGTERM on one rank, then a bad flag on rank 1 only.
     One spawn for all four (torch imports once); each run rendezvous on a port of its own."""
     extra = ["--accum-steps", "2"]
     runs = [args(chips, os.path.join(root, "reference"), *extra),
@@ -305,6 +305,20 @@ def _two_rank_runs(rank, chips, root, ports):
     for port, argv in zip(ports, runs):
         os.environ["MASTER_PORT"] = str(port)
         assert train.main(argv) == 0
+    # SIGTERM on rank 0 alone, during the 4th step: the ranks agree one step later, both save step-5.
+    real_step = train.train_step
+
+    def step_with_signal(*a, **kw):
+        if rank == 0 and a[4] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*a, **kw)
+
+    train.train_step = step_with_signal
+    os.environ["MASTER_PORT"] = str(ports[3])
+    assert train.main(args(chips, os.path.join(root, "signalled"), *extra)) == 0
+    train.train_step = real_step
+    os.environ["MASTER_PORT"] = str(ports[4])
+    assert train.main(args(chips, os.path.join(root, "signalled"), *extra, "--resume")) == 0
     # A flag that only one rank gets wrong must stop both, with no rank waiting in a collective.
     os.environ["MASTER_PORT"] = str(ports[-1])
     data_path = chips if rank == 0 else "/nonexistent/folder"
@@ -312,11 +326,13 @@ def _two_rank_runs(rank, chips, root, ports):
 
 
 def test_two_ranks_resume_bit_exact_and_reshard_to_one(chips, tmp_path, capsys):
-    ports = [free_port() for _ in range(4)]
+    ports = [free_port() for _ in range(6)]
     run_ranks(_two_rank_runs, world_size=2, args=(chips, str(tmp_path), ports), timeout_s=240)
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     assert len(losses(reference)) == STEPS
     assert losses(resumed) == losses(reference)
+    assert losses(tmp_path / "signalled") == losses(reference)
+    assert json.load(open(tmp_path / "signalled" / "step-5" / "train_state.json"))["step"] == 5
     assert json.load(open(resumed / "config.json"))["world_size"] == 2
 
     # The 2-rank checkpoint at step 5 (in the resumed run's folder no more: take the reference's

@@ -1,0 +1,724 @@
+"""eval.py — judge a pretrained encoder by scene classification: linear probe, kNN, fine-tuning.
+
+The paper compares its models by top-1/top-5 on UC Merced, AID, NWPU-RESISC45 and MillionAID.
+
+    python eval.py knn      --encoder encoder.pt --data UCMerced_LandUse/Images --train-ratio 0.5
+    python eval.py linprobe --encoder runs/base --data AID --train-ratio 0.2 --seed 0 1 2
+    python eval.py linprobe --encoder random --model vit_base --data AID --train-ratio 0.2   # baseline
+    torchrun --standalone --nproc_per_node=8 eval.py finetune --encoder encoder.pt --data NWPU-RESISC45 \
+        --train-ratio 0.2 --strategy full_shard
+
+- knn: weighted kNN on frozen cls features (DINO protocol: cosine, k=20, T=0.07). No training: a
+  quick health check of a checkpoint.
+- linprobe: the MAE protocol — frozen encoder, cls token, BatchNorm1d(affine=False) + Linear. The
+  features are extracted once (eval transform) and the head trains on them: 90 epochs in seconds
+  instead of 90 passes of a billion-parameter encoder.
+- finetune: the MAE recipe — mean-pooled patch tokens + LayerNorm + Linear, layer-wise lr decay,
+  drop path, label smoothing 0.1, AdamW with warmup + cosine — on fsdp_setup.parallelize, so it
+  runs under torchrun/srun with the training layouts (--strategy), or alone in one process.
+
+--encoder: an encoder file (`python train.py export`, or an official MAE/timm ViT checkpoint with
+--model), a training run folder, or `random` (with --model). Output in --out: results.json (top1 and
+top5 in percent, mean ± std over the --seed values), per-class accuracy, confusion_seed*.csv/.png.
+Under torchrun every rank extracts/evaluates a share of the images; rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+import data
+import fsdp_setup
+from mae import load_mae_checkpoint
+from vit import CONFIGS, ViTConfig, VisionTransformer, get_config
+
+MODES = ("linprobe", "knn", "finetune")
+
+
+@dataclass
+class EvalConfig:
+    mode: str = "linprobe"  # linprobe | knn | finetune
+    encoder: str = ""  # encoder .pt, training run folder, or "random"
+    data: str = ""  # class-per-subfolder root, or a folder/list file with train.txt + val.txt (data.scene_splits)
+    train_ratio: float | None = None  # training fraction per class; None: the list files' split, else 0.8
+    seeds: list[int] = field(default_factory=lambda: [0])  # one run each (split + head init); mean ± std
+    out: str = "runs/eval"  # results.json, confusion matrices, cached features
+    model: str | None = None  # vit.CONFIGS name, for "random" and files without vit_config
+    in_chans: int | None = None  # input bands, for files without vit_config
+    img_size: int | None = None  # input size, for files without vit_config
+    bands: list[int] | None = None  # band indices to read from each image
+    stats: str | None = None  # per-band mean/std JSON (`python data.py stats`); 3-band uint8 needs none
+    epochs: int | None = None  # None: 90 (linprobe); the recipe's 100 (B) / 50 (L and up) (finetune)
+    batch_size: int = 64  # images per step per process: feature extraction, fine-tuning
+    workers: int = 4  # data-loading processes per process
+    cache_features: bool = False  # save the frozen features in --out and reuse them next time
+    # linear probe
+    probe_batch_size: int = 256  # recipe: 16384 on ImageNet; small sets need more steps per epoch
+    probe_optimizer: str = "sgd"  # sgd | lars (the recipe's; see train_linear_probe)
+    probe_blr: float = 0.1  # lr = blr * batch / 256, as the recipe
+    probe_flip: bool = False  # also train on the features of flipped training images
+    # kNN
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    # fine-tuning; None = the MAE recipe for the encoder's size (finetune_recipe)
+    blr: float | None = None
+    layer_decay: float | None = None
+    drop_path: float | None = None
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    warmup_epochs: int = 5
+    strategy: str = "ddp"  # fsdp_setup layout: ddp | no_shard | full_shard | shard_grad_op | hybrid_shard
+    shard_group_size: int | None = None  # hybrid_shard only
+    mixed_precision: str | None = None  # bf16 | bf16-reduce | fp32; None: bf16 on GPU, fp32 on CPU
+
+
+# ---- encoder ----
+
+NON_ENCODER_PREFIXES = ("decoder_", "mask_token", "head.", "fc_norm.")  # MAE decoder, fine-tuned heads
+
+
+def describe_state(state: dict[str, torch.Tensor]) -> str:
+    """What ViT a state dict holds, read off its shapes, and the flags that would build it."""
+    try:
+        width = state["cls_token"].shape[-1]
+        depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+        _, in_chans, patch, _ = state["patch_embed.proj.weight"].shape
+        img_size = round(math.sqrt(state["pos_embed"].shape[1] - 1)) * patch
+        mlp = state["blocks.0.mlp.fc1.weight"].shape[0]
+    except (KeyError, IndexError, ValueError):
+        return "no recognisable ViT (expected cls_token, pos_embed, patch_embed.proj.weight, blocks.N.*)"
+    what = f"a ViT of width {width}, depth {depth}, MLP {mlp}, patch {patch}, {in_chans} bands, {img_size} px"
+    names = [n for n, c in CONFIGS.items() if (c.embed_dim, c.depth, c.mlp_dim, c.patch_size) == (width, depth, mlp, patch)]
+    if names:
+        return what + f"; use --model {names[0]} --in-chans {in_chans} --img-size {img_size}"
+    return what + "; no vit.CONFIGS entry has these dimensions"
+
+
+def load_encoder(spec: str, model: str | None = None, in_chans: int | None = None, img_size: int | None = None):
+    """Resolve --encoder into (ViTConfig, encoder state dict or None for random init, description).
+
+    The shapes are checked against the config on the meta device, so a mismatch fails before any
+    image is read, with the key, both shapes and the flags that fit the file.
+    """
+    overrides = {k: v for k, v in (("in_chans", in_chans), ("img_size", img_size)) if v is not None}
+    if spec == "random":
+        if model is None:
+            raise ValueError("--encoder random needs --model (e.g. --model vit_base) to know what to build")
+        return get_config(model, **overrides), None, f"random init ({model})"
+    path = Path(spec)
+    if path.is_dir():
+        import train  # only for run folders: export_encoder knows the training checkpoint format
+
+        try:
+            ckpt = train.export_encoder(str(path))
+        except ValueError as e:
+            raise ValueError(f"--encoder {path}: {e}") from None
+    elif path.is_file():
+        try:  # the official MAE code pickles its argparse Namespace into checkpoints: a harmless bag of values
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(e)) or re.match(r"(.*)", str(e))
+            raise ValueError(f"--encoder {path}: not a checkpoint torch.load(weights_only=True) can read "
+                             f"({reason.group(1).strip()}); export one with `python train.py export --ckpt <run> "
+                             "--out encoder.pt`") from None
+    else:
+        raise ValueError(f"--encoder {spec}: no such file or folder; give an encoder .pt, a training run "
+                         "folder, or `random` with --model")
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"--encoder {path}: expected a state dict or {{'model': state dict}}, got {type(ckpt).__name__}")
+    state = ckpt.get("model", ckpt)  # official MAE files wrap it in "model"; timm files are bare
+    state = {k: v for k, v in state.items() if torch.is_tensor(v) and not k.startswith(NON_ENCODER_PREFIXES)}
+    if "vit_config" in ckpt:
+        cfg = ViTConfig(**ckpt["vit_config"])
+        for flag, value, own in (("--in-chans", in_chans, cfg.in_chans), ("--img-size", img_size, cfg.img_size)):
+            if value is not None and value != own:
+                raise ValueError(f"{flag} {value} contradicts the encoder file {path}, made for {own}; drop {flag}")
+        if model is not None and replace(get_config(model), img_size=cfg.img_size, in_chans=cfg.in_chans) != replace(cfg, drop_path=0.0):
+            raise ValueError(f"--model {model} contradicts the encoder file {path}, which records {cfg}; drop --model")
+    elif model is None:
+        raise ValueError(f"--encoder {path} does not record its architecture (no vit_config): pass --model. "
+                         f"The file holds {describe_state(state)}")
+    else:
+        cfg = get_config(model, **overrides)
+    with torch.device("meta"):
+        shapes_only = VisionTransformer(cfg)
+    try:  # the one loader's checks, on meta copies: shapes only, no data moved
+        load_mae_checkpoint(shapes_only, {k: v.to("meta") for k, v in state.items()})
+    except ValueError as e:
+        raise ValueError(f"--encoder {path}: {str(e).replace('<state dict>', 'the weights')}. "
+                         f"The file holds {describe_state(state)}") from None
+    return cfg, state, str(path)
+
+
+def build_encoder(cfg: ViTConfig, state: dict | None, seed: int = 0) -> VisionTransformer:
+    encoder = VisionTransformer(cfg)
+    if state is None:
+        encoder.init_weights(seed)
+    else:
+        load_mae_checkpoint(encoder, state)
+    return encoder.requires_grad_(False).eval()
+
+
+# ---- frozen features ----
+
+
+def cls_features(encoder: nn.Module, imgs_BCHW: torch.Tensor) -> torch.Tensor:
+    """(B, D) fp32: the cls token after the final norm, as the MAE linear probe reads it."""
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=imgs_BCHW.device.type == "cuda"):
+        return encoder(imgs_BCHW.to(next(encoder.parameters()).dtype))[:, 0].float()
+
+
+def _single_thread_worker(_):
+    torch.set_num_threads(1)  # loader workers share the cores with the main process
+
+
+def make_eval_loader(dataset, batch_size: int, workers: int, device: torch.device):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                       pin_memory=device.type == "cuda", worker_init_fn=_single_thread_worker)
+
+
+@torch.no_grad()
+def predict(fn: Callable[[torch.Tensor], torch.Tensor], dataset, batch_size: int, workers: int, device: torch.device,
+            rank: int = 0, world_size: int = 1, log=print, what: str = "predict"):
+    """fn(images) for every image, in dataset order: ((N, K) fp32, labels (N,)) on CPU, on every rank.
+
+    Each rank takes one contiguous block, padded with the last image so that all ranks run the same
+    number of batches (a sharded model needs every rank in every forward); blocks are gathered in order.
+    Logs images/s and the ETA every few seconds.
+    """
+    n = len(dataset)
+    per_rank = math.ceil(n / world_size)
+    block = [min(i, n - 1) for i in range(rank * per_rank, (rank + 1) * per_rank)]
+    outs, labels, done, start, last = [], [], 0, time.perf_counter(), 0.0
+    for imgs, ys in make_eval_loader(torch.utils.data.Subset(dataset, block), batch_size, workers, device):
+        outs.append(fn(imgs.to(device, non_blocking=True)).float())
+        labels.append(torch.as_tensor(ys).to(device))
+        done += len(imgs)
+        now = time.perf_counter()
+        if now - last >= 5.0 or done == len(block):
+            rate = done / max(now - start, 1e-9)
+            log(f"{what}: {min(done * world_size, n)}/{n} images, {rate * world_size:.0f} img/s, "
+                f"ETA {(len(block) - done) / rate:.0f} s")
+            last = now
+    out, label = torch.cat(outs), torch.cat(labels)
+    if world_size > 1:
+        out, label = (torch.cat(_all_gather(t, world_size))[:n] for t in (out, label))
+    return out.cpu(), label.cpu()
+
+
+def _all_gather(t: torch.Tensor, world_size: int) -> list[torch.Tensor]:
+    parts = [torch.empty_like(t) for _ in range(world_size)]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return parts
+
+
+def extract_features(encoder, dataset, batch_size=64, workers=0, device=torch.device("cpu"), flip=False,
+                     rank=0, world_size=1, log=print):
+    """Frozen cls features (N, D) fp32 and labels (N,) of every image in dataset order, on CPU."""
+    # A frozen encoder on the GPU is stored in bf16: autocast runs its matmuls in bf16 anyway, and
+    # half the memory lets one GPU hold a 15B encoder (30 GB). LayerNorm still computes in fp32.
+    encoder = encoder.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    fn = (lambda x: cls_features(encoder, x.flip(-1))) if flip else (lambda x: cls_features(encoder, x))
+    return predict(fn, dataset, batch_size, workers, device, rank, world_size, log, f"features{' (flipped)' * flip}")
+
+
+# ---- linear probe ----
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD + momentum whose step for each weight matrix is scaled by trust·‖w‖/‖g‖ (You et al., 2017).
+
+    The MAE linear-probe optimiser; vectors (biases) take plain SGD steps, as in the recipe.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, trust: float = 0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust=trust))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim > 1:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    w_norm, u_norm = p.norm(), update.norm()
+                    update = update * torch.where((w_norm > 0) & (u_norm > 0), group["trust"] * w_norm / u_norm, 1.0)
+                momentum = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                p.sub_(group["lr"] * momentum.mul_(group["momentum"]).add_(update))
+
+
+def make_probe_head(dim: int, num_classes: int, seed: int) -> nn.Sequential:
+    """BatchNorm1d without affine (per-feature standardisation, as the recipe) + Linear, init std 0.01."""
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+    nn.init.trunc_normal_(head[1].weight, std=0.01, generator=torch.Generator().manual_seed(seed))
+    nn.init.zeros_(head[1].bias)
+    return head
+
+
+def cosine_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:
+    """Linear warmup, then half-cycle cosine to min_lr; set every step, as MAE does."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_linear_probe(features_of: Callable[[torch.Tensor], torch.Tensor], labels_N: torch.Tensor, dim: int,
+                       num_classes: int, cfg: EvalConfig, seed: int, device=torch.device("cpu"),
+                       epochs: int = 90) -> nn.Sequential:
+    """Train the probe head; `features_of(indices)` returns the (B, D) features of those training images.
+
+    Why SGD and not the recipe's LARS by default: LARS caps every step at 0.001·‖w‖ and was tuned for
+    1.28M images × 90 epochs at batch 16384. The distance its weights travel grows with images ×
+    epochs, so on UC Merced-sized sets (10³ images) the head barely leaves its init (tests: near
+    chance). Plain SGD + momentum 0.9 keeps the rest of the recipe: blr 0.1, lr = blr·batch/256, 10
+    warmup epochs of 90, cosine, no weight decay. `--probe-optimizer lars` for MillionAID-scale sets.
+    """
+    n = len(labels_N)
+    batch = min(cfg.probe_batch_size, n)
+    head = make_probe_head(dim, num_classes, seed).to(device)
+    peak_lr = cfg.probe_blr * batch / 256
+    opt = (LARS if cfg.probe_optimizer == "lars" else torch.optim.SGD)(head.parameters(), lr=peak_lr, momentum=0.9)
+    order_gen = torch.Generator().manual_seed(seed)
+    steps_per_epoch = n // batch  # drop_last, as the recipe: BatchNorm wants full batches
+    total, warmup = epochs * steps_per_epoch, epochs // 9 * steps_per_epoch  # recipe: 10 of 90 epochs
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=order_gen)
+        for idx in order[: steps_per_epoch * batch].split(batch):
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(step, total, warmup, peak_lr)
+            loss = F.cross_entropy(head(features_of(idx).to(device)), labels_N[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    return head.eval()
+
+
+def linear_probe_cached(train_feats_ND, train_labels_N, num_classes, cfg, seed, device=torch.device("cpu"), epochs=90):
+    feats = train_feats_ND.to(device)
+    return train_linear_probe(lambda idx: feats[idx.to(device)], train_labels_N, feats.shape[1], num_classes, cfg,
+                              seed, device, epochs)
+
+
+def linear_probe_per_epoch(encoder, train_dataset, num_classes, cfg, seed, device=torch.device("cpu"), epochs=90):
+    """The probe as the recipe runs it: the frozen encoder re-run on every batch of every epoch.
+
+    The reference for linear_probe_cached (same seed -> same batches -> same head); it costs
+    `epochs` passes of the encoder, so it is here to check the fast path, not to be used.
+    """
+    labels = torch.as_tensor([train_dataset[i][1] for i in range(len(train_dataset))])
+
+    def features_of(idx):
+        return cls_features(encoder, torch.stack([train_dataset[i][0] for i in idx.tolist()]).to(device))
+
+    return train_linear_probe(features_of, labels, encoder.cfg.embed_dim, num_classes, cfg, seed, device, epochs)
+
+
+# ---- kNN ----
+
+
+def knn_scores(train_feats_ND, train_labels_N, test_feats_MD, num_classes, k=20, temperature=0.07, chunk=1024):
+    """Weighted kNN votes (M, C): cosine similarity; each of the k nearest votes exp(sim / T) for its class."""
+    train = F.normalize(train_feats_ND.float(), dim=1)
+    k = min(k, len(train))
+    votes = []
+    for test in F.normalize(test_feats_MD.float(), dim=1).split(chunk):
+        sims, idx = (test @ train.T).topk(k, dim=1)
+        votes.append(torch.zeros(len(test), num_classes).scatter_add_(1, train_labels_N[idx], (sims / temperature).exp()))
+    return torch.cat(votes)
+
+
+# ---- fine-tuning ----
+
+
+class ViTClassifier(VisionTransformer):
+    """The MAE fine-tune model: mean of the patch tokens -> LayerNorm `fc_norm` -> Linear `head`.
+
+    A VisionTransformer subclass, so the encoder keys stay top-level (pretrained weights load as
+    they are) and fsdp_setup shards its Blocks. The global-pool recipe drops the final `norm`.
+    """
+
+    def __init__(self, cfg: ViTConfig, num_classes: int):
+        super().__init__(cfg)
+        self.norm = nn.Identity()
+        self.fc_norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.head = nn.Linear(cfg.embed_dim, num_classes)
+        self.init_weights()
+
+    def forward(self, imgs_BCHW: torch.Tensor) -> torch.Tensor:
+        tokens_BLD = super().forward(imgs_BCHW)
+        return self.head(self.fc_norm(tokens_BLD[:, 1:].mean(dim=1)))
+
+
+def classifier_state(vit_cfg: ViTConfig, state: dict | None, num_classes: int, seed: int) -> dict:
+    """The starting weights of a ViTClassifier: the encoder's (random from `seed` if None, without
+    the final norm), a fresh fc_norm and the recipe's near-zero head (std 2e-5), so the first steps
+    do not wreck the pretrained features."""
+    if state is None:
+        state = build_encoder(vit_cfg, None, seed).state_dict()
+    D = vit_cfg.embed_dim
+    head = nn.init.trunc_normal_(torch.empty(num_classes, D), std=2e-5, generator=torch.Generator().manual_seed(seed))
+    return {**{k: v for k, v in state.items() if not k.startswith("norm.")}, "fc_norm.weight": torch.ones(D),
+            "fc_norm.bias": torch.zeros(D), "head.weight": head, "head.bias": torch.zeros(num_classes)}
+
+
+def build_classifier(vit_cfg: ViTConfig, state: dict | None, num_classes: int, cfg: EvalConfig, seed: int, rank: int):
+    """Meta build -> fsdp_setup.parallelize -> weights broadcast from rank 0, which alone holds a full copy."""
+    with torch.device("meta"):
+        model = ViTClassifier(vit_cfg, num_classes)
+    model = fsdp_setup.parallelize(model, cfg.strategy, cfg.shard_group_size, cfg.mixed_precision, seed=seed)
+    full = classifier_state(vit_cfg, state, num_classes, seed) if rank == 0 else {}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
+def finetune_recipe(cfg: ViTConfig) -> dict:
+    """MAE fine-tune defaults by encoder width: B (and smaller), L, H (and larger)."""
+    if cfg.embed_dim <= 768:
+        return dict(layer_decay=0.65, drop_path=0.1, blr=5e-4, epochs=100)
+    if cfg.embed_dim <= 1024:
+        return dict(layer_decay=0.75, drop_path=0.2, blr=1e-3, epochs=50)
+    return dict(layer_decay=0.75, drop_path=0.3, blr=1e-3, epochs=50)
+
+
+def layer_id(name: str, depth: int) -> int:
+    """0 for the embeddings, i + 1 for blocks.i, depth + 1 for fc_norm and the head."""
+    if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def finetune_param_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW groups with lr_scale = layer_decay^(depth + 1 - layer): the head learns at the full lr,
+    the patch embedding at decay^(depth + 1). No weight decay for biases, norms and the cls token."""
+    depth = model.cfg.depth
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        no_decay = p.ndim == 1 or name == "cls_token"
+        lid = layer_id(name, depth)
+        group = groups.setdefault((lid, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                                    "lr_scale": layer_decay ** (depth + 1 - lid)})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def finetune(model: nn.Module, train_dataset, cfg: EvalConfig, recipe: dict, seed: int, device: torch.device,
+             rank: int = 0, world_size: int = 1, log=print) -> nn.Module:
+    """Full fine-tuning of a parallelized ViTClassifier. The recipe without mixup/cutmix/RandAugment:
+    the augmentation is data.SceneDataset's (random resized crop, flips, 90° rotations)."""
+    torch.manual_seed(seed + rank)  # drop path draws from the global generator
+    sampler = torch.utils.data.DistributedSampler(train_dataset, world_size, rank, shuffle=True, seed=seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(train_dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                                         worker_init_fn=_single_thread_worker)
+    if len(loader) == 0:
+        raise ValueError(f"{len(train_dataset)} training images do not fill one step of --batch-size "
+                         f"{cfg.batch_size} × {world_size} processes; lower --batch-size")
+    peak_lr = recipe["blr"] * cfg.batch_size * world_size / 256  # the recipe's linear scaling rule
+    groups = finetune_param_groups(fsdp_setup.unwrap(model), cfg.weight_decay, recipe["layer_decay"])
+    opt = torch.optim.AdamW(groups, lr=peak_lr)  # betas (0.9, 0.999), as the recipe's fine-tuning
+    epochs, steps_per_epoch = recipe["epochs"], len(loader)
+    total, warmup = epochs * steps_per_epoch, min(cfg.warmup_epochs, epochs) * steps_per_epoch
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    model.train()
+    step = 0
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        train_dataset.set_epoch(epoch)  # fresh augmentations, from (seed, epoch, index)
+        loss_sum, start = torch.zeros((), device=device), time.perf_counter()
+        for imgs, labels in loader:
+            lr = cosine_lr(step, total, warmup, peak_lr, min_lr=1e-6)
+            for group in opt.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            loss = loss_fn(model(imgs.to(device, non_blocking=True)).float(), labels.to(device, non_blocking=True))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach()
+            step += 1
+        rate = steps_per_epoch * cfg.batch_size * world_size / (time.perf_counter() - start)
+        log(f"finetune epoch {epoch + 1}/{epochs}: loss {loss_sum.item() / steps_per_epoch:.4f} (rank 0), "
+            f"lr {lr:.2e}, {rate:.0f} img/s")
+    return model.eval()
+
+
+# ---- metrics and outputs ----
+
+
+def classification_metrics(scores_NC: torch.Tensor, labels_N: torch.Tensor, class_names: list[str]) -> dict:
+    """top-1 and top-5 (percent), per-class top-1 (percent; None for a class without test images),
+    and the confusion matrix (rows: true class, columns: predicted)."""
+    C = len(class_names)
+    topk = scores_NC.topk(min(5, C), dim=1).indices
+    hits = topk == labels_N[:, None]
+    confusion = torch.zeros(C, C, dtype=torch.long)
+    confusion.index_put_((labels_N, topk[:, 0]), torch.ones(len(labels_N), dtype=torch.long), accumulate=True)
+    per_class = {name: 100.0 * confusion[c, c].item() / confusion[c].sum().item() if confusion[c].sum() else None
+                 for c, name in enumerate(class_names)}
+    return {"top1": 100.0 * hits[:, 0].float().mean().item(), "top5": 100.0 * hits.any(1).float().mean().item(),
+            "per_class": per_class, "confusion": confusion.tolist()}
+
+
+def save_confusion(confusion: list[list[int]], class_names: list[str], stem: Path) -> None:
+    """stem.csv (counts, class names as header) and stem.png (rows normalised; darker = more)."""
+    with open(stem.with_suffix(".csv"), "w") as f:
+        f.write("true\\predicted," + ",".join(class_names) + "\n")
+        f.writelines(name + "," + ",".join(map(str, row)) + "\n" for name, row in zip(class_names, confusion))
+    C, font = len(class_names), ImageFont.load_default()
+    cell = 24 if C <= 40 else 10
+    left, top = 8 + int(max(font.getlength(f"{i} {n}") for i, n in enumerate(class_names))), 24
+    img = Image.new("RGB", (left + C * cell + 8, top + C * cell + 8), "white")
+    draw = ImageDraw.Draw(img)
+    for j in range(C):  # columns are labelled by class index, in the order of the rows
+        draw.text((left + j * cell + 3, 6), str(j), fill="black", font=font)
+    for i, (name, row) in enumerate(zip(class_names, confusion)):
+        y = top + i * cell
+        draw.text((4, y + cell // 2 - 6), f"{i} {name}", fill="black", font=font)
+        for j, count in enumerate(row):
+            frac, x = count / max(sum(row), 1), left + j * cell
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(int(255 * (1 - frac)), int(255 * (1 - 0.6 * frac)), 255),
+                           outline=(220, 220, 220))
+            if count and cell >= 20:
+                draw.text((x + 3, y + 5), str(count), fill="white" if frac > 0.5 else "black", font=font)
+    img.save(stem.with_suffix(".png"))
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Mean and sample standard deviation (0 for a single run) of top-1 and top-5 over the seeds."""
+    out = {}
+    for key in ("top1", "top5"):
+        values = [r[key] for r in runs]
+        out[key], out[key + "_std"] = statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return out
+
+
+def split_id(items) -> str:
+    """A short fingerprint of a split, to check that two evaluations used the same images."""
+    return hashlib.sha1("\n".join(f"{p}\t{y}" for p, y in sorted((str(p), y) for p, y in items)).encode()).hexdigest()[:12]
+
+
+def report(results: dict, log=print) -> None:
+    for r in results["runs"]:
+        log(f"seed {r['seed']}: top-1 {r['top1']:.2f}  top-5 {r['top5']:.2f}  ({r['num_train']} train / {r['num_test']} test)")
+    log("per-class top-1 (mean over seeds):")
+    for name in results["class_names"]:
+        accs = [r["per_class"][name] for r in results["runs"] if r["per_class"][name] is not None]
+        log(f"  {name:<32} {statistics.fmean(accs):6.2f}" if accs else f"  {name:<32}    n/a")
+    n = len(results["runs"])
+    log(f"{results['mode']}: top-1 {results['top1']:.2f} ± {results['top1_std']:.2f}  top-5 {results['top5']:.2f} ± "
+        f"{results['top5_std']:.2f}  over {n} seed{'s' * (n > 1)} ({results['encoder']})")
+
+
+# ---- the three protocols ----
+
+
+def scene_dataset(items, vit_cfg: ViTConfig, cfg: EvalConfig, train: bool, seed: int = 0):
+    return data.SceneDataset(items, img_size=vit_cfg.img_size, train=train, stats=cfg.stats, bands=cfg.bands,
+                             in_chans=vit_cfg.in_chans, seed=seed)
+
+
+def check_scene_data(splits: dict, vit_cfg: ViTConfig, cfg: EvalConfig, source: str, log=print) -> None:
+    """The data mistakes that would otherwise surface deep inside a run, with the eval.py flags that fix them."""
+    for seed, (train_items, test_items, class_names) in splits.items():
+        if not train_items or not test_items:
+            raise ValueError(f"--data {cfg.data}: {len(train_items)} training and {len(test_items)} test images "
+                             f"(seed {seed}); both splits need images: add some or change --train-ratio")
+        for what, items in (("training", train_items), ("test", test_items)):
+            missing = sorted(set(range(len(class_names))) - {label for _, label in items})
+            if missing and what == "training":
+                raise ValueError(f"--data {cfg.data}: no training images for class(es) "
+                                 f"{[class_names[c] for c in missing[:5]]} (seed {seed}); add images or raise --train-ratio")
+            if missing:
+                log(f"warning: no test images for class(es) {[class_names[c] for c in missing[:5]]} (seed {seed})")
+    first = next(iter(splits.values()))[0][0]
+    try:
+        scene_dataset([first], vit_cfg, cfg, train=False)[0]
+    except data.DataError as e:
+        raise ValueError(f"{e} [eval.py: the encoder {source} takes {vit_cfg.in_chans} bands; pick bands of the "
+                         "images with --bands (0-based), give statistics with --stats, or use an encoder "
+                         "pretrained on these images' bands]") from None
+
+
+def features_for(encoder, items, flip, vit_cfg, cfg, device, rank, world_size, log):
+    """extract_features over `items`, saved to / reused from --out/features[_flip].pt with --cache-features."""
+    path = Path(cfg.out) / f"features{'_flip' * flip}.pt"
+    stamp = os.stat(cfg.encoder) if os.path.exists(cfg.encoder) else None
+    key = {"encoder": cfg.encoder, "encoder_file": [stamp.st_mtime, stamp.st_size] if stamp else None,
+           "vit_config": asdict(vit_cfg), "items": [[str(p), y] for p, y in items], "bands": cfg.bands, "stats": cfg.stats}
+    if cfg.cache_features and path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved["key"] == key:
+            log(f"features: reusing {path}")
+            return saved["features"], saved["labels"]
+    feats, labels = extract_features(encoder, scene_dataset(items, vit_cfg, cfg, train=False), cfg.batch_size,
+                                     cfg.workers, device, flip, rank, world_size, log)
+    if cfg.cache_features and rank == 0:
+        torch.save({"key": key, "features": feats, "labels": labels}, path)
+    return feats, labels
+
+
+def run_frozen(cfg, vit_cfg, state, splits, class_names, device, rank, world_size, log) -> list[dict]:
+    """linprobe / knn for every seed, on features extracted once for all images (the splits only re-index)."""
+    encoder = build_encoder(vit_cfg, state)
+    train_items, test_items, _ = next(iter(splits.values()))
+    all_items = sorted((str(p), y) for p, y in train_items + test_items)
+    row = {p: i for i, (p, _) in enumerate(all_items)}
+    feats, labels = features_for(encoder, all_items, False, vit_cfg, cfg, device, rank, world_size, log)
+    if cfg.mode == "linprobe" and cfg.probe_flip:
+        flipped, _ = features_for(encoder, all_items, True, vit_cfg, cfg, device, rank, world_size, log)
+    del encoder
+    runs = []
+    for seed, (train_items, test_items, _) in splits.items():
+        train_idx, test_idx = (torch.tensor([row[str(p)] for p, _ in items]) for items in (train_items, test_items))
+        if cfg.mode == "knn":
+            scores = knn_scores(feats[train_idx], labels[train_idx], feats[test_idx], len(class_names), cfg.knn_k,
+                                cfg.knn_temperature)
+        else:
+            train_feats, train_labels = feats[train_idx], labels[train_idx]
+            if cfg.probe_flip:
+                train_feats, train_labels = torch.cat([train_feats, flipped[train_idx]]), train_labels.repeat(2)
+            head = linear_probe_cached(train_feats, train_labels, len(class_names), cfg, seed, device, cfg.epochs or 90)
+            with torch.no_grad():
+                scores = head(feats[test_idx].to(device)).float().cpu()
+        runs.append({"seed": seed, "num_train": len(train_items), "num_test": len(test_items),
+                     "split_id": split_id(train_items), **classification_metrics(scores, labels[test_idx], class_names)})
+    return runs
+
+
+def run_finetune(cfg, vit_cfg, state, splits, class_names, device, rank, world_size, log) -> list[dict]:
+    recipe = finetune_recipe(vit_cfg)
+    recipe.update({k: v for k, v in (("blr", cfg.blr), ("layer_decay", cfg.layer_decay), ("drop_path", cfg.drop_path),
+                                     ("epochs", cfg.epochs)) if v is not None})
+    log(f"finetune recipe: {recipe}, batch {cfg.batch_size} × {world_size}, layout {cfg.strategy}")
+    runs = []
+    for seed, (train_items, test_items, _) in splits.items():
+        model = build_classifier(replace(vit_cfg, drop_path=recipe["drop_path"]), state, len(class_names), cfg, seed, rank)
+        model = finetune(model, scene_dataset(train_items, vit_cfg, cfg, train=True, seed=seed), cfg, recipe, seed,
+                         device, rank, world_size, log)
+        scores, labels = predict(model, scene_dataset(test_items, vit_cfg, cfg, train=False), cfg.batch_size,
+                                 cfg.workers, device, rank, world_size, log, "test")
+        runs.append({"seed": seed, "num_train": len(train_items), "num_test": len(test_items),
+                     "split_id": split_id(train_items), **classification_metrics(scores, labels, class_names)})
+        del model
+    return runs
+
+
+def run(cfg: EvalConfig, log=print) -> dict:
+    """Evaluate one encoder on one dataset for every seed; writes --out (rank 0) and returns results.json's dict."""
+    validate(cfg)
+    dist_info = fsdp_setup.init_distributed()  # a world of one without torchrun/srun
+    rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
+    try:
+        log = log if rank == 0 else (lambda *a, **k: None)
+        if cfg.mixed_precision is None:
+            cfg = replace(cfg, mixed_precision="bf16" if device.type == "cuda" else "fp32")
+        if cfg.mode == "finetune":
+            fsdp_setup.validate_layout(cfg.strategy, cfg.shard_group_size, world_size, cfg.mixed_precision, device=device)
+        vit_cfg, state, source = load_encoder(cfg.encoder, cfg.model, cfg.in_chans, cfg.img_size)
+        splits = {seed: data.scene_splits(cfg.data, cfg.train_ratio, seed) for seed in cfg.seeds}
+        class_names = next(iter(splits.values()))[2]
+        check_scene_data(splits, vit_cfg, cfg, source, log)
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        log(f"{cfg.mode}: encoder {source}, {len(class_names)} classes in {cfg.data}, {world_size} × {device}")
+        run_mode = run_finetune if cfg.mode == "finetune" else run_frozen
+        runs = run_mode(cfg, vit_cfg, state, splits, class_names, device, rank, world_size, log)
+        results = {"mode": cfg.mode, "encoder": source, "data": cfg.data, "train_ratio": cfg.train_ratio,
+                   **summarize(runs), "num_train": runs[0]["num_train"], "num_test": runs[0]["num_test"],
+                   "seeds": cfg.seeds, "class_names": class_names, "vit_config": asdict(vit_cfg), "runs": runs,
+                   "config": asdict(cfg)}
+        if rank == 0:
+            for r in runs:
+                save_confusion(r["confusion"], class_names, Path(cfg.out) / f"confusion_seed{r['seed']}")
+            with open(Path(cfg.out) / "results.json", "w") as f:
+                json.dump(results, f, indent=1)
+            report(results, log)
+        return results
+    finally:
+        fsdp_setup.cleanup()
+
+
+# ---- command line ----
+
+
+def validate(cfg: EvalConfig) -> None:
+    """Flag errors, before any file is read."""
+    if cfg.mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+    if cfg.train_ratio is not None and not 0.0 < cfg.train_ratio < 1.0:
+        raise ValueError(f"--train-ratio must be in (0, 1), e.g. 0.2 for AID's 20% protocol; got {cfg.train_ratio}")
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ValueError(f"--seed needs one or more distinct values, got {cfg.seeds}")
+    for name in ("batch_size", "probe_batch_size", "knn_k") + (("epochs",) if cfg.epochs is not None else ()):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.probe_optimizer not in ("sgd", "lars"):
+        raise ValueError(f"--probe-optimizer must be sgd or lars, got {cfg.probe_optimizer!r}")
+    if cfg.model is not None and cfg.model not in CONFIGS:
+        raise ValueError(f"--model {cfg.model!r} is unknown; choose one of: {', '.join(CONFIGS)}")
+
+
+def parse_args(argv=None) -> EvalConfig:
+    d = EvalConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("mode", choices=MODES, help="knn: no training, quick; linprobe: the paper's protocol; finetune: full fine-tuning")
+    p.add_argument("--encoder", required=True, help="encoder .pt (`train.py export`, or an official MAE/timm ViT with --model), a training run folder, or 'random'")
+    p.add_argument("--data", required=True, help="scene dataset: a root with one subfolder of images per class, or a folder / train.txt with train.txt + val.txt ('relative/path label' lines)")
+    p.add_argument("--train-ratio", type=float, default=None, help="training fraction per class (UCM 0.5/0.8, AID 0.2/0.5, NWPU 0.1/0.2); default: the list files' split, else 0.8")
+    p.add_argument("--seed", dest="seeds", type=int, nargs="+", default=d.seeds, help="one run per seed (split and head); reports mean ± std")
+    p.add_argument("--out", default=d.out, help="output folder: results.json, confusion_seed*.csv/png, features*.pt")
+    p.add_argument("--model", default=None, help=f"architecture for 'random' and files without vit_config: {', '.join(CONFIGS)}")
+    p.add_argument("--in-chans", type=int, default=None, help="input bands, for files without vit_config")
+    p.add_argument("--img-size", type=int, default=None, help="input size in pixels, for files without vit_config")
+    p.add_argument("--bands", type=int, nargs="+", default=None, help="band indices (0-based) to read from each image")
+    p.add_argument("--stats", default=None, help="per-band mean/std JSON (`python data.py stats`), as in pretraining; 3-band uint8 images default to ImageNet's")
+    p.add_argument("--epochs", type=int, default=None, help="default: 90 (linprobe); 100 for B and smaller, 50 for L and up (finetune)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step per process: feature extraction, fine-tuning")
+    p.add_argument("--workers", type=int, default=d.workers, help="data-loading processes per process")
+    p.add_argument("--cache-features", action="store_true", help="save frozen features in --out and reuse them when encoder and images match")
+    p.add_argument("--probe-batch-size", type=int, default=d.probe_batch_size, help="linprobe: head batch on the cached features")
+    p.add_argument("--probe-optimizer", default=d.probe_optimizer, choices=["sgd", "lars"], help="linprobe: lars is the recipe's, for MillionAID-scale sets")
+    p.add_argument("--probe-blr", type=float, default=d.probe_blr, help="linprobe: base lr, lr = blr * batch / 256")
+    p.add_argument("--probe-flip", action="store_true", help="linprobe: also train on features of horizontally flipped training images")
+    p.add_argument("--knn-k", type=int, default=d.knn_k, help="knn: neighbours that vote")
+    p.add_argument("--knn-temperature", type=float, default=d.knn_temperature, help="knn: vote weight exp(cosine / T)")
+    p.add_argument("--blr", type=float, default=None, help="finetune: base lr, lr = blr * batch * processes / 256; default 5e-4 (B), 1e-3 (L and up)")
+    p.add_argument("--layer-decay", type=float, default=None, help="finetune: layer-wise lr decay; default 0.65 (B), 0.75 (L and up)")
+    p.add_argument("--drop-path", type=float, default=None, help="finetune: stochastic depth; default 0.1 (B), 0.2 (L), 0.3 (H and up)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="finetune: AdamW weight decay")
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="finetune: label smoothing")
+    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs, help="finetune: linear warmup epochs")
+    p.add_argument("--strategy", default=d.strategy, choices=fsdp_setup.STRATEGIES, help="finetune: layout across the torchrun/srun processes, as in training")
+    p.add_argument("--shard-group-size", type=int, default=None, help="finetune: GPUs sharding one replica (hybrid_shard)")
+    p.add_argument("--mixed-precision", default=None, choices=fsdp_setup.PRECISIONS, help="finetune: default bf16 on GPU, fp32 on CPU")
+    return EvalConfig(**vars(p.parse_args(argv)))
+
+
+def main(argv=None) -> None:
+    run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

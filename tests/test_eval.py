@@ -1,0 +1,332 @@
+"""Tests for eval.py: each protocol against an independent reference or a hand computation.
+
+A synthetic scene dataset (4 classes told apart by colour and texture, written as PNGs and as
+4-band GeoTIFFs) and a tiny MAE trained for a few dozen steps stand in for UC Merced and a
+pretrained checkpoint.
+"""
+
+import json
+import math
+import os
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import eval as ev
+from _dist_util import run_ranks
+from mae import MaskedAutoencoder
+from vit import VisionTransformer, get_config
+
+CLASSES = ["forest", "lake", "field", "desert"]
+COLOURS = np.array([[40, 110, 40], [40, 60, 150], [150, 170, 60], [200, 170, 120]], dtype=np.float32)
+TINY = get_config("vit_tiny")  # 32 px, patch 8, width 64, depth 2
+
+
+def scene_pixels(label: int, rng, size=40, bands=3) -> np.ndarray:
+    """(bands, size, size) float: the class colour, a class-specific texture, and noise."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    blobs = np.sin(2 * np.pi * (rng.uniform(1, 3) * xx + rng.uniform(0, 1))) * np.sin(2 * np.pi * rng.uniform(1, 3) * yy)
+    texture = 30 * (blobs if label % 2 else np.sign(blobs))
+    colour = np.resize(COLOURS[label], bands)[:, None, None] * rng.uniform(0.6, 1.4)  # brightness overlaps
+    return colour + texture[None] + rng.normal(0, 40, (bands, size, size))
+
+
+def make_folder_dataset(root: Path, per_class=16, seed=0) -> Path:
+    """UC Merced layout: root/Images/<class>/<n>.png, RGB uint8."""
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(CLASSES):
+        (root / "Images" / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(scene_pixels(label, rng), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+            Image.fromarray(pixels).save(root / "Images" / name / f"{i}.png")
+    return root
+
+
+def make_list_dataset(root: Path, per_class=8, seed=1) -> Path:
+    """List-file layout: root/train.txt, root/val.txt with 'tiles/x.tif label' lines, 4-band uint16 GeoTIFFs."""
+    rng = np.random.default_rng(seed)
+    (root / "tiles").mkdir(parents=True)
+    lines = {"train": [], "val": []}
+    for label, name in enumerate(CLASSES):
+        for i in range(per_class):
+            pixels = (np.clip(scene_pixels(label, rng, bands=4), 0, 255) * 40).astype(np.uint16)
+            tifffile.imwrite(root / "tiles" / f"{name}_{i}.tif", pixels, photometric="minisblack", planarconfig="separate")
+            lines["train" if i < per_class // 2 else "val"].append(f"tiles/{name}_{i}.tif {name}")
+    for split, rows in lines.items():
+        (root / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    stats = data.compute_stats(str(root / "tiles"), progress=False)
+    (root / "stats.json").write_text(json.dumps(stats))
+    return root
+
+
+def save_encoder(path: Path, model: VisionTransformer, cfg=TINY, step=0) -> str:
+    """The encoder file format of `train.py export`."""
+    state = model.encoder_state_dict() if isinstance(model, MaskedAutoencoder) else model.state_dict()
+    torch.save({"model": state, "vit_config": asdict(cfg), "step": step}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    """The folder dataset and a tiny MAE pretrained on its training images for 40 steps."""
+    tmp = tmp_path_factory.mktemp("eval")
+    root = make_folder_dataset(tmp / "ucm")
+    train_items, _, _ = data.scene_splits(root, 0.5, seed=0)
+    imgs = torch.stack([data.SceneDataset(train_items, img_size=32, train=True)[i][0] for i in range(len(train_items))])
+    torch.manual_seed(0)
+    mae = MaskedAutoencoder(TINY, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
+    opt = torch.optim.AdamW(mae.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05)
+    for _ in range(40):
+        loss, _, _ = mae(imgs[torch.randint(len(imgs), (32,))])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {"root": str(root), "encoder": save_encoder(tmp / "encoder.pt", mae, step=40), "tmp": tmp}
+
+
+def evaluate(scenes, mode, out, **overrides):
+    cfg = ev.EvalConfig(mode=mode, encoder=scenes["encoder"], data=scenes["root"], train_ratio=0.5, out=str(out),
+                        batch_size=16, workers=0, probe_batch_size=16)
+    return ev.run(replace(cfg, **overrides), log=lambda *a: None)
+
+
+# ---- hand computations ----
+
+
+def test_metrics_by_hand(tmp_path):
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.5, 0.1, 0.4], [0.1, 0.3, 0.6], [0.3, 0.6, 0.1]])
+    labels = torch.tensor([0, 1, 2, 2, 0])  # predictions 0, 1, 0, 2, 1
+    m = ev.classification_metrics(scores, labels, ["a", "b", "c"])
+    assert m["top1"] == pytest.approx(60.0)
+    assert m["top5"] == pytest.approx(100.0)  # top-k with k = min(5, classes)
+    assert m["confusion"] == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
+    assert m["per_class"] == {"a": 50.0, "b": 100.0, "c": 50.0}
+    ev.save_confusion(m["confusion"], ["a", "b", "c"], tmp_path / "cm")
+    assert (tmp_path / "cm.csv").read_text().splitlines()[3] == "c,1,0,1"
+    assert Image.open(tmp_path / "cm.png").size[0] > 3 * 24
+    assert ev.summarize([{"top1": 80.0, "top5": 100.0}, {"top1": 90.0, "top5": 100.0}]) == pytest.approx(
+        {"top1": 85.0, "top1_std": math.sqrt(50.0), "top5": 100.0, "top5_std": 0.0})
+
+
+def test_knn_by_hand():
+    train = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    labels = torch.tensor([0, 1, 1])
+    test = torch.tensor([[3.0, 1.0]])
+    votes = ev.knn_scores(train, labels, test, 2, k=2, temperature=0.5)
+    cos = [3 / math.sqrt(10), 4 / math.sqrt(20)]  # nearest two: train 0 (class 0), train 2 (class 1)
+    assert votes[0].tolist() == pytest.approx([math.exp(cos[0] / 0.5), math.exp(cos[1] / 0.5)])
+
+
+def test_lars_step_by_hand():
+    w = nn.Parameter(torch.tensor([[3.0, 4.0]]))  # norm 5
+    b = nn.Parameter(torch.tensor([1.0]))
+    opt = ev.LARS([w, b], lr=2.0, momentum=0.5, trust=0.1)
+    w.grad, b.grad = torch.tensor([[0.0, 10.0]]), torch.tensor([3.0])
+    opt.step()  # matrix: step = lr * trust * |w| / |g| * g = 2 * 0.1 * 0.5 * g; vector: plain lr * g
+    assert w[0].tolist() == pytest.approx([3.0, 3.0]) and b.tolist() == pytest.approx([-5.0])
+    w.grad, b.grad = torch.tensor([[0.0, 10.0]]), torch.tensor([0.0])
+    opt.step()  # momentum: 0.5 * previous 0.5 + 0.1 * sqrt(18) / 10 * 10 on the second coordinate
+    assert w[0].tolist() == pytest.approx([3.0, 3.0 - 2.0 * (0.25 + 0.1 * math.sqrt(18))])
+
+
+def test_layer_decay_and_weight_decay_groups():
+    model = ev.ViTClassifier(TINY, 5)  # depth 2: embeddings 0, blocks 1-2, head 3
+    groups = ev.finetune_param_groups(model, 0.05, 0.5)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert by_param[id(named["patch_embed.proj.weight"])]["lr_scale"] == 0.125
+    assert by_param[id(named["blocks.0.attn.qkv.weight"])]["lr_scale"] == 0.25
+    assert by_param[id(named["blocks.1.mlp.fc2.bias"])]["lr_scale"] == 0.5
+    assert by_param[id(named["head.weight"])]["lr_scale"] == 1.0
+    assert by_param[id(named["head.weight"])]["weight_decay"] == 0.05
+    for name in ("cls_token", "blocks.0.norm1.weight", "fc_norm.bias", "head.bias"):
+        assert by_param[id(named[name])]["weight_decay"] == 0.0, name
+    assert sum(len(g["params"]) for g in groups) == len(named)
+
+
+def test_classifier_is_mean_pooled_prenorm_tokens():
+    encoder = VisionTransformer(TINY)
+    encoder.init_weights(3)
+    model = ev.ViTClassifier(TINY, 4)
+    model.load_state_dict(ev.classifier_state(TINY, encoder.state_dict(), 4, seed=0))
+    assert model.head.weight.std().item() == pytest.approx(2e-5, rel=0.2)
+    with torch.no_grad():
+        nn.init.normal_(model.head.weight)
+        x = torch.randn(2, 3, 32, 32)
+        tokens = torch.cat([encoder.cls_token.expand(2, -1, -1), encoder.patch_embed(x)], 1) + encoder.pos_embed
+        for block in encoder.blocks:
+            tokens = block(tokens)
+        expected = model.head(F.layer_norm(tokens[:, 1:].mean(1), (64,), eps=1e-6))
+        assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+# ---- encoder files ----
+
+
+def test_encoder_errors_name_file_key_shapes_and_fix(tmp_path):
+    mae = MaskedAutoencoder(TINY, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
+    official = tmp_path / "mae_pretrain.pth"  # the official layout: {"model": state}, no config
+    torch.save({"model": mae.state_dict()}, official)
+    cfg, state, _ = ev.load_encoder(str(official), model="vit_tiny")
+    assert cfg.in_chans == 3 and not any(k.startswith("decoder_") for k in state)
+    with pytest.raises(ValueError, match=r"mae_pretrain.pth.*patch_embed.proj.weight.*\(64, 3, 8, 8\).*\(64, 4, 8, 8\).*--in-chans 3"):
+        ev.load_encoder(str(official), model="vit_tiny", in_chans=4)
+    with pytest.raises(ValueError, match=r"cls_token.*--model vit_tiny"):
+        ev.load_encoder(str(official), model="vit_small", img_size=32)
+    with pytest.raises(ValueError, match=r"pass --model.*width 64, depth 2"):
+        ev.load_encoder(str(official))
+    exported = save_encoder(tmp_path / "enc.pt", mae)
+    assert ev.load_encoder(exported)[0] == TINY
+    assert ev.load_encoder(exported, model="vit_tiny", in_chans=3)[0] == TINY
+    with pytest.raises(ValueError, match="--in-chans 4 contradicts"):
+        ev.load_encoder(exported, in_chans=4)
+    with pytest.raises(ValueError, match="--model vit_base contradicts"):
+        ev.load_encoder(exported, model="vit_base")
+    with pytest.raises(ValueError, match="needs --model"):
+        ev.load_encoder("random")
+    with pytest.raises(ValueError, match="no such file"):
+        ev.load_encoder(str(tmp_path / "missing.pt"))
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt.*train.py export"):
+        ev.load_encoder(str(tmp_path / "junk.pt"))
+
+
+# ---- protocols ----
+
+
+def test_cached_probe_equals_per_epoch_probe(scenes):
+    train_items, _, _ = data.scene_splits(scenes["root"], 0.5, seed=0)
+    dataset = data.SceneDataset(train_items[::2], img_size=32)
+    cfg, state, _ = ev.load_encoder(scenes["encoder"])
+    encoder = ev.build_encoder(cfg, state)
+    probe_cfg = ev.EvalConfig(probe_batch_size=5)  # 16 images: 3 steps per epoch, a remainder dropped
+    feats, labels = ev.extract_features(encoder, dataset, batch_size=7, log=lambda *a: None)
+    cached = ev.linear_probe_cached(feats, labels, 4, probe_cfg, seed=3, epochs=9)
+    per_epoch = ev.linear_probe_per_epoch(encoder, dataset, 4, probe_cfg, seed=3, epochs=9)
+    for a, b in zip(cached.state_dict().values(), per_epoch.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(cached(feats).argmax(1), per_epoch(feats).argmax(1))
+    assert not torch.allclose(cached[1].weight, ev.make_probe_head(64, 4, 3)[1].weight)  # it did train
+
+
+def test_pretrained_beats_chance_and_random_init(scenes, tmp_path):
+    results = {}
+    for name, encoder in (("mae", scenes["encoder"]), ("random", "random")):
+        for mode in ("linprobe", "knn"):
+            results[name, mode] = evaluate(scenes, mode, tmp_path / f"{name}_{mode}", encoder=encoder, model="vit_tiny",
+                                           epochs=30)["top1"]
+    for mode in ("linprobe", "knn"):  # measured: 100 and 100 pretrained, 91 and 91 random
+        assert results["mae", mode] >= 90.0, results  # chance: 25%
+        assert results["mae", mode] >= results["random", mode], results
+    out = json.loads((tmp_path / "mae_knn" / "results.json").read_text())
+    assert out["num_train"] == 32 and out["num_test"] == 32 and out["class_names"] == sorted(CLASSES)
+    assert (tmp_path / "mae_knn" / "confusion_seed0.csv").exists() and (tmp_path / "mae_knn" / "confusion_seed0.png").exists()
+
+
+def test_finetune_reaches_linear_probe(scenes, tmp_path):
+    probe = evaluate(scenes, "linprobe", tmp_path / "lp", epochs=30)
+    tuned = evaluate(scenes, "finetune", tmp_path / "ft", epochs=16, warmup_epochs=1, batch_size=16, blr=2e-3)
+    assert tuned["top1"] >= probe["top1"] - 1e-6, (tuned["top1"], probe["top1"])
+
+
+def test_seeds_split_deterministically_and_report_mean_std(scenes, tmp_path):
+    a = evaluate(scenes, "knn", tmp_path / "a", seeds=[0, 1], cache_features=True)
+    b = evaluate(scenes, "knn", tmp_path / "a", seeds=[1], cache_features=True)  # reuses the cached features
+    assert a["runs"][1]["split_id"] == b["runs"][0]["split_id"] != a["runs"][0]["split_id"]
+    assert a["runs"][1]["top1"] == b["runs"][0]["top1"]
+    tops = [r["top1"] for r in a["runs"]]
+    assert a["top1"] == pytest.approx(np.mean(tops)) and a["top1_std"] == pytest.approx(np.std(tops, ddof=1))
+    assert (tmp_path / "a" / "features.pt").exists()
+
+
+def test_list_file_layout_multiband(tmp_path):
+    root = make_list_dataset(tmp_path / "lists")
+    cfg4 = replace(TINY, in_chans=4)
+    encoder = VisionTransformer(cfg4)
+    encoder.init_weights(0)
+    path = save_encoder(tmp_path / "enc4.pt", encoder, cfg4)
+    out = ev.run(ev.EvalConfig(mode="knn", encoder=path, data=str(root), stats=str(root / "stats.json"),
+                               out=str(tmp_path / "o"), workers=0, knn_k=3), log=lambda *a: None)
+    assert out["num_train"] == 16 and out["num_test"] == 16 and out["top1"] >= 75.0
+    with pytest.raises(ValueError, match=r"has 4 bands.*encoder .* takes 3 bands.*--bands"):
+        ev.run(ev.EvalConfig(mode="knn", encoder="random", model="vit_tiny", data=str(root), stats=str(root / "stats.json"),
+                             out=str(tmp_path / "o"), workers=0), log=lambda *a: None)
+    three = ev.run(ev.EvalConfig(mode="knn", encoder="random", model="vit_tiny", data=str(root), bands=[0, 1, 2],
+                                 stats=str(root / "stats.json"), out=str(tmp_path / "o"), workers=0), log=lambda *a: None)
+    assert three["num_test"] == 16
+
+
+def test_bad_datasets_raise_clear_errors(scenes, tmp_path):
+    def knn(root, **kw):
+        cfg = ev.EvalConfig(mode="knn", encoder="random", model="vit_tiny", data=str(root), out=str(tmp_path / "o"), workers=0)
+        ev.run(replace(cfg, **kw), log=lambda *a: None)
+
+    (tmp_path / "none").mkdir()
+    with pytest.raises(ValueError, match="no classes found"):
+        knn(tmp_path / "none")
+    one = tmp_path / "one" / "forest"
+    one.mkdir(parents=True)
+    Image.new("RGB", (40, 40)).save(one / "a.png")
+    with pytest.raises(ValueError, match="only one class"):
+        knn(tmp_path / "one")
+    (tmp_path / "one" / "lake").mkdir()
+    (tmp_path / "one" / "lake" / "notes.txt").write_text("")
+    with pytest.raises(ValueError, match="'lake' has no images"):
+        knn(tmp_path / "one")
+    with pytest.raises(ValueError, match="--train-ratio must be in"):
+        knn(scenes["root"], train_ratio=1.5)
+    with pytest.raises(ValueError, match="--model 'vit_gigantic' is unknown"):
+        knn(scenes["root"], model="vit_gigantic")
+
+
+# ---- several ranks ----
+
+
+def _on_ranks(rank, root, encoder, out, world_size):
+    """Sharded feature extraction vs one process; a short fine-tune; the whole knn CLI path."""
+    import fsdp_setup
+
+    quiet = lambda *a: None  # noqa: E731
+    dist_info = fsdp_setup.init_distributed()
+    vit_cfg, state, _ = ev.load_encoder(encoder)
+    train_items, test_items, names = data.scene_splits(root, 0.5, seed=0)
+    frozen = ev.build_encoder(vit_cfg, state)
+    odd = data.SceneDataset(train_items + test_items[:-1], img_size=32)  # 63 images: the last block is padded
+    feats, labels = ev.extract_features(frozen, odd, 5, 0, dist_info.device, False, rank, world_size, quiet)
+    alone, alone_labels = ev.extract_features(frozen, odd, 5, 0, dist_info.device, log=quiet)
+    assert torch.allclose(feats, alone, atol=1e-5) and torch.equal(labels, alone_labels) and len(feats) == 63
+
+    cfg = ev.EvalConfig(batch_size=16 // world_size, workers=0, warmup_epochs=1, mixed_precision="fp32",
+                        strategy="full_shard" if world_size > 1 else "ddp")
+    recipe = dict(ev.finetune_recipe(vit_cfg), epochs=2, drop_path=0.0)
+    model = ev.build_classifier(vit_cfg, state, len(names), cfg, seed=0, rank=rank)
+    model = ev.finetune(model, ev.scene_dataset(train_items, vit_cfg, cfg, train=True), cfg, recipe, 0,
+                        dist_info.device, rank, world_size, quiet)
+    scores, _ = ev.predict(model, ev.scene_dataset(test_items, vit_cfg, cfg, train=False), 8, 0, dist_info.device,
+                           rank, world_size, quiet)
+    if rank == 0:
+        torch.save(scores, os.path.join(out, f"scores_{world_size}.pt"))
+    ev.run(ev.EvalConfig(mode="knn", encoder=encoder, data=root, train_ratio=0.5, workers=0,
+                         out=os.path.join(out, f"knn_{world_size}")), log=quiet)  # ends the process group
+
+
+def test_two_ranks_match_one_process(scenes, tmp_path):
+    """2 gloo ranks against one process: gathered features in order, FULL_SHARD fine-tuning on
+    2 × 8 images per step vs DDP on 1 × 16 (the sampler interleaves the ranks, so the global
+    batches are the same images; augmentation depends on the image index only), the knn CLI path."""
+    run_ranks(_on_ranks, 2, args=(scenes["root"], scenes["encoder"], str(tmp_path), 2))
+    _on_ranks(0, scenes["root"], scenes["encoder"], str(tmp_path), 1)
+    two, one = torch.load(tmp_path / "scores_2.pt"), torch.load(tmp_path / "scores_1.pt")
+    assert two.shape == (32, 4) and torch.allclose(two, one, rtol=1e-4, atol=1e-7)  # logits ~3e-3, measured diff ~1e-8, (two - one).abs().max()
+    assert not torch.allclose(one, one[:1].expand_as(one))  # it learned something image-dependent
+    knn = [json.loads((tmp_path / f"knn_{w}" / "results.json").read_text()) for w in (1, 2)]
+    assert knn[0]["runs"][0]["confusion"] == knn[1]["runs"][0]["confusion"]

@@ -617,6 +617,150 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(cfg: TrainConfig, dist: fsdp_setup.Dist) -> int:
     # ---- setup: every user error before heavy work, on every rank ----
+    cfg, out, previous, dataset, pixel_stats = setup_run(cfg, dist)
+    sampler = data.ResumableDistributedSampler(len(dataset), dist.rank, dist.world_size, seed=cfg.seed)
+    loader_batch = cfg.batch_size // cfg.accum_steps
+    global_batch = cfg.batch_size * dist.world_size
+
+    # ---- model, optimizer, the per-rank masking RNG ----
+    model = build_model(cfg, dist)
+    optimizer = build_optimizer(model, cfg)
+    mae = fsdp_setup.unwrap(model)
+    mask_generator = torch.Generator(dist.device).manual_seed(cfg.seed * 1_000_003 + dist.rank)
+    device_name, peak = peak_tflops(dist.device, cfg.peak_tflops)
+    flops_per_image = 3 * mae.forward_flops_per_image(cfg.mask_ratio)  # forward + backward (2x forward)
+    num_params = sum(p.numel() for p in model.parameters())
+    log(dist, f"model {cfg.model} ({mae.cfg.img_size} px, patch {mae.cfg.patch_size}, {mae.cfg.in_chans} bands): "
+              f"{num_params / 1e6:.2f}M parameters with the decoder, {flops_per_image / 3e9:.2f} GFLOP forward per image")
+    log(dist, f"peak for MFU: {device_name} = " + (f"{peak:g} TFLOP/s" + (" (--peak-tflops)" if cfg.peak_tflops else "")
+                                                if peak else "unknown (MFU null; pass --peak-tflops)"))
+    log(dist, f"data {cfg.data}: {len(dataset)} images, global batch {global_batch} ({dist.world_size} x {cfg.batch_size}"
+              f"{f' in {cfg.accum_steps} micro-batches' if cfg.accum_steps > 1 else ''}), "
+              f"{sampler.num_samples // cfg.batch_size} steps/epoch; {cfg.steps} steps, warmup {cfg.warmup_steps}, "
+              f"peak lr {cfg.lr:.3g}")
+    progress = Progress()
+    if previous is not None:
+        progress = resume(previous, cfg, model, optimizer, dist, mask_generator)
+    elif cfg.resume:
+        log(dist, f"resume: no checkpoint in {out} yet, starting from scratch")
+    if dist.is_main:
+        trim_metrics(out / "metrics.jsonl", progress.step)
+
+    # ---- the loop ----
+    # Signal handlers first: DataLoader workers are forked later and inherit them, so a SIGTERM sent
+    # to the whole process group (as SLURM does) does not kill them under the main process.
+    stop = StopRequest(dist)
+    loader = data.make_loader(dataset, loader_batch, sampler, workers=cfg.workers)
+    recon_every = cfg.ckpt_every if cfg.recon_every is None else cfg.recon_every
+    recon_imgs = torch.stack([dataset[i] for i in range(min(4, len(dataset)))]).to(dist.device)
+    last_saved, step_stats, steps_this_run = previous, {}, 0
+    interval = Interval(progress.step)
+    exit_reason = "done" if progress.step >= cfg.steps else None
+    try:
+        while exit_reason is None:
+            sampler.load_state_dict({"epoch": progress.epoch, "index": progress.epoch_index})
+            if hasattr(dataset, "set_epoch"):  # augmentations from (seed, epoch, index): the same after a resume
+                dataset.set_epoch(progress.epoch)
+            batches = iter(loader)
+            while progress.epoch_index + cfg.batch_size <= sampler.num_samples:
+                t0 = time.perf_counter()
+                micro_batches = [next(batches).to(dist.device, non_blocking=True) for _ in range(cfg.accum_steps)]
+                interval.data_wait += time.perf_counter() - t0
+                loss = train_step(model, optimizer, micro_batches, cfg, progress.step,
+                                  mask_generator=mask_generator, stats=step_stats)
+                progress.step, progress.epoch_index = progress.step + 1, progress.epoch_index + cfg.batch_size
+                steps_this_run += 1
+                interval.pending.append((progress.step, loss, step_stats["grad_norm"]))
+                if stop.agreed():
+                    exit_reason = "signal"
+                elif progress.step >= cfg.steps:
+                    exit_reason = "done"
+                elif cfg.max_steps_per_run and steps_this_run >= cfg.max_steps_per_run:
+                    exit_reason = "max-steps-per-run"
+                save_now = exit_reason is not None or (cfg.ckpt_every and progress.step % cfg.ckpt_every == 0)
+                recon_now = exit_reason == "done" or (recon_every and progress.step % recon_every == 0)
+                if progress.step % cfg.log_every and not save_now and not recon_now:
+                    continue
+                # ---- a sync point: check the losses (and, before a save, the weights), log, save ----
+                metrics, first_bad_step = interval.close(progress, sampler.num_samples, cfg, global_batch,
+                                                         flops_per_image, peak, dist)
+                if first_bad_step or (save_now and not params_finite(model, dist)):
+                    bad = first_bad_step or progress.step
+                    raise TrainingDiverged(
+                        f"loss is not finite at step {bad}; stopping without writing a checkpoint. Last good "
+                        f"checkpoint: {last_saved or 'none (this run saved none)'}. Resume from it with a lower "
+                        "--lr/--blr, a longer warmup or --clip-grad.")
+                if dist.is_main:
+                    with open(out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(metrics) + "\n")
+                    print(format_record(metrics, cfg.steps), flush=True)
+                if recon_now:
+                    path = out / f"recon-step-{progress.step}.png"
+                    save_reconstruction(model, recon_imgs, pixel_stats, int_list(cfg.rgb_bands, "rgb-bands"), path, dist, cfg.seed)
+                if save_now:
+                    train_state = {**dataclasses.asdict(progress), "world_size": dist.world_size,
+                                   "loss": metrics["loss"], "vit_config": dataclasses.asdict(mae.cfg),
+                                   "config": dataclasses.asdict(cfg)}
+                    last_saved = save_checkpoint(out, model, optimizer, train_state, dist, mask_generator, cfg.keep)
+                    log(dist, f"checkpoint: {last_saved}")
+                if exit_reason is not None:
+                    break
+                interval = Interval(progress.step)  # after the save: its time is not training time
+            else:
+                progress.epoch, progress.epoch_index = progress.epoch + 1, 0
+    finally:
+        stop.restore()
+
+    if exit_reason == "signal":
+        log(dist, f"received {stop.signal_name or 'a stop signal on another rank'}: saved {last_saved}; "
+                  "rerun with --resume to continue")
+    elif exit_reason == "max-steps-per-run":
+        log(dist, f"stopped after {steps_this_run} steps (--max-steps-per-run): saved {last_saved}; rerun with --resume")
+    else:
+        pictures = sorted(out.glob("recon-step-*.png"), key=lambda p: int(p.stem.split("-")[-1]))
+        log(dist, f"finished {cfg.steps} steps. Run folder {out}: config.json, metrics.jsonl, checkpoint {last_saved}"
+                  + (f", reconstruction {pictures[-1]}" if pictures else ""))
+    return 0
+
+
+@dataclass
+class Progress:
+    """Where the run is: with the weights, optimizer and RNG states, what a resume needs."""
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    # Samples this rank has trained on in the epoch. Counted here, not read from the sampler:
+    # behind a DataLoader the sampler runs ahead by the prefetched batches.
+    epoch_index: int = 0
+
+
+class Interval:
+    """The steps since the last sync point: their losses (still on the device), data wait, wall time."""
+
+    def __init__(self, step: int):
+        self.first_step, self.start, self.data_wait, self.pending = step, time.perf_counter(), 0.0, []
+
+    def close(self, progress, samples_per_epoch, cfg, global_batch, flops_per_image, peak, dist):
+        """One host sync for all the interval's losses. Returns (metrics record, first step with a
+        non-finite loss or None)."""
+        losses = torch.stack([loss for _, loss, _ in self.pending]).tolist()
+        first_bad = next((s for (s, _, _), loss in zip(self.pending, losses) if not math.isfinite(loss)), None)
+        elapsed = time.perf_counter() - self.start
+        img_per_s = (progress.step - self.first_step) * global_batch / elapsed
+        tflops_per_gpu = img_per_s * flops_per_image / dist.world_size / 1e12
+        metrics = {
+            "step": progress.step, "epoch": round(progress.epoch + progress.epoch_index / samples_per_epoch, 4),
+            "loss": sum(losses) / len(losses),  # mean over the interval's steps
+            "lr": lr_at(progress.step - 1, cfg, cfg.steps, cfg.warmup_steps), "grad_norm": self.pending[-1][2].item(),
+            "img_per_s": round(img_per_s, 2), "tflops_per_gpu": round(tflops_per_gpu, 4),
+            "mfu": round(tflops_per_gpu / peak, 4) if peak else None,
+            "peak_mem_gib": round(peak_memory_gib(dist.device), 3), "data_wait_frac": round(self.data_wait / elapsed, 4),
+        }
+        return metrics, first_bad
+
+
+def setup_run(cfg: TrainConfig, dist: fsdp_setup.Dist):
+    """Validate, pick the checkpoint to resume from, prepare the run folder and the data, resolve
+    the schedule. Returns (resolved cfg, run folder, checkpoint or None, dataset, pixel stats)."""
     on_every_rank(lambda: validate(cfg, dist.world_size, dist.device), dist)
     out = Path(cfg.out or ("runs/demo" if cfg.data == "demo" else f"runs/{cfg.model}"))
     previous = on_every_rank(lambda: check_run_folder(cfg, out), dist)
@@ -625,137 +769,33 @@ def train(cfg: TrainConfig, dist: fsdp_setup.Dist) -> int:
         if previous is not None and not cfg.resume:  # only the demo gets here: it starts over in its folder
             for old in [*out.glob("step-*"), *out.glob(".tmp-step-*"), out / "latest"]:
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
-    previous = previous if cfg.resume else None
     barrier(dist)
     dataset, pixel_stats, in_chans = on_every_rank(lambda: build_data(cfg, dist, out), dist)
-    cfg = dataclasses.replace(cfg, in_chans=in_chans, img_size=model_config(cfg).img_size,
-                              mixed_precision=resolve_mixed_precision(cfg.mixed_precision, dist.device), out=str(out))
-    sampler = data.ResumableDistributedSampler(len(dataset), dist.rank, dist.world_size, seed=cfg.seed)
-    micro_batch = cfg.batch_size // cfg.accum_steps
-    steps_per_epoch = sampler.num_samples // cfg.batch_size
-    global_batch = cfg.batch_size * dist.world_size
-    cfg = on_every_rank(lambda: resolve_schedule(cfg, len(dataset), steps_per_epoch, global_batch), dist)
-    rgb_bands = int_list(cfg.rgb_bands, "rgb-bands")
+    cfg = dataclasses.replace(cfg, in_chans=in_chans, img_size=model_config(cfg).img_size, out=str(out),
+                              mixed_precision=resolve_mixed_precision(cfg.mixed_precision, dist.device))
+    steps_per_epoch = len(dataset) // dist.world_size // cfg.batch_size
+    cfg = on_every_rank(lambda: resolve_schedule(cfg, len(dataset), steps_per_epoch, cfg.batch_size * dist.world_size), dist)
     if dist.is_main:
         write_atomic(out / "config.json", json.dumps({**dataclasses.asdict(cfg), "world_size": dist.world_size}, indent=1))
+    return cfg, out, previous if cfg.resume else None, dataset, pixel_stats
 
-    # ---- model, optimizer ----
-    model = build_model(cfg, dist)
-    optimizer = build_optimizer(model, cfg)
-    mae = fsdp_setup.unwrap(model)
-    mask_generator = torch.Generator(dist.device).manual_seed(cfg.seed * 1_000_003 + dist.rank)
-    device_name, peak = peak_tflops(dist.device, cfg.peak_tflops)
-    flops_per_image = 3 * mae.forward_flops_per_image(cfg.mask_ratio)  # forward + backward (2x)
-    num_params = sum(p.numel() for p in model.parameters())
-    log(dist, f"model {cfg.model} ({mae.cfg.img_size} px, patch {mae.cfg.patch_size}, {in_chans} bands): "
-              f"{num_params / 1e6:.2f}M parameters with the decoder, {flops_per_image / 3e9:.2f} GFLOP forward per image")
-    log(dist, f"peak for MFU: {device_name} = " + (f"{peak:g} TFLOP/s" + (" (--peak-tflops)" if cfg.peak_tflops else "")
-                                                if peak else "unknown (MFU null; pass --peak-tflops)"))
-    log(dist, f"data {cfg.data}: {len(dataset)} images, global batch {global_batch} ({dist.world_size} x {cfg.batch_size}"
-              f"{f' in {cfg.accum_steps} micro-batches' if cfg.accum_steps > 1 else ''}), {steps_per_epoch} steps/epoch; "
-              f"{cfg.steps} steps, warmup {cfg.warmup_steps}, peak lr {cfg.lr:.3g}")
 
-    # ---- resume ----
-    step, epoch, epoch_index = 0, 0, 0  # epoch_index: samples this rank has consumed in the epoch
-    if cfg.resume and previous is None:
-        log(dist, f"resume: no checkpoint in {out} yet, starting from scratch")
-    if cfg.resume and previous is not None:
-        on_every_rank(lambda: check_resumable(previous, cfg, mae), dist)
-        state = load_checkpoint(previous, model, optimizer, dist, mask_generator)
-        step, epoch, epoch_index = state["step"], state["epoch"], state["epoch_index"]
-        if state["world_size"] != dist.world_size:
-            log(dist, f"warning: {previous.name} was written by {state['world_size']} ranks, this run has "
-                      f"{dist.world_size}: model and optimizer are resharded, but the data order and the masks "
-                      f"cannot continue exactly; the sampler restarts at the next epoch boundary and masks are reseeded")
-            epoch, epoch_index = (epoch + 1, 0) if epoch_index else (epoch, 0)
-            mask_generator.manual_seed(cfg.seed * 1_000_003 + dist.rank + 7919 * step)
-        latest = out / "latest"
-        if latest.is_file() and latest.read_text().strip() != previous.name:
-            log(dist, f"warning: {latest} names {latest.read_text().strip()!r}, not a complete checkpoint")
-        log(dist, f"resume: {previous} (step {step}, epoch {epoch})")
-    if dist.is_main:
-        trim_metrics(out / "metrics.jsonl", step)
-
-    # ---- the loop ----
-    # The signal handlers first: DataLoader workers are forked later and inherit them, so a SIGTERM
-    # sent to the whole process group (SLURM does) does not kill them under the main process.
-    stop = StopRequest(dist)
-    loader = data.make_loader(dataset, micro_batch, sampler, workers=cfg.workers)
-    recon_every = cfg.ckpt_every if cfg.recon_every is None else cfg.recon_every
-    recon_imgs = torch.stack([dataset[i] for i in range(min(4, len(dataset)))]).to(dist.device)
-    last_saved = previous if cfg.resume else None
-    step_stats, pending_losses, data_wait = {}, [], 0.0
-    steps_this_run, interval_start, interval_step = 0, time.perf_counter(), step
-    exit_reason = "done" if step >= cfg.steps else None
-    try:
-        while exit_reason is None:
-            sampler.load_state_dict({"epoch": epoch, "index": epoch_index})
-            if hasattr(dataset, "set_epoch"):  # augmentations from (seed, epoch, index): same after a resume
-                dataset.set_epoch(epoch)
-            batches = iter(loader)
-            while epoch_index + cfg.batch_size <= sampler.num_samples:
-                t0 = time.perf_counter()
-                micro_batches = [next(batches).to(dist.device, non_blocking=True) for _ in range(cfg.accum_steps)]
-                data_wait += time.perf_counter() - t0
-                loss = train_step(model, optimizer, micro_batches, cfg, step, mask_generator=mask_generator, stats=step_stats)
-                step, steps_this_run, epoch_index = step + 1, steps_this_run + 1, epoch_index + cfg.batch_size
-                pending_losses.append((step, loss, step_stats["grad_norm"]))
-                if stop.agreed():
-                    exit_reason = "signal"
-                elif step >= cfg.steps:
-                    exit_reason = "done"
-                elif cfg.max_steps_per_run and steps_this_run >= cfg.max_steps_per_run:
-                    exit_reason = "max-steps-per-run"
-                save_now = exit_reason is not None or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
-                recon_now = exit_reason == "done" or (recon_every and step % recon_every == 0)
-                if step % cfg.log_every and not save_now and not recon_now:
-                    continue
-                # ---- a sync point: check the losses, log, then maybe save ----
-                losses = torch.stack([l for _, l, _ in pending_losses]).tolist()
-                bad = next((s for (s, _, _), l in zip(pending_losses, losses) if not math.isfinite(l)), None)
-                if bad is None and save_now and not params_finite(model, dist):
-                    bad = step
-                if bad is not None:
-                    where = f"{last_saved}" if last_saved else "none (this run saved nothing)"
-                    raise TrainingDiverged(
-                        f"loss is not finite at step {bad}; stopping without writing a checkpoint. Last good checkpoint: "
-                        f"{where}. Resume from it with a lower --lr/--blr, longer warmup or --clip-grad.")
-                elapsed = time.perf_counter() - interval_start
-                record = metrics_record(step, epoch + epoch_index / sampler.num_samples, sum(losses) / len(losses),
-                                        lr_at(step - 1, cfg, cfg.steps, cfg.warmup_steps), pending_losses[-1][2].item(),
-                                        (step - interval_step) * global_batch / elapsed, flops_per_image, dist, peak,
-                                        data_wait / elapsed)
-                if dist.is_main:
-                    with open(out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    print(format_record(record, cfg.steps), flush=True)
-                pending_losses.clear()
-                if recon_now:
-                    save_reconstruction(model, recon_imgs, pixel_stats, rgb_bands, out / f"recon-step-{step}.png", dist, cfg.seed)
-                if save_now:
-                    train_state = {"step": step, "epoch": epoch, "epoch_index": epoch_index, "world_size": dist.world_size,
-                                   "batch_size": cfg.batch_size, "lr": record["lr"], "loss": record["loss"],
-                                   "vit_config": dataclasses.asdict(mae.cfg), "config": dataclasses.asdict(cfg)}
-                    last_saved = save_checkpoint(out, model, optimizer, train_state, dist, mask_generator, cfg.keep)
-                    log(dist, f"checkpoint: {last_saved}")
-                if exit_reason is not None:
-                    break
-                data_wait, interval_start, interval_step = 0.0, time.perf_counter(), step
-            else:
-                epoch, epoch_index = epoch + 1, 0
-    finally:
-        stop.restore()
-
-    if exit_reason == "signal":
-        log(dist, f"received {stop.signal_name or 'a stop signal on another rank'}: saved {last_saved}; "
-                  f"rerun with --resume to continue")
-    elif exit_reason == "max-steps-per-run":
-        log(dist, f"stopped after {steps_this_run} steps (--max-steps-per-run): saved {last_saved}; rerun with --resume")
-    else:
-        pictures = sorted(out.glob("recon-step-*.png"), key=lambda p: int(p.stem.split("-")[-1]))
-        log(dist, f"finished {cfg.steps} steps. Run folder {out}: config.json, metrics.jsonl, checkpoint {last_saved}"
-                  + (f", reconstruction {pictures[-1]}" if pictures else ""))
-    return 0
+def resume(previous: Path, cfg: TrainConfig, model, optimizer, dist, mask_generator) -> Progress:
+    on_every_rank(lambda: check_resumable(previous, cfg, fsdp_setup.unwrap(model)), dist)
+    state = load_checkpoint(previous, model, optimizer, dist, mask_generator)
+    progress = Progress(state["step"], state["epoch"], state["epoch_index"])
+    if state["world_size"] != dist.world_size:
+        log(dist, f"warning: {previous.name} was written by {state['world_size']} ranks, this run has "
+                  f"{dist.world_size}: model and optimizer are resharded, but the data order and the masks cannot "
+                  "continue exactly; the sampler restarts at the next epoch boundary and masks are reseeded")
+        if progress.epoch_index:
+            progress.epoch, progress.epoch_index = progress.epoch + 1, 0
+        mask_generator.manual_seed(cfg.seed * 1_000_003 + dist.rank + 7919 * progress.step)
+    latest = previous.parent / "latest"
+    if latest.is_file() and latest.read_text().strip() != previous.name:
+        log(dist, f"warning: {latest} names {latest.read_text().strip()!r}, not a complete checkpoint")
+    log(dist, f"resume: {previous} (step {progress.step}, epoch {progress.epoch})")
+    return progress
 
 
 def resolve_schedule(cfg: TrainConfig, num_images: int, steps_per_epoch: int, global_batch: int) -> TrainConfig:
@@ -801,16 +841,6 @@ def trim_metrics(path: Path, step: int) -> None:
     if path.is_file():
         lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         write_atomic(path, "".join(line + "\n" for line in lines))
-
-
-def metrics_record(step, epoch, loss, lr, grad_norm, img_per_s, flops_per_image, dist, peak, data_wait_frac) -> dict:
-    tflops_per_gpu = img_per_s * flops_per_image / dist.world_size / 1e12
-    return {
-        "step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr, "grad_norm": grad_norm,
-        "img_per_s": round(img_per_s, 2), "tflops_per_gpu": round(tflops_per_gpu, 4),
-        "mfu": round(tflops_per_gpu / peak, 4) if peak else None,
-        "peak_mem_gib": round(peak_memory_gib(dist.device), 3), "data_wait_frac": round(data_wait_frac, 4),
-    }
 
 
 def format_record(r: dict, total_steps: int) -> str:

@@ -598,6 +598,13 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM/SIGUSR1. SLURM signals the whole process group; torch's own
+    worker handler would die on it, failing the step that the main process is about to save."""
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
 class TrainingDiverged(RuntimeError):
     pass
 
@@ -647,10 +654,9 @@ def train(cfg: TrainConfig, dist: fsdp_setup.Dist) -> int:
         trim_metrics(out / "metrics.jsonl", progress.step)
 
     # ---- the loop ----
-    # Signal handlers first: DataLoader workers are forked later and inherit them, so a SIGTERM sent
-    # to the whole process group (as SLURM does) does not kill them under the main process.
     stop = StopRequest(dist)
     loader = data.make_loader(dataset, loader_batch, sampler, workers=cfg.workers)
+    loader.worker_init_fn = ignore_stop_signals
     recon_every = cfg.ckpt_every if cfg.recon_every is None else cfg.recon_every
     recon_imgs = torch.stack([dataset[i] for i in range(min(4, len(dataset)))]).to(dist.device)
     last_saved, step_stats, steps_this_run = previous, {}, 0

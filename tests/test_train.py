@@ -11,6 +11,9 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -184,6 +187,25 @@ def test_sigterm_saves_exits_zero_and_resumes(chips, reference, tmp_path, monkey
     monkeypatch.setattr(train, "train_step", real_step)
     assert train.main(args(chips, tmp_path, "--resume")) == 0
     assert losses(tmp_path) == losses(reference)
+
+
+def test_sigterm_to_the_process_group_with_loader_workers(chips, tmp_path):
+    """As SLURM preempts: the signal reaches the main process and its DataLoader workers alike."""
+    argv = [sys.executable, train.__file__, *args(chips, tmp_path, "--workers", "1", "--log-every", "2", steps=10**6)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "metrics.jsonl").is_file() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, output
+    assert "received SIGTERM" in output and latest(tmp_path).startswith("step-")
 
 
 def test_nan_loss_stops_without_a_new_checkpoint(chips, tmp_path, monkeypatch, capsys):

@@ -107,22 +107,26 @@ class StepTimer:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.marks = []
+        self.spans, self.begin = [], None
 
-    def mark(self) -> None:
-        """Call before the first step and after each step."""
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append(event)
-        else:
-            self.marks.append(time.perf_counter())
+    def now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self) -> None:
+        self.begin = self.now()
+
+    def stop(self) -> None:
+        self.spans.append((self.begin, self.now()))
 
     def step_times_s(self) -> list[float]:
         if self.cuda:
             torch.cuda.synchronize()
-            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+            return [a.elapsed_time(b) / 1e3 for a, b in self.spans]
+        return [b - a for a, b in self.spans]
 
 
 def device_name(device: torch.device) -> str:
@@ -361,7 +365,7 @@ def cmd_plan(args) -> None:
 # Per-GPU batch sizes of the original MAE measurements on an H100 (../shared/ANCHORS.md) and the paper's 32.
 GPU_BATCH_SIZES = {"vit_base": 512, "vit_large": 256, "vit_huge": 128, "vit_1b": 128, "vit_3b": 64,
                    "vit_5b": 32, "vit_e": 32, "vit_15b": 32}
-TABLE_COLUMNS = [("model", "model"), ("layout", "layout"), ("ac", "ac"), ("compile", "compile"),
+TABLE_COLUMNS = [("model", "model"), ("layout", "layout"), ("ac", "ac"), ("compile", "compile"), ("sdpa", "SDPA"),
                  ("batch_size", "batch/GPU"), ("status", "status"), ("img_per_s", "img/s"),
                  ("tflops_per_gpu", "TFLOP/s/GPU"), ("mfu", "MFU"), ("peak_mem_gib", "peak GiB"),
                  ("predicted_mem_gib", "plan GiB"), ("first_step_s", "1st step s"), ("energy_j_per_img", "J/img")]
@@ -437,6 +441,16 @@ def parse_strategy(spec: str) -> tuple[str, int | None]:
     return name, int(group) if group else None
 
 
+# Process-wide SDPA switches: `--sdpa cudnn` leaves only cuDNN and the math fallback enabled, so the
+# whole model (encoder and decoder, eager or compiled) runs that kernel wherever it supports the shape.
+SDPA_SWITCHES = {"flash": "enable_flash_sdp", "efficient": "enable_mem_efficient_sdp", "cudnn": "enable_cudnn_sdp"}
+
+
+def apply_sdpa_choice(choice: str) -> None:
+    for name, switch in SDPA_SWITCHES.items():
+        getattr(torch.backends.cuda, switch)(choice in ("auto", name))
+
+
 def sweep_configs(args, on_gpu: bool) -> list[train.TrainConfig]:
     """One train.TrainConfig per point of models x strategies x ac x compile x batch sizes."""
     models = args.models or (["vit_large", "vit_huge", "vit_1b", "vit_3b"] if on_gpu else ["vit_tiny"])
@@ -473,14 +487,14 @@ def predicted_memory_gib(cfg: train.TrainConfig, dist: fsdp_setup.Dist) -> float
     return layout_estimate(plan, cfg.strategy, group, model_sizes(plan))["mem_gib"]
 
 
-def profile_steps(step, first: int, count: int, path: str, device: torch.device) -> None:
+def profile_steps(step, count: int, path: str, device: torch.device) -> None:
     """Where the time goes: `count` more steps under torch.profiler, the top ops written to `path`."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        for i in range(first, first + count):
-            step(i)
+        for _ in range(count):
+            step()
         synchronize(device)
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -489,92 +503,162 @@ def profile_steps(step, first: int, count: int, path: str, device: torch.device)
         f.write(prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=70))
 
 
-def measure(cfg: train.TrainConfig, dist: fsdp_setup.Dist, steps: int, warmup: int, power: PowerMeter,
-            profile_path: str | None = None) -> dict:
-    """Build, warm up (the first step includes compilation), time `steps` steps. Raises on OOM."""
-    model = train.build_model(cfg, dist)
-    optimizer = train.build_optimizer(model, cfg)
-    mae = fsdp_setup.unwrap(model)
-    vit = mae.cfg
-    # Synthetic images already on the device: the loader is not what is measured here.
-    imgs = torch.randn(cfg.batch_size, vit.in_chans, vit.img_size, vit.img_size, device=dist.device)
-    mask_generator = torch.Generator(dist.device).manual_seed(dist.rank)
-    step = lambda i: train.train_step(model, optimizer, [imgs], cfg, i, mask_generator=mask_generator)  # noqa: E731
+class ConfigRun:
+    """One configuration: train.py's model and optimizer, a synthetic batch already on the device
+    (the loader is not what is measured), stepped by train.train_step exactly as training does."""
 
-    synchronize(dist.device)
-    start = time.perf_counter()
-    losses = [step(0)]
-    losses[0].item()  # the host waits for the first step: compilation + first-touch allocations
-    first_step_s = time.perf_counter() - start
-    for i in range(1, warmup):
-        losses.append(step(i))
-    synchronize(dist.device)
+    def __init__(self, cfg: train.TrainConfig, dist: fsdp_setup.Dist):
+        self.cfg, self.dist = cfg, dist
+        self.model = train.build_model(cfg, dist)
+        self.optimizer = train.build_optimizer(self.model, cfg)
+        self.mae = fsdp_setup.unwrap(self.model)
+        vit = self.mae.cfg
+        self.imgs = torch.randn(cfg.batch_size, vit.in_chans, vit.img_size, vit.img_size, device=dist.device)
+        self.mask_generator = torch.Generator(dist.device).manual_seed(dist.rank)
+        self.step_index, self.losses, self.timer, self.first_step_s = 0, [], StepTimer(dist.device), None
+
+    def step(self) -> torch.Tensor:
+        loss = train.train_step(self.model, self.optimizer, [self.imgs], self.cfg, self.step_index,
+                                mask_generator=self.mask_generator)
+        self.step_index += 1
+        return loss
+
+    def warm_up(self, steps: int) -> None:
+        synchronize(self.dist.device)
+        start = time.perf_counter()
+        self.step().item()  # the host waits for the first step: compilation + first-touch allocations
+        self.first_step_s = time.perf_counter() - start
+        for _ in range(steps - 1):
+            self.step()
+        synchronize(self.dist.device)
+
+    def timed_step(self) -> None:
+        self.timer.start()
+        self.losses.append(self.step())
+        self.timer.stop()
+
+    def result(self, watts: float | None = None, peak_memory: bool = True) -> dict:
+        times = self.timer.step_times_s()  # synchronizes once
+        if not torch.isfinite(torch.stack(self.losses)).all():
+            raise RuntimeError(f"non-finite loss while benchmarking {self.cfg.model}: a bug, not a timing")
+        dist = self.dist
+        step_s = statistics.median(times)
+        img_per_s = self.cfg.batch_size * dist.world_size / step_s
+        tflops = img_per_s * 3 * self.mae.forward_flops_per_image(self.cfg.mask_ratio) / dist.world_size / 1e12
+        _, peak = train.peak_tflops(dist.device)
+        # Every rank reports its own GPU's power; energy per image counts all of them.
+        all_watts = [watts]
+        if dist.world_size > 1:
+            all_watts = [None] * dist.world_size
+            torch.distributed.all_gather_object(all_watts, watts)
+        total_watts = sum(all_watts) if all(w is not None for w in all_watts) else None
+        return dict(
+            status="ok", img_per_s=img_per_s, tflops_per_gpu=tflops, mfu=tflops / peak if peak else None,
+            peak_mem_gib=train.peak_memory_gib(dist.device) if peak_memory and dist.device.type == "cuda" else None,
+            first_step_s=self.first_step_s, step_s_median=step_s, step_s_min=min(times),
+            power_w=total_watts, energy_j_per_img=total_watts / img_per_s if total_watts else None,
+            loss=self.losses[-1].item(),
+        )
+
+
+def measure(cfg: train.TrainConfig, dist: fsdp_setup.Dist, args, power: PowerMeter, profile_path: str | None) -> dict:
+    """Build, warm up (the first step includes compilation), time `args.steps` steps. Raises on OOM."""
+    run = ConfigRun(cfg, dist)
+    run.warm_up(args.warmup)
     if dist.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dist.device)  # steady state: optimizer state exists by now
-    timer = StepTimer(dist.device)
     power.start()
-    timer.mark()
-    for i in range(warmup, warmup + steps):
-        losses.append(step(i))
-        timer.mark()
-    times = timer.step_times_s()  # synchronizes once
+    for _ in range(args.steps):
+        run.timed_step()
+    synchronize(dist.device)
     watts = power.stop()
-    if not torch.isfinite(torch.stack(losses)).all():
-        raise RuntimeError(f"non-finite loss while benchmarking {cfg.model}: a bug, not a timing")
+    result = run.result(watts)
     if profile_path and dist.is_main:
-        profile_steps(step, warmup + steps, 3, profile_path, dist.device)
+        profile_steps(run.step, 3, profile_path, dist.device)
     elif profile_path:  # the other ranks take the same steps, unprofiled, so collectives match
-        for i in range(warmup + steps, warmup + steps + 3):
-            step(i)
-    step_s = statistics.median(times)
-    img_per_s = cfg.batch_size * dist.world_size / step_s
-    tflops = img_per_s * 3 * mae.forward_flops_per_image(cfg.mask_ratio) / dist.world_size / 1e12
-    _, peak = train.peak_tflops(dist.device)
-    # Every rank reports its own GPU's power; energy per image counts all of them.
-    all_watts = [watts]
-    if dist.world_size > 1:
-        all_watts = [None] * dist.world_size
-        torch.distributed.all_gather_object(all_watts, watts)
-    total_watts = sum(all_watts) if all(w is not None for w in all_watts) else None
-    return dict(
-        status="ok", img_per_s=img_per_s, tflops_per_gpu=tflops, mfu=tflops / peak if peak else None,
-        peak_mem_gib=train.peak_memory_gib(dist.device) if dist.device.type == "cuda" else None,
-        first_step_s=first_step_s, step_s_median=step_s, step_s_min=min(times),
-        power_w=total_watts, energy_j_per_img=total_watts / img_per_s if total_watts else None,
-        loss=losses[-1].item(),
-    )
+        for _ in range(3):
+            run.step()
+    return result
 
 
-def run_one(cfg: train.TrainConfig, dist: fsdp_setup.Dist, args, power: PowerMeter) -> dict:
+def describe(cfg: train.TrainConfig, sdpa: str, dist: fsdp_setup.Dist, args) -> dict:
     layout = cfg.strategy + (f":{cfg.shard_group_size}" if cfg.shard_group_size else "")
-    row = dict(model=cfg.model, layout=layout, ac=cfg.ac, compile="on" if cfg.compile else "off",
-               batch_size=cfg.batch_size, world_size=dist.world_size, device=device_name(dist.device),
-               mixed_precision=train.resolve_mixed_precision(cfg.mixed_precision, dist.device),
-               torch=torch.__version__, steps=args.steps, warmup=args.warmup)
+    return dict(model=cfg.model, layout=layout, ac=cfg.ac, compile="on" if cfg.compile else "off", sdpa=sdpa,
+                batch_size=cfg.batch_size, world_size=dist.world_size, device=device_name(dist.device),
+                mixed_precision=train.resolve_mixed_precision(cfg.mixed_precision, dist.device),
+                torch=torch.__version__, steps=args.steps, warmup=args.warmup)
+
+
+def check_config(cfg: train.TrainConfig, row: dict, dist: fsdp_setup.Dist) -> dict | None:
+    """None if the configuration can run, else its row saying why (the same on every rank: no hang)."""
     try:
-        train.validate(cfg, dist.world_size, dist.device)  # same answer on every rank: no hang
+        train.validate(cfg, dist.world_size, dist.device)
         row["predicted_mem_gib"] = predicted_memory_gib(cfg, dist)
     except ValueError as err:
         return {**row, "status": f"invalid: {err}"}
+    return None
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_one(cfg: train.TrainConfig, sdpa: str, dist: fsdp_setup.Dist, args, power: PowerMeter) -> dict:
+    row = describe(cfg, sdpa, dist, args)
+    invalid = check_config(cfg, row, dist)
+    if invalid:
+        return invalid
     torch.compiler.reset()  # each configuration compiles afresh (no recompiles with dynamic shapes)
+    apply_sdpa_choice(sdpa)
     if dist.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dist.device)
-    result = None
     profile_path = None
     if args.profile and args.out:
-        profile_path = os.path.join(args.out, f"profile-{cfg.model}-{layout.replace(':', '')}-ac{cfg.ac}-"
-                                              f"{'compiled' if cfg.compile else 'eager'}-b{cfg.batch_size}.txt")
+        profile_path = os.path.join(args.out, f"profile-{cfg.model}-{row['layout'].replace(':', '')}-ac{cfg.ac}-"
+                                              f"{'compiled' if cfg.compile else 'eager'}-sdpa{sdpa}-b{cfg.batch_size}.txt")
     try:
-        result = measure(cfg, dist, args.steps, args.warmup, power, profile_path)
+        result = measure(cfg, dist, args, power, profile_path)
     except torch.OutOfMemoryError:
         # Every rank runs the same shapes, so all ranks run out together. The model and the
-        # traceback's frames are dropped below, before the next configuration allocates.
+        # traceback's frames are gone once this handler ends, before the next configuration allocates.
         result = dict(status="oom", peak_mem_gib=train.peak_memory_gib(dist.device) if dist.device.type == "cuda" else None)
     finally:
-        gc.collect()
-        if dist.device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_memory(dist.device)
     return {**row, **result}
+
+
+def run_interleaved(configs: list[train.TrainConfig], sdpa: str, dist: fsdp_setup.Dist, args) -> list[dict]:
+    """All configurations at once, their timed steps taken in turn (A B C A B C ...): load from other
+    processes on a shared machine then slows all alike, so their ratios hold. Holds every model at
+    once (small models only); reports no peak memory or energy, which would be shared."""
+    rows, runnable = [], []
+    for cfg in configs:
+        row = describe(cfg, sdpa, dist, args)
+        invalid = check_config(cfg, row, dist)
+        rows.append(invalid or row)
+        if not invalid:
+            runnable.append((len(rows) - 1, cfg))
+    torch.compiler.reset()
+    apply_sdpa_choice(sdpa)
+    try:
+        runs = [(i, ConfigRun(cfg, dist)) for i, cfg in runnable]
+        for _, run in runs:
+            run.warm_up(args.warmup)
+        for _ in range(args.steps):
+            for _, run in runs:
+                run.timed_step()
+        for i, run in runs:
+            rows[i] = {**rows[i], **run.result(peak_memory=False)}
+    except torch.OutOfMemoryError:
+        runs = []
+        for i, _ in runnable:
+            rows[i] = {**rows[i], "status": "oom"}
+    finally:
+        runs = []
+        free_memory(dist.device)
+    return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -591,6 +675,11 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def cmd_sweep(args) -> list[dict]:
+    for choice in args.sdpa:
+        if choice not in ("auto", "math", *SDPA_SWITCHES):
+            raise ValueError(f"--sdpa must be auto, math or one of {', '.join(SDPA_SWITCHES)}, got {choice!r}")
+    if args.interleave and len(args.sdpa) > 1:
+        raise ValueError("--interleave takes one --sdpa choice (the switch is process-wide)")
     if args.steps < 1 or args.warmup < 1:
         raise ValueError(f"--steps and --warmup must be >= 1 (the first warm-up step compiles), got {args.steps}, {args.warmup}")
     dist = fsdp_setup.init_distributed()
@@ -605,8 +694,13 @@ def cmd_sweep(args) -> list[dict]:
         if dist.is_main and args.out:
             os.makedirs(args.out, exist_ok=True)
             open(os.path.join(args.out, "bench.jsonl"), "w").close()
-        for cfg in configs:
-            row = run_one(cfg, dist, args, power)
+        if args.interleave:
+            pending = iter(run_interleaved(configs, args.sdpa[0], dist, args))
+            next_row = lambda cfg, sdpa: next(pending)  # noqa: E731
+        else:
+            next_row = lambda cfg, sdpa: run_one(cfg, sdpa, dist, args, power)  # noqa: E731
+        for cfg, sdpa in itertools.product(configs, args.sdpa):
+            row = next_row(cfg, sdpa)
             rows.append(row)
             if dist.is_main:
                 print(json.dumps(row), flush=True)
@@ -615,7 +709,8 @@ def cmd_sweep(args) -> list[dict]:
                         f.write(json.dumps(row) + "\n")
         if dist.is_main:
             head = (f"{device_name(dist.device)} x {dist.world_size}, torch {torch.__version__}, "
-                    f"{args.steps} timed steps (median) after {args.warmup} warm-up, synthetic data on the device")
+                    f"{args.steps} timed steps (median) after {args.warmup} warm-up"
+                    f"{', interleaved' if args.interleave else ''}, synthetic data on the device")
             table = markdown_table(rows)
             print(f"\n{head}\n\n{table}")
             if args.out:
@@ -663,10 +758,10 @@ def time_attention(shape: tuple, backend, device: torch.device, dtype: torch.dty
         with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
             for _ in range(3):  # warm-up: kernel selection, autotuning
                 forward_backward()
-            timer.mark()
             for _ in range(iters):
+                timer.start()
                 forward_backward()
-                timer.mark()
+                timer.stop()
             return statistics.median(timer.step_times_s()) * 1e3
     except RuntimeError:  # "No available kernel": this backend does not support the inputs
         return None
@@ -743,8 +838,12 @@ def parse_args(argv=None):
     p.add_argument("--decoder-embed-dim", type=int, default=None, help="default: 512 on GPU (MAE), 64 on CPU (demo)")
     p.add_argument("--decoder-depth", type=int, default=None, help="default: 8 on GPU, 2 on CPU")
     p.add_argument("--decoder-num-heads", type=int, default=None, help="default: 16 on GPU, 4 on CPU")
+    p.add_argument("--sdpa", nargs="*", default=["auto"], help="attention kernel(s): auto (torch's choice) | "
+                   "flash | efficient | cudnn (that one, math as fallback) | math, e.g. the fastest of `bench.py sdpa`")
     p.add_argument("--mem-cap-gib", type=float, default=None, help="let the allocator use at most this much GPU memory")
     p.add_argument("--profile", action="store_true", help="profile 3 more steps per configuration into --out")
+    p.add_argument("--interleave", action="store_true", help="build all configurations, time their steps in "
+                   "turn: fair ratios on a shared machine (small models; no memory or energy)")
     p.add_argument("--out", default=None, help="folder for bench.json, bench.jsonl (row by row) and bench.md")
     p = sub.add_parser("sdpa", help="time each SDPA backend at MAE's attention shapes")
     p.add_argument("--shapes", nargs="*", default=None, help="BxHxNxd, e.g. 256x16x50x64 (default: MAE's shapes)")

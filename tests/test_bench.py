@@ -206,3 +206,18 @@ def test_sdpa_cli_on_cpu(tmp_path):
     assert rows[0]["shape"] == [2, 2, 5, 8] and rows[0]["ms"]["math"] > 0
     assert rows[0]["fastest"] in ("flash", "efficient", "cudnn", "math")
     assert json.loads((tmp_path / "sdpa.json").read_text())[0]["shape"] == [2, 2, 5, 8]
+
+
+def test_sweep_interleaved_on_cpu():
+    rows = bench.main(["sweep", "--models", "vit_tiny", "--batch-sizes", "2", "--ac", "none", "full",
+                       "--strategies", "no_shard", "ddp", "--steps", "2", "--warmup", "1", "--interleave"])
+    assert [(r["layout"], r["ac"], r["status"]) for r in rows] == [
+        ("no_shard", "none", "ok"), ("no_shard", "full", "ok"), ("ddp", "none", "ok"), ("ddp", "full", "ok")]
+    assert all(r["peak_mem_gib"] is None and r["img_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("argv", [["--sdpa", "fastest"], ["--steps", "0"], ["--strategies", "hybrid_shard:x"],
+                                  ["--interleave", "--sdpa", "auto", "cudnn"]])
+def test_sweep_rejects_bad_settings(argv):
+    with pytest.raises((ValueError, SystemExit)):
+        bench.main(["sweep", "--models", "vit_tiny"] + argv)

@@ -569,7 +569,8 @@ class PretrainDataset(_EpochSeededDataset):
         if pixels.dtype == np.uint8 and nodata is None:
             # 8-bit images (JPEG, PNG, RGB GeoTIFF) are resized before normalising, on torch's
             # channels-last uint8 kernel like torchvision's pipeline: ~5x cheaper than in float.
-            pixels = resize(torch.from_numpy(np.ascontiguousarray(pixels)), cfg.img_size, cfg.img_size).numpy()
+            small = resize(torch.from_numpy(np.ascontiguousarray(pixels)), cfg.img_size, cfg.img_size)
+            pixels = small.contiguous().numpy()  # back to (C, H, W) order: numpy is slow on the other
         x = self.normalize(pixels, path, file_bands, cfg.bands, nodata)
         return resize(x, cfg.img_size, cfg.img_size)
 
@@ -920,7 +921,7 @@ def _bench(folder, workers, repeats, scene_size):
                 times[name].append(_median_seconds(one_pass, 1))
         bare, reader, loader = (statistics.median(times[name]) for name in passes)
         print(f"{len(paths)} files from {folder}; one thread, medians of {repeats} passes")
-        print(f"  bare decode (tifffile.imread)    {len(paths) / bare:7.1f} chips/s")
+        print(f"  bare decode (tifffile or Pillow) {len(paths) / bare:7.1f} chips/s")
         print(f"  read_image, whole file           {len(paths) / reader:7.1f} chips/s  {reader / bare:.2f}x bare time")
         print(f"  PretrainDataset, {dataset.cfg.img_size}px crops      {len(paths) / loader:7.1f} chips/s  "
               f"{loader / bare:.2f}x bare time (target <= 1.25x)")

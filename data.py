@@ -920,7 +920,8 @@ def _bench(folder, workers, repeats, scene_size):
             for name, one_pass in passes.items():
                 times[name].append(_median_seconds(one_pass, 1))
         bare, reader, loader = (statistics.median(times[name]) for name in passes)
-        print(f"{len(paths)} files from {folder}; one thread, medians of {repeats} passes")
+        load = ", ".join(f"{v:.1f}" for v in os.getloadavg())  # others' work on a shared machine skews timings
+        print(f"{len(paths)} files from {folder}; one thread, medians of {repeats} passes; load average {load}")
         print(f"  bare decode (tifffile or Pillow) {len(paths) / bare:7.1f} chips/s")
         print(f"  read_image, whole file           {len(paths) / reader:7.1f} chips/s  {reader / bare:.2f}x bare time")
         print(f"  PretrainDataset, {dataset.cfg.img_size}px crops      {len(paths) / loader:7.1f} chips/s  "

@@ -206,7 +206,8 @@ def predict(fn: Callable[[torch.Tensor], torch.Tensor], dataset, batch_size: int
     n = len(dataset)
     per_rank = math.ceil(n / world_size)
     block = [min(i, n - 1) for i in range(rank * per_rank, (rank + 1) * per_rank)]
-    outs, labels, done, start, last = [], [], 0, time.perf_counter(), 0.0
+    outs, labels, done = [], [], 0
+    start = last = time.perf_counter()
     for imgs, ys in make_eval_loader(torch.utils.data.Subset(dataset, block), batch_size, workers, device):
         outs.append(fn(imgs.to(device, non_blocking=True)).float())
         labels.append(torch.as_tensor(ys).to(device))
@@ -289,9 +290,10 @@ def train_linear_probe(features_of: Callable[[torch.Tensor], torch.Tensor], labe
 
     Why SGD and not the recipe's LARS by default: LARS caps every step at 0.001·‖w‖ and was tuned for
     1.28M images × 90 epochs at batch 16384. The distance its weights travel grows with images ×
-    epochs, so on UC Merced-sized sets (10³ images) the head barely leaves its init (tests: near
-    chance). Plain SGD + momentum 0.9 keeps the rest of the recipe: blr 0.1, lr = blr·batch/256, 10
-    warmup epochs of 90, cosine, no weight decay. `--probe-optimizer lars` for MillionAID-scale sets.
+    epochs, so on UC Merced-sized sets (10³ images) the head barely leaves its init (measured on a
+    4-class synthetic set of 160 training images: LARS 30-44% top-1, SGD 92-98%, chance 25%). Plain
+    SGD + momentum 0.9 keeps the rest of the recipe: blr 0.1, lr = blr·batch/256, 10 warmup epochs of
+    90, cosine, no weight decay. `--probe-optimizer lars` restores the recipe for MillionAID-scale sets.
     """
     n = len(labels_N)
     batch = min(cfg.probe_batch_size, n)

@@ -153,6 +153,8 @@ class PlanConfig:
     batch_size: int = 32  # images per GPU per step (the paper: 32)
     ac: str = "full"  # activation checkpointing: none | full | k (every k-th Block)
     mixed_precision: str = "bf16"  # bf16 (fp32 reduce) | bf16-reduce | fp32
+    cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded params, grads, AdamW state in host memory
+    host_mem_gib: float | None = None  # host memory per node, checked when offloading (None: not checked)
     img_size: int | None = None  # None: the model config's (224 for the paper's models)
     patch_size: int | None = None  # None: the model config's
     in_chans: int = 3
@@ -265,7 +267,12 @@ def layout_estimate(plan: PlanConfig, strategy: str, shard_group_size: int, size
     # train.py frees the grads after each step (zero_grad(set_to_none=True)); backward creates each Block's
     # grads as it frees that Block's activations (and kept params), so the peak holds the larger side.
     released = activations + (gathered if gathered_released else 0)
-    peak = params + optimizer + max(grads, released) + (0 if gathered_released else gathered) + buffers
+    # CPU offload (FSDP only): the fp32 shards live in host memory; each all-gather first copies the
+    # param shard to the GPU, each reduce-scatter sends the grad shard back, AdamW steps on the CPU.
+    offload = plan.cpu_offload and strategy != "ddp"
+    host, host_copies = (params + grads + optimizer, (gathers + 1) * 4 * P / s) if offload else (0, 0)
+    on_gpu = 0 if offload else params + optimizer
+    peak = on_gpu + max(0 if offload else grads, released) + (0 if gathered_released else gathered) + buffers
     parts = dict(params=params, grads=grads, optimizer=optimizer, gathered=gathered, buffers=buffers,
                  activations=activations)
     parts = {k: v / GiB for k, v in parts.items()}
@@ -274,7 +281,10 @@ def layout_estimate(plan: PlanConfig, strategy: str, shard_group_size: int, size
     return dict(strategy=strategy, shard_group_size=s, mem_gib=mem,
                 comm_gib_per_step=sum(b for b, _ in collectives) / GiB,
                 internode_gib_per_step=sum(b for b, spans in collectives if spans) / GiB,
-                fits=mem <= plan.gpu_mem_gib, **{f"{k}_gib": v for k, v in parts.items()})
+                fits=mem <= plan.gpu_mem_gib and (plan.host_mem_gib is None or
+                                                  host / GiB * min(n, plan.gpus_per_node) <= plan.host_mem_gib),
+                host_gib=host / GiB, host_copy_gib_per_step=host_copies / GiB,
+                **{f"{k}_gib": v for k, v in parts.items()})
 
 
 def plan_layouts(plan: PlanConfig) -> list[dict]:
@@ -299,10 +309,12 @@ def recommend(rows: list[dict], plan: PlanConfig) -> tuple[dict | None, str]:
 
 
 def format_plan(rows: list[dict], plan: PlanConfig, best: dict | None, why: str) -> str:
+    offload = ", CPU offload (params/grads/AdamW in host memory per GPU: host)" if plan.cpu_offload else ""
     head = (f"{plan.model}, {plan.gpus} GPUs ({plan.gpus_per_node}/node, {plan.gpu_mem_gib:g} GiB), batch "
-            f"{plan.batch_size}/GPU, {plan.vit.img_size} px, mask {plan.mask_ratio}, ac {plan.ac}, {plan.mixed_precision}")
+            f"{plan.batch_size}/GPU, {plan.vit.img_size} px, mask {plan.mask_ratio}, ac {plan.ac}, {plan.mixed_precision}{offload}")
     cols = ["params", "grads", "optimizer", "gathered", "buffers", "activations", "overhead"]
     labels = ["params", "grads", "AdamW", "gather", "buffer", "activ", "other", "total", "comm", "inter"]
+    labels += ["host"] if plan.cpu_offload else []
     lines = [head, "GiB per GPU; total = peak = params + AdamW + max(grads, activ [+ gather when kept]) + ...; "
                    "comm = GiB each GPU sends per step, inter = of it across nodes",
              f"{'layout':<18}" + "".join(f"{label:>8}" for label in labels) + "  fits"]
@@ -311,6 +323,7 @@ def format_plan(rows: list[dict], plan: PlanConfig, best: dict | None, why: str)
         mark = " <-" if row is best else ""
         lines.append(f"{name:<18}" + "".join(f"{row[c + '_gib']:>8.2f}" for c in cols)
                      + f"{row['mem_gib']:>8.2f}{row['comm_gib_per_step']:>8.1f}{row['internode_gib_per_step']:>8.1f}"
+                     + (f"{row['host_gib']:>8.1f}" if plan.cpu_offload else "")
                      + f"  {'yes' if row['fits'] else 'no'}{mark}")
     if best is None:
         lines.append(f"recommended: none — {why}")
@@ -350,7 +363,7 @@ def cmd_plan(args) -> None:
     plan = PlanConfig(model=args.model, gpus=args.gpus, gpus_per_node=args.gpus_per_node, gpu_mem_gib=args.gpu_mem_gib,
                       batch_size=args.batch_size, ac=args.ac, mixed_precision=args.mixed_precision,
                       img_size=args.img_size, patch_size=args.patch_size, in_chans=args.in_chans,
-                      mask_ratio=args.mask_ratio)
+                      mask_ratio=args.mask_ratio, cpu_offload=args.cpu_offload, host_mem_gib=args.host_mem_gib)
     rows = plan_layouts(plan)
     best, why = recommend(rows, plan)
     for row in rows:
@@ -820,6 +833,8 @@ def parse_args(argv=None):
     p.add_argument("--patch-size", type=int, default=None, help="default: the model config's")
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--cpu-offload", action="store_true", help="FSDP2 CPU offload of params, grads and AdamW state")
+    p.add_argument("--host-mem-gib", type=float, default=None, help="host memory per node, checked with --cpu-offload")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
     p.add_argument("--check", action="store_true",
                    help="compare with measured peaks (the paper's, the original MAE's on an H100) instead")

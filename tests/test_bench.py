@@ -103,6 +103,15 @@ def test_layout_memory_and_communication_by_hand():
     assert ddp["mem_gib"] == pytest.approx(peak / GiB + overhead)
     assert ddp["comm_gib_per_step"] * GiB == pytest.approx(2 * 3 / 4 * 4 * 10**6)
 
+    # CPU offload: the fp32 shards (params, grads, AdamW) move to host memory; each of the two all-gathers
+    # first copies the param shard up, the reduce-scatter copies the grad shard down.
+    offload = bench.layout_estimate(tiny_plan(cpu_offload=True), "full_shard", 4, sizes)
+    assert offload["host_gib"] * GiB == pytest.approx(10**6 + 10**6 + 2 * 10**6)
+    assert offload["host_copy_gib_per_step"] * GiB == pytest.approx(3 * 10**6)
+    assert offload["mem_gib"] == pytest.approx((act + 4 * 10**5 + 16 * 10**5) / GiB + overhead)
+    tight = bench.layout_estimate(tiny_plan(cpu_offload=True, host_mem_gib=7e6 / GiB), "full_shard", 4, sizes)
+    assert not tight["fits"]  # 2 GPUs per node x 4·10⁶ bytes each > 7·10⁶
+
     bf16_reduce = bench.layout_estimate(tiny_plan(mixed_precision="bf16-reduce"), "full_shard", 4, sizes)
     assert bf16_reduce["comm_gib_per_step"] * GiB == pytest.approx(3 * 10**6 + 0.75 * 2 * 10**6)
 

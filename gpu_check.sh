@@ -170,8 +170,10 @@ if dry:
 fits = []
 for name in CONFIGS:
     plan = bench.PlanConfig(model=name, gpus=1, gpu_mem_gib=cap, batch_size=32, ac="full")
-    predicted = bench.layout_estimate(plan, "full_shard", 1, bench.model_sizes(plan))["mem_gib"]
-    if predicted <= 1.1 * cap:  # the model's error is within ~10%: let the GPU decide the close ones
+    est = bench.layout_estimate(plan, "full_shard", 1, bench.model_sizes(plan))
+    state = est["params_gib"] + est["grads_gib"] + est["optimizer_gib"]  # all present after backward
+    # The planner is within ~10% of measured peaks: let the GPU decide the close calls.
+    if state < cap and est["mem_gib"] <= 1.1 * cap:
         fits.append((count_params(CONFIGS[name]), name))
 print(" ".join(name for _, name in sorted(fits, reverse=True)[:2]))
 EOF

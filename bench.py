@@ -60,7 +60,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -71,9 +71,9 @@ from mae import MaskedAutoencoder
 from vit import get_config
 
 GiB = 2**30
-# The one fitted constant: the least-squares fit (relative error) of the 13 memory measurements below,
-# activation checkpointing on. Their residuals without it are 0.7–1.2 GiB within 1–2 nodes and 1.7–3.2 GiB
-# at 1,024 GCDs (reduce-scatters queueing behind slow collectives, not modelled); FSDP1's NO_SHARD: 8.2.
+# The one fitted constant: least squares (relative error) over the 18 measurements below. Without it the
+# residuals are 1.4–2.2 GiB for the paper's FSDP runs (1 to 1,024 GCDs alike), -0.3–1.3 GiB for the H100
+# runs (allocated memory only, no context), and 13 GiB for FSDP1's NO_SHARD (see BENCHMARKS.md).
 RUNTIME_OVERHEAD_GIB = 1.5
 # Measured peak memory per GPU to check the model against: (source, model, patch, strategy, shard group,
 # world size, batch per GPU, activation checkpointing, GiB). The paper (FSDP1 on MI250X GCDs, 224 px) says
@@ -250,6 +250,7 @@ def layout_estimate(plan: PlanConfig, strategy: str, shard_group_size: int, size
         # autocast's bf16 weight copies: cached through forward, saved for backward, freed as it goes.
         gathered, gathered_released = (c * P if c < 4 else 0), True
         buffers = 4 * P  # DDP's gradient buckets (a second copy of every fp32 grad)
+        gathers = 0
         collectives = [(2 * ring(n) * P * 4, n > plan.gpus_per_node)]  # all-reduce of the fp32 grads
     else:
         params, grads, optimizer = 4 * P / s, 4 * P / s, 8 * P / s
@@ -299,7 +300,7 @@ def recommend(rows: list[dict], plan: PlanConfig) -> tuple[dict | None, str]:
     hybrid = {row["shard_group_size"]: row for row in rows if row["strategy"] == "hybrid_shard"}
     for k in sorted(hybrid):
         if k <= plan.gpus_per_node and hybrid[k]["fits"]:
-            why = "fits on one GPU: pure data parallel" if k == 1 else f"smallest shard group within a node that fits"
+            why = "fits on one GPU: pure data parallel" if k == 1 else "smallest shard group within a node that fits"
             return hybrid[k], why
     for strategy in ("shard_grad_op", "full_shard"):
         row = next(row for row in rows if row["strategy"] == strategy)
@@ -404,10 +405,6 @@ class PowerMeter:
             except Exception:  # no pynvml / amdsmi: no power readings
                 pass
 
-    @property
-    def available(self) -> bool:
-        return self.smi is not None or self.torch_reader
-
     def smi_id(self) -> str:
         visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
         return visible[self.device.index] if self.device.index < len(visible) else str(self.device.index)
@@ -488,15 +485,16 @@ def sweep_configs(args, on_gpu: bool) -> list[train.TrainConfig]:
 
 
 def predicted_memory_gib(cfg: train.TrainConfig, dist: fsdp_setup.Dist) -> float | None:
-    """The planner's prediction for this configuration, to set beside the measured peak."""
-    if cfg.strategy not in ("ddp", "no_shard", "full_shard", "shard_grad_op", "hybrid_shard"):
-        return None
+    """The planner's prediction for this (already validated) configuration, beside the measured peak."""
     group = {"ddp": 1, "no_shard": 1, "hybrid_shard": cfg.shard_group_size}.get(cfg.strategy, dist.world_size)
-    plan = PlanConfig(model=cfg.model, gpus=dist.world_size, gpus_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)),
-                      batch_size=cfg.batch_size, ac=cfg.ac, mixed_precision=train.resolve_mixed_precision(cfg.mixed_precision, dist.device),
-                      img_size=cfg.img_size, in_chans=cfg.in_chans or 3, mask_ratio=cfg.mask_ratio,
-                      decoder_embed_dim=cfg.decoder_embed_dim, decoder_depth=cfg.decoder_depth,
-                      decoder_num_heads=cfg.decoder_num_heads)
+    try:
+        plan = PlanConfig(
+            model=cfg.model, gpus=dist.world_size, gpus_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)),
+            batch_size=cfg.batch_size, ac=cfg.ac, mixed_precision=train.resolve_mixed_precision(cfg.mixed_precision, dist.device),
+            img_size=cfg.img_size, in_chans=cfg.in_chans or 3, mask_ratio=cfg.mask_ratio,
+            decoder_embed_dim=cfg.decoder_embed_dim, decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_num_heads)
+    except ValueError:  # e.g. an uneven number of GPUs per node: no prediction, but still a measurement
+        return None
     return layout_estimate(plan, cfg.strategy, group, model_sizes(plan))["mem_gib"]
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
 import bench
+from _dist_util import run_ranks
 from bench import ModelSizes, PlanConfig
 from mae import MaskedAutoencoder
 from vit import get_config
@@ -230,3 +232,22 @@ def test_sweep_interleaved_on_cpu():
 def test_sweep_rejects_bad_settings(argv):
     with pytest.raises((ValueError, SystemExit)):
         bench.main(["sweep", "--models", "vit_tiny"] + argv)
+
+
+def _sweep_worker(rank: int, out_dir: str) -> None:
+    rows = bench.main(["sweep", "--models", "vit_tiny", "--strategies", "full_shard", "hybrid_shard:3", "ddp",
+                       "--batch-sizes", "2", "--ac", "none", "--steps", "2", "--warmup", "1", "--out", out_dir])
+    with open(os.path.join(out_dir, f"rows-{rank}.json"), "w") as f:
+        json.dump(rows, f)
+
+
+def test_sweep_on_two_ranks(tmp_path):
+    # torchrun-style: every rank runs every configuration (collectives match), rank 0 writes the report;
+    # a layout impossible at this world size is a row on both ranks, not a hang.
+    run_ranks(_sweep_worker, 2, args=(str(tmp_path),), timeout_s=180)
+    rows = json.loads((tmp_path / "rows-0.json").read_text())
+    assert [(r["layout"], r["status"][:7]) for r in rows] == [("full_shard", "ok"), ("hybrid_shard:3", "invalid"),
+                                                              ("ddp", "ok")]
+    for r in (rows[0], rows[2]):
+        assert r["world_size"] == 2 and r["img_per_s"] == pytest.approx(2 * 2 / r["step_s_median"])
+    assert len((tmp_path / "bench.jsonl").read_text().splitlines()) == 3  # rank 0 only

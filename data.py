@@ -411,15 +411,19 @@ class Normalizer:
         raise DataError(f"{self.stats_path} has statistics for {len(self.mean)} bands but {path} has {file_bands} "
                         f"({len(selected)} selected); compute statistics on the same kind of files")
 
-    def __call__(self, pixels, path, file_bands, bands, nodata) -> torch.Tensor:
-        key = (file_bands, None if bands is None else tuple(bands), pixels.dtype)
+    def columns(self, path, file_bands, bands, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, 1 / std) of the selected bands as float32 (C, 1, 1) tensors, cached."""
+        key = (file_bands, None if bands is None else tuple(bands), np.dtype(dtype))
         if key not in self._cache:
-            mean, std = self.band_stats(path, file_bands, bands, pixels.dtype)
-            self._cache[key] = (mean.astype(np.float32)[:, None, None], (1 / std).astype(np.float32)[:, None, None])
-        mean, inv_std = self._cache[key]
+            mean, std = self.band_stats(path, file_bands, bands, dtype)
+            self._cache[key] = tuple(torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (mean, 1 / std))
+        return self._cache[key]
+
+    def __call__(self, pixels, path, file_bands, bands, nodata) -> torch.Tensor:
+        mean, inv_std = self.columns(path, file_bands, bands, pixels.dtype)
         x = pixels.astype(np.float32)  # keeps a rotated view's memory order: no transposing copy
-        x -= mean
-        x *= inv_std
+        x -= mean.numpy()
+        x *= inv_std.numpy()
         if nodata is not None:
             x[pixels == nodata] = 0
         if pixels.dtype.kind == "f":  # integers cannot be NaN or infinite
@@ -565,13 +569,17 @@ class PretrainDataset(_EpochSeededDataset):
             check_band_count(path, file_bands, cfg.bands, cfg.in_chans)
             top, left, h, w = self._pick_box(rng, *image.shape[1:])
             pixels = image[cfg.bands if cfg.bands is not None else slice(None), top:top + h, left:left + w]
-        pixels = random_dihedral(pixels, rng)
         if pixels.dtype == np.uint8 and nodata is None:
-            # 8-bit images (JPEG, PNG, RGB GeoTIFF) are resized before normalising, on torch's
-            # channels-last uint8 kernel like torchvision's pipeline: ~5x cheaper than in float.
-            small = resize(torch.from_numpy(np.ascontiguousarray(pixels)), cfg.img_size, cfg.img_size)
-            pixels = small.contiguous().numpy()  # back to (C, H, W) order: numpy is slow on the other
-        x = self.normalize(pixels, path, file_bands, cfg.bands, nodata)
+            # 8-bit images (JPEG, PNG, RGB GeoTIFF) are resized first, like torchvision's pipeline,
+            # on torch's channels-last uint8 kernel (several times cheaper than in float), and
+            # flipped/rotated after it, while the copy into (C, H, W) order is made anyway.
+            small = resize(torch.from_numpy(pixels), cfg.img_size, cfg.img_size).numpy()
+            x = random_dihedral(small, rng).astype(np.float32, order="C")  # one pass: float, (C, H, W)
+            mean, inv_std = self.normalize.columns(path, file_bands, cfg.bands, np.uint8)
+            x -= mean.numpy()
+            x *= inv_std.numpy()
+            return torch.from_numpy(x)
+        x = self.normalize(random_dihedral(pixels, rng), path, file_bands, cfg.bands, nodata)
         return resize(x, cfg.img_size, cfg.img_size)
 
     def _pick_box(self, rng, height, width) -> tuple[int, int, int, int]:
@@ -909,10 +917,18 @@ def _bench(folder, workers, repeats, scene_size):
                 json.dump(compute_stats(folder, max_files=100), f)
         paths = list_images(folder)
         dataset = PretrainDataset(paths, PretrainDataConfig(stats=stats))
+        def bare_decode(path):
+            if _sniff(path) == "tiff":
+                return tifffile.imread(path, maxworkers=1)
+            with Image.open(path) as img:
+                return np.asarray(img)
+
+        # Each result is dropped at once, as a worker's are after collation: keeping them all
+        # would time the allocator's fresh pages instead of the decoding.
         passes = {
-            "bare": lambda: [tifffile.imread(p, maxworkers=1) if _sniff(p) == "tiff" else read_image(p) for p in paths],
-            "reader": lambda: [read_image(p) for p in paths],
-            "loader": lambda: [dataset[i] for i in range(len(dataset))],
+            "bare": lambda: [bare_decode(p) is None for p in paths],
+            "reader": lambda: [read_image(p) is None for p in paths],
+            "loader": lambda: [dataset[i] is None for i in range(len(dataset))],
         }
         # Interleaved passes, so a neighbour's load on a shared machine hits all three alike.
         times = {name: [] for name in passes}

@@ -295,7 +295,8 @@ def read_image_and_nodata(path) -> tuple[np.ndarray, float | None]:
     except (OSError, SyntaxError, ValueError) as err:
         raise CorruptImageError(f"{path}: Pillow could not decode it ({err}); "
                                 "the file is truncated or corrupt") from err
-    return (pixels[None] if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))), None
+    # Copies: Pillow's arrays are read-only, and (H, W, bands) is not our order.
+    return (np.array(pixels[None]) if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))), None
 
 
 def list_images(source) -> list[str]:

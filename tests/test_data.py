@@ -144,7 +144,9 @@ def test_read_image_jpeg_png_and_tiff(tmp_path):
     Image.fromarray(rgb).save(tmp_path / "a.jpg", quality=95)
     Image.fromarray(np.array([[1, 60000]], dtype=np.uint16)).save(tmp_path / "u16.png")
     np.testing.assert_array_equal(data.read_image(tmp_path / "a.png"), ARRAYS["u8_3b"])
-    np.testing.assert_array_equal(data.read_image(tmp_path / "gray.png"), ARRAYS["u8_3b"][:1])
+    gray = data.read_image(tmp_path / "gray.png")
+    np.testing.assert_array_equal(gray, ARRAYS["u8_3b"][:1])
+    assert gray.flags.writeable and data.read_image(tmp_path / "a.png").flags.writeable
     jpeg = data.read_image(tmp_path / "a.jpg")
     assert jpeg.shape == (3, 48, 64) and np.abs(jpeg.astype(int) - ARRAYS["u8_3b"]).mean() < 3
     assert data.read_image(tmp_path / "u16.png").tolist() == [[[1, 60000]]]

@@ -82,6 +82,7 @@ class TrainConfig:
     bands: str | None = flag(None, "comma-separated 0-based bands to read, e.g. 3,2,1,7 (default: all)")
     stats: str | None = flag(None, "per-band statistics JSON from `python data.py stats` (default: <data>/stats.json if present)")
     workers: int = flag(8, "DataLoader worker processes per rank")
+    threads: int = flag(0, "CPU threads of torch's own kernels (0: torch's default, one per core)")
     # schedule
     batch_size: int = flag(32, "images per GPU per optimizer step (the paper's local batch 32)")
     accum_steps: int = flag(1, "split --batch-size into this many micro-batches (gradient accumulation)")
@@ -108,7 +109,7 @@ class TrainConfig:
     max_steps_per_run: int | None = flag(None, "stop cleanly (with a checkpoint) after N steps of this run")
     log_every: int = flag(10, "one log line and metrics.jsonl record every N steps")
     recon_every: int | None = flag(None, "reconstruction PNG every N steps (default: with each checkpoint; 0: never)")
-    rgb_bands: str = flag("0,1,2", "bands shown as red,green,blue in the reconstruction PNG")
+    rgb_bands: str | None = flag(None, "bands shown as red,green,blue in the reconstruction PNG, or one as grey (default: 0,1,2; 0 for 1-2 bands)")
     peak_tflops: float | None = flag(None, "peak dense bf16 TFLOP/s per GPU for MFU (default: from the device name)")
 
 
@@ -117,7 +118,10 @@ class TrainConfig:
 # falls visibly within ~2 minutes on 2 CPU cores.
 DEMO_DEFAULTS = dict(
     model="vit_tiny", img_size=64, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
-    batch_size=16, steps=300, lr=1.5e-3, warmup_steps=20, workers=0, ckpt_every=300, log_every=20,
+    batch_size=32, steps=800, lr=1.5e-3, warmup_steps=40, ckpt_every=800, log_every=50,
+    # One compute thread and one loader process: a model this small gains nothing from a second
+    # thread, and threads that compete with the loader (or anything else) for 2 cores stall badly.
+    threads=1, workers=1,
     rgb_bands="2,1,0",  # near-infrared, green, blue of the sample: vegetation shows red (false colour)
 )
 EXCLUSIVE = [("epochs", "steps"), ("blr", "lr"), ("warmup_epochs", "warmup_steps")]
@@ -128,12 +132,15 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="MAE pretraining of a ViT (`python train.py export --help` for encoder export). "
         "Without --data: the built-in CPU demo, whose defaults are shown as [demo: ...].",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in dataclasses.fields(TrainConfig):
         meta = dict(f.metadata)
         name = meta.pop("flag", "--" + f.name.replace("_", "-"))
-        help_text = meta.pop("help") + (f" [demo: {DEMO_DEFAULTS[f.name]}]" if f.name in DEMO_DEFAULTS else "")
+        help_text = meta.pop("help")
+        if f.default is not None and not isinstance(f.default, bool):  # None-defaults explain themselves
+            help_text += f" (default: {f.default})"
+        if f.name in DEMO_DEFAULTS:
+            help_text += f" [demo: {DEMO_DEFAULTS[f.name]}]"
         default = f.default if with_defaults else argparse.SUPPRESS
         if isinstance(f.default, bool):
             action = "store_false" if f.default else "store_true"
@@ -182,7 +189,8 @@ def model_config(cfg: TrainConfig) -> ViTConfig:
 
 def validate(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
     """Every user error that needs no data and no memory, as a ValueError naming the flag."""
-    model_config(cfg)  # unknown model, img size vs patch size, bands
+    with torch.device("meta"):  # unknown model, image size vs patch size, decoder width vs heads: no memory
+        MaskedAutoencoder(model_config(cfg), cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads)
     if cfg.batch_size < 1 or cfg.accum_steps < 1 or cfg.batch_size % cfg.accum_steps:
         raise ValueError(
             f"--batch-size {cfg.batch_size} must be a positive multiple of --accum-steps {cfg.accum_steps} "
@@ -264,7 +272,7 @@ def load_init_weights(model: torch.nn.Module, cfg: TrainConfig, dist: fsdp_setup
             )
         with warnings.catch_warnings():  # copying into meta tensors is a deliberate no-op here
             warnings.simplefilter("ignore")
-            missing = load_mae_checkpoint(reference, {**state})
+            missing = load_mae_checkpoint(reference, state)
         return state, missing
 
     state, missing = on_every_rank(read_and_check, dist)
@@ -402,15 +410,16 @@ def publish_checkpoint(out: Path, tmp: Path, final: Path, keep: int) -> None:
     `latest` changes only after the folder is complete under its final name, so a crash at any
     point leaves `latest` on the previous complete checkpoint.
     """
-    if final.exists():  # a previous, complete save of the same step (e.g. resumed then stopped at once)
+    if final.exists():  # an earlier save of this step that `latest` never named (killed right after its rename)
         shutil.rmtree(final)
     os.replace(tmp, final)
     write_atomic(out / "latest", final.name + "\n")
+    step = int(STEP_DIR.match(final.name).group(1))
     steps = sorted((int(m.group(1)), p) for p in out.glob("step-*") if (m := STEP_DIR.match(p.name)))
-    for _, old in steps[:-keep]:
+    newer = [p for n, p in steps if n > step]  # the same kind: saved, never named by `latest`, not resumed from
+    older = [p for n, p in steps if n <= step]
+    for old in [*newer, *older[:-keep], *out.glob(".tmp-step-*")]:  # .tmp-step-*: left by killed saves
         shutil.rmtree(old, ignore_errors=True)
-    for stale in out.glob(".tmp-step-*"):  # left by crashed saves
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 def save_checkpoint(out: Path, model, optimizer, train_state: dict, dist, mask_generator, keep: int) -> Path:
@@ -500,7 +509,7 @@ def build_data(cfg: TrainConfig, dist: fsdp_setup.Dist, out: Path):
     if cfg.data == "demo":
         source = str(out / "sample-chips")
         if dist.is_main and not os.path.isfile(os.path.join(source, "stats.json")):
-            data.make_demo_chips(source)  # 64 chips, 64 px, 4 bands (blue ... short-wave infrared)
+            data.make_demo_chips(source, n=256)  # 64 px, 4 bands (blue ... short-wave infrared)
         barrier(dist)
         stats = os.path.join(source, "stats.json")
     elif stats is None and os.path.isfile(os.path.join(cfg.data, "stats.json")):
@@ -539,7 +548,7 @@ def save_reconstruction(model, imgs, pixel_stats, rgb_bands, path: Path, dist, s
     if pixel_stats is not None:
         mean, std = (s.to(imgs.device)[None, :, None, None] for s in pixel_stats)
         panels = [p * std + mean for p in panels]
-    bands = [b if b < imgs.shape[1] else 0 for b in rgb_bands[:3]] if imgs.shape[1] >= 3 else [0, 0, 0]
+    bands = (rgb_bands * 3)[:3]  # one band given: grey
     panels = [p[:, bands] for p in panels]
     # One contrast stretch for all three bands of an image (2-98 percentile of the original), so
     # band ratios, i.e. colours, survive; applied to every panel of the row alike.
@@ -616,14 +625,18 @@ class TrainingDiverged(RuntimeError):
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     dist = fsdp_setup.init_distributed()
+    threads = torch.get_num_threads()
     try:
         return train(cfg, dist)
     finally:
+        torch.set_num_threads(threads)  # main() may run in a longer-lived process (tests, notebooks)
         fsdp_setup.cleanup()
 
 
 def train(cfg: TrainConfig, dist: fsdp_setup.Dist) -> int:
     # ---- setup: every user error before heavy work, on every rank ----
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     cfg, out, previous, dataset, pixel_stats = setup_run(cfg, dist)
     sampler = data.ResumableDistributedSampler(len(dataset), dist.rank, dist.world_size, seed=cfg.seed)
     loader_batch = cfg.batch_size // cfg.accum_steps
@@ -657,7 +670,7 @@ def train(cfg: TrainConfig, dist: fsdp_setup.Dist) -> int:
     stop = StopRequest(dist)
     loader = data.make_loader(dataset, loader_batch, sampler, workers=cfg.workers)
     loader.worker_init_fn = ignore_stop_signals
-    recon_every = cfg.ckpt_every if cfg.recon_every is None else cfg.recon_every
+    recon_every = cfg.ckpt_every if cfg.recon_every is None else cfg.recon_every  # 0: only at the end
     recon_imgs = torch.stack([dataset[i] for i in range(min(4, len(dataset)))]).to(dist.device)
     last_saved, step_stats, steps_this_run = previous, {}, 0
     interval = Interval(progress.step)
@@ -684,7 +697,8 @@ def train(cfg: TrainConfig, dist: fsdp_setup.Dist) -> int:
                 elif cfg.max_steps_per_run and steps_this_run >= cfg.max_steps_per_run:
                     exit_reason = "max-steps-per-run"
                 save_now = exit_reason is not None or (cfg.ckpt_every and progress.step % cfg.ckpt_every == 0)
-                recon_now = exit_reason == "done" or (recon_every and progress.step % recon_every == 0)
+                recon_now = cfg.recon_every != 0 and (
+                    exit_reason == "done" or (recon_every and progress.step % recon_every == 0))
                 if progress.step % cfg.log_every and not save_now and not recon_now:
                     continue
                 # ---- a sync point: check the losses (and, before a save, the weights), log, save ----
@@ -777,8 +791,11 @@ def setup_run(cfg: TrainConfig, dist: fsdp_setup.Dist):
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
     barrier(dist)
     dataset, pixel_stats, in_chans = on_every_rank(lambda: build_data(cfg, dist, out), dist)
+    rgb_bands = cfg.rgb_bands or ("0,1,2" if in_chans >= 3 else "0")
+    if max(int_list(rgb_bands, "rgb-bands")) >= in_chans:  # the same on every rank
+        raise ValueError(f"--rgb-bands {rgb_bands}: the data has {in_chans} bands (0-based indices)")
     cfg = dataclasses.replace(cfg, in_chans=in_chans, img_size=model_config(cfg).img_size, out=str(out),
-                              mixed_precision=resolve_mixed_precision(cfg.mixed_precision, dist.device))
+                              mixed_precision=resolve_mixed_precision(cfg.mixed_precision, dist.device), rgb_bands=rgb_bands)
     steps_per_epoch = len(dataset) // dist.world_size // cfg.batch_size
     cfg = on_every_rank(lambda: resolve_schedule(cfg, len(dataset), steps_per_epoch, cfg.batch_size * dist.world_size), dist)
     if dist.is_main:

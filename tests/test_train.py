@@ -137,6 +137,16 @@ def test_find_checkpoint_skips_incomplete_folders(tmp_path):
     assert train.find_checkpoint(tmp_path).name == "step-20"  # pointer to a broken folder: ignored
 
 
+def test_publish_renames_then_points_then_prunes(tmp_path):
+    for name in ("step-2", "step-4", "step-9", ".tmp-step-5", ".tmp-step-6"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "latest").write_text("step-4\n")
+    train.publish_checkpoint(tmp_path, tmp_path / ".tmp-step-6", tmp_path / "step-6", keep=2)
+    assert latest(tmp_path) == "step-6"
+    # step-9 was never named by `latest` (killed right after its rename): an abandoned branch.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-4", "step-6"]
+
+
 # ---- whole runs ----
 
 
@@ -163,12 +173,18 @@ def test_demo_smoke(tmp_path, capsys):
     assert latest(tmp_path) == "step-2" and not (tmp_path / "step-4").exists()
 
 
-def test_resume_is_bit_exact_on_one_rank(chips, reference, tmp_path):
-    assert train.main(args(chips, tmp_path, "--max-steps-per-run", "5")) == 0  # stops mid-epoch
-    assert latest(tmp_path) == "step-5" and len(losses(tmp_path)) == 5
-    assert train.main(args(chips, tmp_path, "--resume")) == 0
-    assert losses(tmp_path) == losses(reference)  # loss and grad norm of every step, bit for bit
-    exported, expected = train.export_encoder(str(tmp_path)), train.export_encoder(str(reference))
+@pytest.mark.parametrize("layout", [[], ["--strategy", "ddp"], ["--strategy", "hybrid_shard", "--shard-group-size", "1"]],
+                         ids=["full_shard", "ddp", "hybrid_shard"])
+def test_resume_is_bit_exact_on_one_rank(chips, reference, tmp_path, layout):
+    if layout:  # its own uninterrupted reference: DCP keys and meshes differ per layout
+        reference = tmp_path / "reference"
+        assert train.main(args(chips, reference, *layout)) == 0
+    run = tmp_path / "run"
+    assert train.main(args(chips, run, *layout, "--max-steps-per-run", "5")) == 0  # stops mid-epoch
+    assert latest(run) == "step-5" and len(losses(run)) == 5
+    assert train.main(args(chips, run, *layout, "--resume")) == 0
+    assert losses(run) == losses(reference)  # loss and grad norm of every step, bit for bit
+    exported, expected = train.export_encoder(str(run)), train.export_encoder(str(reference))
     assert all(torch.equal(exported["model"][k], expected["model"][k]) for k in expected["model"])
 
 
@@ -302,6 +318,8 @@ def test_init_loads_official_weights(chips, tmp_path):
     (["--strategy", "hybrid_shard"], "--shard-group-size"),
     (["--data", "/nonexistent/folder"], "no such folder"),
     (["--steps", "4", "--warmup-steps", "4"], "warmup"),
+    (["--decoder-num-heads", "5"], "decoder_num_heads 5"),
+    (["--rgb-bands", "3,2,4"], "the data has 4 bands"),
 ])
 def test_user_errors_are_one_clear_line(chips, tmp_path, capsys, extra, message):
     assert train.cli([*args(chips, tmp_path), *extra]) == 2

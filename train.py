@@ -1,25 +1,30 @@
 """train.py — MAE pretraining of geofm's ViTs, from a 2-minute CPU demo to 1,024 GPUs, with exact resume.
 
-    python train.py                 # the built-in demo: a tiny ViT MAE on CPU (~2 min), writes runs/demo/
+    python train.py                 # the demo: a tiny ViT MAE on generated 4-band chips, CPU, ~2 min
     torchrun --standalone --nproc_per_node=8 train.py --model vit_3b --data /data/millionaid \
         --strategy hybrid_shard --shard-group-size 1 --batch-size 32 --epochs 800 --out runs/vit3b --resume
     srun -N128 --ntasks-per-node=8 -c7 --gpus-per-task=1 --gpu-bind=closest --signal=USR1@180 \
         python train.py --model vit_5b --data /data/millionaid --strategy hybrid_shard --shard-group-size 8 \
         --batch-size 32 --epochs 800 --out runs/vit5b --resume
-    python train.py export --ckpt runs/vit3b --out vit3b_encoder.pt   # encoder weights for eval.py
+    python train.py export --ckpt runs/vit3b --out vit3b_encoder.pt   # the encoder, for eval.py
 
-A straight line, like nanoGPT: config -> process group -> data -> model -> optimizer -> loop, with
+A straight line, like nanoGPT: flags -> process group -> data -> model -> optimizer -> loop, with
 checkpoints on the side. The same code runs one CPU process (gloo, a world-size-1 process group)
-and a thousand GPUs (NCCL/RCCL); fsdp_setup.py holds everything distributed.
+and a thousand GPUs (NCCL/RCCL); fsdp_setup.py holds everything distributed, data.py the images.
 
 Recipe (He et al. 2021, ../shared/ANCHORS.md): AdamW β=(0.9, 0.95), weight decay 0.05 except biases,
 norms and the cls/mask tokens, lr = blr × global batch / 256, linear warmup then half-cycle cosine to
-0, set every iteration. `--batch-size` is per GPU per optimizer step; `--accum-steps` splits it into
-micro-batches (global batch = batch size × world size, whatever the accumulation).
+0, set every step. `--batch-size` is per GPU per optimizer step; `--accum-steps` splits it into
+micro-batches, so the global batch is batch size × world size whatever the accumulation.
 
-Checkpoints are torch.distributed.checkpoint folders `out/step-N/` (each rank writes its own shards;
-no pickled Python objects), completed under a temporary name and renamed, then the `out/latest`
-pointer is replaced. `--resume` continues bit-exactly (same world size) from the newest complete one.
+Run folder (`--out`): config.json, metrics.jsonl (one JSON record per log line), recon-step-N.png,
+and checkpoints `step-N/`: torch.distributed.checkpoint shards of model and optimizer (each rank
+writes its own; DCP reshards on load), train_state.json (step, epoch, sampler position, config)
+and rank-R.json (that rank's RNG states) — no pickled Python objects. A save is written to
+`.tmp-step-N/`, renamed when complete, and only then does `latest` point to it, so a kill at any
+moment leaves `latest` on a complete checkpoint. `--resume` continues bit-exactly (same world
+size), so a requeued job script can always pass it. SIGTERM/SIGUSR1: finish the step, save, exit 0.
+Exit codes: 0 done or stopped cleanly, 1 loss not finite (nothing saved), 2 bad flag or data.
 """
 
 from __future__ import annotations

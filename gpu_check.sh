@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # gpu_check.sh — every GPU target of issue 7 measured in one run on one H100/H200, in at most ~8 minutes.
 #
-#   bash gpu_check.sh                  # on the GPU machine; results in $OUT (default runs/gpu_check)
+#   bash gpu_check.sh                  # on the GPU machine; everything in runs/gpu_check, the gist in $OUT
 #   bash gpu_check.sh --cpu-dry-run    # anywhere: every model becomes vit_tiny, 2 timed steps, on the CPU
 #
 # Targets (one 80 GB H100, bf16, 224 px, mask 0.75, norm-pix loss, synthetic data on the device):
@@ -10,14 +10,19 @@
 # Each measurement runs in its own process under `timeout`, so one failure (OOM, compile error, hang)
 # costs only its own slot; a running deadline skips what no longer fits. Memory is capped at an H100's
 # 79.1 GiB even on an H200, so "fits on an 80 GB GPU" means the same on either. Summary table last.
-# Env: OUT, PYTHON, GPU_CHECK_BUDGET_S (default 470 s of measurements), GPU_CHECK_DRY_RUN=1.
+# Env: GPU_CHECK_WORK (default runs/gpu_check: every log and result), OUT (if set, at most 4 files are
+# copied there: summary.md, results.json, logs.txt, profile.txt), PYTHON (default python3),
+# GPU_CHECK_BUDGET_S (default 470 s of measurements), GPU_CHECK_DRY_RUN=1.
 set -uo pipefail
 cd "$(dirname "$0")"
 
 DRY=${GPU_CHECK_DRY_RUN:-0}
 [[ "${1:-}" == "--cpu-dry-run" ]] && DRY=1
-OUT=${OUT:-runs/gpu_check}
+RESULTS=${OUT:-}
+OUT=${GPU_CHECK_WORK:-runs/gpu_check}  # below, $OUT is this work folder
 mkdir -p "$OUT"
+rm -rf "$OUT"/*.log "$OUT/smoke.json" "$OUT/summary.md" "$OUT/sdpa"  # a previous run's; each sweep clears its own folder
+export PYTHONUNBUFFERED=1
 BUDGET_S=${GPU_CHECK_BUDGET_S:-470}
 RESERVE_S=10  # kept for the summary
 MEM_CAP_GIB=79.1
@@ -65,6 +70,7 @@ step() {
 sweep() {
     local name=$1 limit=$2
     shift 2
+    rm -rf "${OUT:?}/$name"
     step "$name" "$limit" "$PY" bench.py sweep --out "$OUT/$name" --mem-cap-gib "$MEM_CAP_GIB" "${STEPS[@]}" "$@"
 }
 
@@ -287,3 +293,30 @@ text = "\n".join(lines)
 open(os.path.join(out, "summary.md"), "w").write(text + "\n")
 print("\n" + text)
 EOF
+
+# ---- the gist for the device tool, which brings back at most 8 files from $OUT ----
+if [[ -n "$RESULTS" ]]; then
+    mkdir -p "$RESULTS"
+    cp "$OUT/summary.md" "$RESULTS/" 2>/dev/null
+    "$PY" - "$OUT" "$RESULTS" <<'EOF'
+import glob, json, os, sys
+work, results = sys.argv[1:]
+steps = open(os.path.join(work, "steps.tsv")).read().splitlines()
+gist = {"steps": steps, "runs": {}}
+for run in (line.split("\t")[0] for line in steps):
+    path = os.path.join(work, run, "bench.jsonl")  # written row by row: complete even if the run was cut short
+    if os.path.exists(path):
+        gist["runs"][run] = [json.loads(line) for line in open(path) if line.strip()]
+for name in ("smoke.json", "sdpa/sdpa.json"):
+    if os.path.exists(os.path.join(work, name)):
+        gist[name.split("/")[-1][:-5]] = json.load(open(os.path.join(work, name)))
+json.dump(gist, open(os.path.join(results, "results.json"), "w"), indent=1)
+with open(os.path.join(results, "logs.txt"), "w") as logs:
+    for path in sorted(glob.glob(os.path.join(work, "*.log"))):
+        lines = open(path, errors="replace").read().splitlines()
+        logs.write(f"===== {os.path.basename(path)} ({len(lines)} lines, last 60) =====\n" + "\n".join(lines[-60:]) + "\n")
+profiles = sorted(glob.glob(os.path.join(work, "vitl_compiled", "profile-*.txt")))
+if profiles:
+    open(os.path.join(results, "profile.txt"), "w").write(open(profiles[0]).read())
+EOF
+fi

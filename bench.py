@@ -1,15 +1,19 @@
 """bench.py — throughput sweep, memory/layout planner and SDPA micro-benchmark for geofm.
 
-Three subcommands:
-
     python bench.py plan --model vit_15b --gpus 1024 --gpus-per-node 8 --gpu-mem-gib 64 [--json]
-    python bench.py [sweep] --models vit_large --strategies full_shard --batch-sizes 256 --out runs/bench
-    torchrun --nproc_per_node=8 bench.py sweep --models vit_3b --strategies hybrid_shard:1 hybrid_shard:8
-    python bench.py sdpa                       # fastest attention kernel at MAE's shapes on this card
+    python bench.py plan --check                 # the model against measured peaks (paper, H100)
+    python bench.py                              # = sweep with defaults: ViT-L/H/1B/3B on a GPU, vit_tiny on CPU
+    python bench.py sweep --models vit_large --batch-sizes 256 --compile on --sdpa auto cudnn --out runs/bench
+    torchrun --nproc_per_node=8 bench.py sweep --models vit_3b --strategies hybrid_shard:1 hybrid_shard:8 full_shard
+    python bench.py sdpa                         # each attention kernel at MAE's shapes on this card
 
-`plan` needs no device: it predicts per-GPU memory and communication for every layout and picks one.
-`sweep` times MAE training steps through train.py's own functions (build_model, build_optimizer,
-train_step) on synthetic data already on the device, so what it measures is what train.py runs.
+`plan` needs no device: it predicts per-GPU memory and communication of every layout and recommends
+one with the paper's rule. `sweep` times MAE training steps through train.py's own functions
+(build_model, build_optimizer, train_step) on synthetic images already on the device: what it measures
+is what train.py runs. Each configuration is a row (img/s, TFLOP/s per GPU, MFU, peak memory beside
+the plan's, first-step time, energy per image), an impossible layout or an OOM included; under torchrun
+every rank runs every configuration and rank 0 reports. On a shared machine `--interleave` takes the
+configurations' timed steps in turn, so that outside load slows all alike.
 
 The memory model (per GPU, bytes; P = all MAE parameters, P_b = the largest Block, s = shard group,
 c = compute bytes (2 for bf16), r = gradient-reduction bytes (4: fp32 reduce, 2: bf16-reduce)):
@@ -416,7 +420,7 @@ class PowerMeter:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             self.threads = [threading.Thread(target=self._read_smi, daemon=True)]
         elif self.torch_reader:
-            self.threads = [threading.Thread(target=self._poll_torch, daemon=True)]
+            self.threads = [threading.Thread(target=self._poll_torch, args=(self.stop_event,), daemon=True)]
         for thread in self.threads:
             thread.start()
 
@@ -427,17 +431,19 @@ class PowerMeter:
             except ValueError:  # "[N/A]" on cards without a power sensor
                 pass
 
-    def _poll_torch(self) -> None:
-        while not self.stop_event.wait(0.1):
+    def _poll_torch(self, stop_event: threading.Event) -> None:
+        while not stop_event.wait(0.1):
             self.samples.append(torch.cuda.power_draw(self.device) / 1e3)  # mW -> W
 
     def stop(self) -> float | None:
         if self.stop_event is None:
             return None
-        self.stop_event.set()
+        self.stop_event, stop_event = None, self.stop_event
+        stop_event.set()
         if self.proc is not None:
             self.proc.terminate()
             self.proc.wait(timeout=5)
+            self.proc = None
         for thread in self.threads:
             thread.join(timeout=5)
         return statistics.mean(self.samples) if self.samples else None
@@ -636,6 +642,7 @@ def run_one(cfg: train.TrainConfig, sdpa: str, dist: fsdp_setup.Dist, args, powe
         # traceback's frames are gone once this handler ends, before the next configuration allocates.
         result = dict(status="oom", peak_mem_gib=train.peak_memory_gib(dist.device) if dist.device.type == "cuda" else None)
     finally:
+        power.stop()  # no-op unless an error left the meter running
         free_memory(dist.device)
     return {**row, **result}
 
@@ -786,11 +793,10 @@ def cmd_sdpa(args) -> list[dict]:
     backends = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
     if args.shapes:
-        try:
-            shapes = [("", tuple(int(x) for x in s.split("x"))) for s in args.shapes]
-            assert all(len(shape) == 4 for _, shape in shapes)
-        except (ValueError, AssertionError):
-            raise ValueError(f"--shapes takes BxHxNxd, e.g. 256x16x50x64, got {args.shapes}") from None
+        parts = [spec.split("x") for spec in args.shapes]
+        if not all(len(p) == 4 and all(x.isdigit() for x in p) for p in parts):
+            raise ValueError(f"--shapes takes BxHxNxd, e.g. 256x16x50x64, got {' '.join(args.shapes)}")
+        shapes = [("", tuple(int(x) for x in p)) for p in parts]
     else:
         shapes = [shape for model, batch in SDPA_DEFAULT_SHAPES for shape in mae_attention_shapes(model, batch)]
     print(f"SDPA forward+backward, median ms of {args.iters}, {device_name(device)}, {dtype}, torch {torch.__version__}")
@@ -872,4 +878,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as err:  # a bad flag or layout: the message, not a traceback
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

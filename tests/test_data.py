@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import data
+import geotiff
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ARRAYS = dict(np.load(FIXTURES / "arrays.npz"))
@@ -125,7 +126,7 @@ def test_big_endian_and_sparse_tiles(tmp_path):
     np.testing.assert_array_equal(read, pixels)
     # GDAL's SPARSE_OK=TRUE stores an all-nodata tile as offset 0, byte count 0.
     path = tmp_path / "sparse.tif"
-    tifffile.imwrite(path, pixels[0], tile=(16, 16), extratags=[(data.GDAL_NODATA_TAG, "s", 0, "7", True)])
+    tifffile.imwrite(path, pixels[0], tile=(16, 16), extratags=[(geotiff.GDAL_NODATA_TAG, "s", 0, "7", True)])
     raw = bytearray(path.read_bytes())
     with tifffile.TiffFile(path) as tif:
         counts = tif.pages[0].tags["TileByteCounts"]

@@ -1,7 +1,7 @@
-"""Tests for data.py: GDAL-written fixtures read exactly, windows, errors, datasets, sampler.
+"""Tests for data.py: read_image, statistics, normalisation, datasets, sampler, scene splits.
 
-The fixtures in tests/fixtures were written by GDAL (see make_fixtures.sh) from the arrays
-in arrays.npz, so every pixel comparison here is against an independent writer.
+The GeoTIFF reader itself (geotiff.py) is tested in test_geotiff.py, whose GDAL-written
+fixtures (tests/fixtures) these tests share.
 """
 
 import json
@@ -15,127 +15,10 @@ import torch
 from PIL import Image
 
 import data
-import geotiff
-
-FIXTURES = Path(__file__).parent / "fixtures"
-ARRAYS = dict(np.load(FIXTURES / "arrays.npz"))
-
-# fixture file -> (source array, dtype, tiled, interleave, nodata, bigtiff)
-LOSSLESS = {
-    "u16_4b_tiled_deflate_pixel.tif": ("u16_4b", "uint16", True, "pixel", None, False),
-    "u16_4b_striped_lzw_band.tif": ("u16_4b", "uint16", False, "band", None, False),
-    "u16_4b_tiled_zstd_band.tif": ("u16_4b", "uint16", True, "band", None, False),
-    "u16_4b_striped_packbits_pixel.tif": ("u16_4b", "uint16", False, "pixel", None, False),
-    "u16_4b_tiled_deflate_bigtiff.tif": ("u16_4b", "uint16", True, "pixel", None, True),
-    "u8_3b_striped_none_pixel.tif": ("u8_3b", "uint8", False, "pixel", None, False),
-    "i16_3b_nodata_tiled_zstd_pixel.tif": ("i16_3b_nodata", "int16", True, "pixel", -9999, False),
-    "i16_3b_nodata_striped_deflate_band.tif": ("i16_3b_nodata", "int16", False, "band", -9999, False),
-    "f32_3b_tiled_deflate_pred3_pixel.tif": ("f32_3b", "float32", True, "pixel", None, False),
-    "f32_3b_striped_lzw_pred3_band.tif": ("f32_3b", "float32", False, "band", None, False),
-    "f64_2b_tiled_zstd_pred3.tif": ("f64_2b", "float64", True, "pixel", None, False),
-    "u16_13b_tiled_deflate_band.tif": ("u16_13b", "uint16", True, "band", None, False),
-    "u16_1b_cog.tif": ("u16_1b_cog", "uint16", True, "pixel", None, False),
-}
-JPEG = ["u8_3b_tiled_jpeg.tif", "u8_3b_striped_jpeg_ycbcr.tif"]
+from test_geotiff import ARRAYS, FIXTURES, truncated_copy
 
 
-# --- reading -----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", sorted(LOSSLESS))
-def test_gdal_fixture_reads_exactly(name):
-    source, dtype, tiled, interleave, nodata, bigtiff = LOSSLESS[name]
-    pixels = data.read_geotiff(FIXTURES / name)
-    assert pixels.dtype == np.dtype(dtype) and pixels.shape == ARRAYS[source].shape
-    np.testing.assert_array_equal(pixels, ARRAYS[source])  # NaN == NaN here, and must be in place
-    info = data.geotiff_info(FIXTURES / name)
-    assert (info.height, info.width, info.bands) == ARRAYS[source].shape[1:] + ARRAYS[source].shape[:1]
-    assert (info.dtype, info.tiled, info.interleave, info.nodata, info.bigtiff) == (np.dtype(dtype), tiled, interleave, nodata, bigtiff)
-
-
-def test_cog_returns_full_resolution_not_overview():
-    with tifffile.TiffFile(FIXTURES / "u16_1b_cog.tif") as tif:
-        assert len(tif.pages) == 2  # the fixture really has an overview after the full image
-    assert data.read_geotiff(FIXTURES / "u16_1b_cog.tif").shape == (1, 140, 130)
-
-
-@pytest.mark.parametrize("name", JPEG)
-def test_jpeg_geotiff_matches_gdal_decode(name):
-    pixels = data.read_geotiff(FIXTURES / name).astype(int)
-    gdal = ARRAYS[f"gdal_decoded_{name[:-4]}"].astype(int)
-    assert pixels.shape == gdal.shape == (3, 48, 64)
-    assert np.abs(pixels - gdal).max() <= 2  # libjpeg builds differ by rounding only
-    assert np.abs(pixels - ARRAYS["u8_3b"]).mean() < 3  # and it is the picture we encoded
-
-
-WINDOW_FILES = ["u16_4b_tiled_deflate_pixel.tif", "u16_4b_striped_lzw_band.tif", "u16_4b_tiled_zstd_band.tif",
-                "u16_4b_striped_packbits_pixel.tif", "f32_3b_tiled_deflate_pred3_pixel.tif", "u8_3b_tiled_jpeg.tif",
-                "u8_3b_striped_jpeg_ycbcr.tif"]
-
-
-@pytest.mark.parametrize("name", WINDOW_FILES)
-@pytest.mark.parametrize("window", [(0, 0, 1, 1), (15, 15, 2, 2), (3, 5, 20, 30), (30, 33, 7, 8),  # tile edges, border
-                                    (36, 0, 1, 41), (0, 40, 37, 1), (16, 16, 16, 16), (0, 0, 37, 41)])
-def test_window_equals_slice_of_full_read(name, window):
-    full = data.read_geotiff(FIXTURES / name)
-    row, col, h, w = window
-    np.testing.assert_array_equal(data.read_geotiff(FIXTURES / name, window=window), full[:, row:row + h, col:col + w])
-
-
-@pytest.mark.parametrize("name", ["u16_4b_tiled_deflate_pixel.tif", "u16_4b_striped_lzw_band.tif", "u16_13b_tiled_deflate_band.tif"])
-def test_band_selection(name):
-    full = data.read_geotiff(FIXTURES / name)
-    for bands in ([0], [3, 1], [2, 2, 0]):
-        np.testing.assert_array_equal(data.read_geotiff(FIXTURES / name, bands=bands), full[bands])
-    np.testing.assert_array_equal(data.read_geotiff(FIXTURES / name, window=(10, 2, 9, 17), bands=[1, 0]),
-                                  full[[1, 0], 10:19, 2:19])
-
-
-def test_window_decodes_only_the_tiles_it_touches():
-    with data.GeoTiff(FIXTURES / "u16_4b_tiled_deflate_pixel.tif") as tif:  # 16x16 tiles, 3 rows x 3 cols
-        assert tif.window_segments((0, 0, 16, 16)) == [0]
-        assert tif.window_segments((15, 15, 2, 2)) == [0, 1, 3, 4]
-        assert tif.window_segments((33, 40, 4, 1)) == [8]
-        assert len(tif.window_segments()) == 9
-        tif.read((15, 15, 2, 2))
-        assert tif.segments_decoded == 4
-    with data.GeoTiff(FIXTURES / "u16_4b_tiled_zstd_band.tif") as tif:  # band interleave: 9 tiles per band plane
-        assert tif.window_segments((15, 15, 2, 2), bands=[2]) == [18, 19, 21, 22]
-        tif.read((0, 0, 37, 41), bands=[1])
-        assert tif.segments_decoded == 9  # the other 27 tiles hold other bands and are never decoded
-    with data.GeoTiff(FIXTURES / "u16_4b_striped_lzw_band.tif") as tif:  # 7-row strips
-        assert tif.window_segments((13, 0, 2, 41), bands=[0]) == [1, 2]
-
-
-def test_small_window_of_big_tiled_scene_stays_small(tmp_path):
-    path = tmp_path / "scene.tif"
-    scene = np.arange(2048 * 2048, dtype=np.uint32).reshape(2048, 2048).astype(np.uint16)
-    tifffile.imwrite(path, scene, tile=(256, 256), compression="zlib")
-    with data.GeoTiff(path) as tif:
-        window = tif.read((700, 900, 512, 512))
-        assert tif.segments_decoded == 9  # of 64: a 512 window covers at most 3x3 tiles of 256
-    np.testing.assert_array_equal(window[0], scene[700:1212, 900:1412])
-
-
-def test_big_endian_and_sparse_tiles(tmp_path):
-    pixels = ARRAYS["u16_4b"][:, :32, :32]
-    tifffile.imwrite(tmp_path / "motorola.tif", pixels, byteorder=">", tile=(16, 16), compression="zlib", predictor=True,
-                     photometric="minisblack", planarconfig="separate")
-    read = data.read_geotiff(tmp_path / "motorola.tif")
-    assert read.dtype == np.dtype("uint16") and read.dtype.isnative
-    np.testing.assert_array_equal(read, pixels)
-    # GDAL's SPARSE_OK=TRUE stores an all-nodata tile as offset 0, byte count 0.
-    path = tmp_path / "sparse.tif"
-    tifffile.imwrite(path, pixels[0], tile=(16, 16), extratags=[(geotiff.GDAL_NODATA_TAG, "s", 0, "7", True)])
-    raw = bytearray(path.read_bytes())
-    with tifffile.TiffFile(path) as tif:
-        counts = tif.pages[0].tags["TileByteCounts"]
-    width = counts.valuebytecount // counts.count
-    raw[counts.valueoffset:counts.valueoffset + width] = bytes(width)  # tile 0 now has no bytes
-    path.write_bytes(bytes(raw))
-    expected = pixels[:1].copy()
-    expected[:, :16, :16] = 7
-    np.testing.assert_array_equal(data.read_geotiff(path), expected)
+# --- read_image --------------------------------------------------------------------------------
 
 
 def test_read_image_jpeg_png_and_tiff(tmp_path):
@@ -154,23 +37,7 @@ def test_read_image_jpeg_png_and_tiff(tmp_path):
     np.testing.assert_array_equal(data.read_image(FIXTURES / "u16_13b_tiled_deflate_band.tif"), ARRAYS["u16_13b"])
 
 
-# --- bad input -----------------------------------------------------------------------------------
-
-
-def truncated_copy(tmp_path, name="u16_4b_tiled_deflate_pixel.tif", keep=0.6):
-    path = tmp_path / f"truncated_{name}"
-    raw = (FIXTURES / name).read_bytes()
-    path.write_bytes(raw[:int(len(raw) * keep)])
-    return path
-
-
-def test_bad_input_errors_name_the_file(tmp_path):
-    truncated = truncated_copy(tmp_path)
-    with pytest.raises(data.CorruptImageError, match=f"{truncated}.*truncated"):
-        data.read_geotiff(truncated)
-    header_only = truncated_copy(tmp_path, "u16_1b_cog.tif", keep=0.004)
-    with pytest.raises(data.CorruptImageError, match=f"{header_only}: unreadable TIFF header"):
-        data.read_geotiff(header_only)
+def test_read_image_bad_input_names_the_file(tmp_path):
     text = tmp_path / "notes.tif"
     text.write_text("not an image at all\n")
     with pytest.raises(data.CorruptImageError, match=f"{text}: not an image"):
@@ -184,36 +51,6 @@ def test_bad_input_errors_name_the_file(tmp_path):
     cut_jpeg.write_bytes((tmp_path / "whole.jpg").read_bytes()[:400])
     with pytest.raises(data.CorruptImageError, match=str(cut_jpeg)):
         data.read_image(cut_jpeg)
-    fixture = FIXTURES / "u16_4b_tiled_deflate_pixel.tif"
-    for window in [(30, 0, 8, 8), (0, 35, 8, 8), (-1, 0, 4, 4), (0, 0, 0, 4)]:
-        with pytest.raises(data.DataError, match=f"{fixture}: window .* not inside the 37x41 image"):
-            data.read_geotiff(fixture, window=window)
-    with pytest.raises(data.DataError, match=f"{fixture}: band indices \\[4\\] out of range; the file has 4 bands"):
-        data.read_geotiff(fixture, bands=[4])
-
-
-def test_corrupt_tile_bytes_raise(tmp_path):
-    path = tmp_path / "garbled.tif"
-    raw = bytearray((FIXTURES / "u16_4b_tiled_deflate_pixel.tif").read_bytes())
-    with tifffile.TiffFile(FIXTURES / "u16_4b_tiled_deflate_pixel.tif") as tif:
-        offset = tif.pages[0].dataoffsets[4]
-    raw[offset:offset + 40] = b"\xff" * 40
-    path.write_bytes(bytes(raw))
-    with pytest.raises(data.CorruptImageError, match=f"{path}: segment 4 failed to decode"):
-        data.read_geotiff(path)
-    data.read_geotiff(path, window=(0, 0, 16, 16))  # tiles away from the damage still read
-
-
-def test_unsupported_compression_says_what_helps(tmp_path):
-    path = tmp_path / "odd.tif"
-    tifffile.imwrite(path, np.zeros((16, 16), np.uint16), compression="zlib")
-    raw = bytearray(path.read_bytes())
-    with tifffile.TiffFile(path) as tif:
-        tag = tif.pages[0].tags["Compression"]
-    raw[tag.valueoffset:tag.valueoffset + 2] = (60000).to_bytes(2, "little")  # no codec has this number
-    path.write_bytes(bytes(raw))
-    with pytest.raises(data.DataError, match=f"{path}: compression .* imagecodecs.*gdal_translate -co COMPRESS=DEFLATE"):
-        data.read_geotiff(path)
 
 
 # --- statistics and normalisation ----------------------------------------------------------------

@@ -123,10 +123,10 @@ def load_encoder(spec: str, model: str | None = None, in_chans: int | None = Non
         return get_config(model, **overrides), None, f"random init ({model})"
     path = Path(spec)
     if path.is_dir():
-        import train  # only for run folders: export_encoder knows the training checkpoint format
+        import checkpoint  # only for run folders: export_encoder knows the training checkpoint format
 
         try:
-            ckpt = train.export_encoder(str(path))
+            ckpt = checkpoint.export_encoder(str(path))
         except ValueError as e:
             raise ValueError(f"--encoder {path}: {e}") from None
     elif path.is_file():

@@ -10,7 +10,8 @@
 
 A straight line, like nanoGPT: flags -> process group -> data -> model -> optimizer -> loop, with
 checkpoints on the side. The same code runs one CPU process (gloo, a world-size-1 process group)
-and a thousand GPUs (NCCL/RCCL); fsdp_setup.py holds everything distributed, data.py the images.
+and a thousand GPUs (NCCL/RCCL); fsdp_setup.py holds everything distributed, data.py the images,
+checkpoint.py the checkpoints.
 
 Recipe (He et al. 2021, ../shared/ANCHORS.md): AdamW β=(0.9, 0.95), weight decay 0.05 except biases,
 norms and the cls/mask tokens, lr = blr × global batch / 256, linear warmup then half-cycle cosine to
@@ -18,12 +19,9 @@ norms and the cls/mask tokens, lr = blr × global batch / 256, linear warmup the
 micro-batches, so the global batch is batch size × world size whatever the accumulation.
 
 Run folder (`--out`): config.json, metrics.jsonl (one JSON record per log line), recon-step-N.png,
-and checkpoints `step-N/`: torch.distributed.checkpoint shards of model and optimizer (each rank
-writes its own; DCP reshards on load), train_state.json (step, epoch, sampler position, config)
-and rank-R.json (that rank's RNG states) — no pickled Python objects. A save is written to
-`.tmp-step-N/`, renamed when complete, and only then does `latest` point to it, so a kill at any
-moment leaves `latest` on a complete checkpoint. `--resume` continues bit-exactly (same world
-size), so a requeued job script can always pass it. SIGTERM/SIGUSR1: finish the step, save, exit 0.
+and checkpoints `step-N/` with a `latest` pointer (their layout, save order and export: checkpoint.py);
+a kill at any moment leaves `latest` on a complete checkpoint. `--resume` continues bit-exactly (same
+world size), so a requeued job script can always pass it. SIGTERM/SIGUSR1: finish the step, save, exit 0.
 Exit codes: 0 done or stopped cleanly, 1 loss not finite (nothing saved), 2 bad flag or data.
 """
 
@@ -34,7 +32,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import resource
 import shutil
 import signal
@@ -46,18 +43,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as tdist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 import data
 import fsdp_setup
+from checkpoint import barrier, export_main, find_checkpoint, load_checkpoint, params_finite, save_checkpoint, write_atomic
 from mae import MaskedAutoencoder, load_mae_checkpoint
-from vit import ViTConfig, VisionTransformer, get_config
+from vit import ViTConfig, get_config
 
 SYNTHETIC_IMAGES = 1_000_000  # `--data synthetic`: MillionAID-sized, generated on the fly
 
@@ -364,142 +356,6 @@ def peak_tflops(device: torch.device, override: float | None = None) -> tuple[st
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: out/step-N/ = DCP shards + train_state.json (rank 0) + rank-R.json (RNG per rank)
-
-STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def is_complete(folder: Path) -> bool:
-    return (folder / ".metadata").is_file() and (folder / "train_state.json").is_file()
-
-
-def find_checkpoint(out: Path) -> Path | None:
-    """`latest` if it names a complete checkpoint, else the newest complete step-N, else None."""
-    latest = out / "latest"
-    if latest.is_file():
-        candidate = out / latest.read_text().strip()
-        if is_complete(candidate):
-            return candidate
-    steps = sorted((int(m.group(1)), p) for p in out.glob("step-*") if (m := STEP_DIR.match(p.name)) and is_complete(p))
-    return steps[-1][1] if steps else None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name, fsync, rename over `path`: readers see the old or the new file, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def generator_state(generator: torch.Generator) -> list[int]:
-    return generator.get_state().tolist()
-
-
-def set_generator_state(generator: torch.Generator, state: list[int]) -> None:
-    generator.set_state(torch.tensor(state, dtype=torch.uint8))
-
-
-def rank_rng_state(dist: fsdp_setup.Dist, mask_generator: torch.Generator) -> dict:
-    state = {"mask_generator": generator_state(mask_generator), "torch_cpu": torch.get_rng_state().tolist()}
-    if dist.device.type == "cuda":
-        state["torch_cuda"] = torch.cuda.get_rng_state(dist.device).tolist()
-    return state
-
-
-def publish_checkpoint(out: Path, tmp: Path, final: Path, keep: int) -> None:
-    """Rank 0, after every rank has written: rename, then point `latest` at it, then prune.
-
-    `latest` changes only after the folder is complete under its final name, so a crash at any
-    point leaves `latest` on the previous complete checkpoint.
-    """
-    if final.exists():  # an earlier save of this step that `latest` never named (killed right after its rename)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    write_atomic(out / "latest", final.name + "\n")
-    step = int(STEP_DIR.match(final.name).group(1))
-    steps = sorted((int(m.group(1)), p) for p in out.glob("step-*") if (m := STEP_DIR.match(p.name)))
-    newer = [p for n, p in steps if n > step]  # the same kind: saved, never named by `latest`, not resumed from
-    older = [p for n, p in steps if n <= step]
-    for old in [*newer, *older[:-keep], *out.glob(".tmp-step-*")]:  # .tmp-step-*: left by killed saves
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def save_checkpoint(out: Path, model, optimizer, train_state: dict, dist, mask_generator, keep: int) -> Path:
-    step = train_state["step"]
-    tmp, final = out / f".tmp-step-{step}", out / f"step-{step}"
-    if dist.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(dist)
-    write_atomic(tmp / f"rank-{dist.rank:05d}.json", json.dumps(rank_rng_state(dist, mask_generator)))
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))  # ends with a gather on rank 0
-    if dist.is_main:
-        write_atomic(tmp / "train_state.json", json.dumps(train_state, indent=1))
-        publish_checkpoint(out, tmp, final, keep)
-    barrier(dist)
-    return final
-
-
-def load_checkpoint(folder: Path, model, optimizer, dist, mask_generator) -> dict:
-    """Restore model and optimizer (resharded by DCP to this layout) and, for the same world size,
-    this rank's RNG states. Returns the checkpoint's train_state.json."""
-    train_state = json.loads((folder / "train_state.json").read_text())
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
-    if train_state["world_size"] == dist.world_size:
-        rng = json.loads((folder / f"rank-{dist.rank:05d}.json").read_text())
-        set_generator_state(mask_generator, rng["mask_generator"])
-        torch.set_rng_state(torch.tensor(rng["torch_cpu"], dtype=torch.uint8))
-        if "torch_cuda" in rng and dist.device.type == "cuda":
-            torch.cuda.set_rng_state(torch.tensor(rng["torch_cuda"], dtype=torch.uint8), dist.device)
-    return train_state
-
-
-def params_finite(model, dist) -> bool:
-    """All parameters finite on every rank: the last check before a save, so a checkpoint never
-    holds NaN weights (an inf gradient poisons them one step before the loss shows it)."""
-    ok = torch.ones((), device=dist.device)
-    for param in model.parameters():
-        local = param.to_local() if hasattr(param, "to_local") else param
-        ok *= torch.isfinite(local).all()
-    if dist.world_size > 1:
-        tdist.all_reduce(ok, op=tdist.ReduceOp.MIN)
-    return bool(ok.item())
-
-
-def resolve_step_folder(path: str) -> Path:
-    folder = Path(path)
-    if is_complete(folder):
-        return folder
-    found = find_checkpoint(folder) if folder.is_dir() else None
-    if found is None:
-        raise ValueError(f"--ckpt {path}: neither a complete step-N checkpoint folder nor a run folder holding one")
-    return found
-
-
-def export_encoder(ckpt_path: str) -> dict:
-    """The encoder of a checkpoint as one official-layout state dict, in a single process (no process
-    group: DCP reads every shard). Returns {"model", "vit_config", "step"}; save it with torch.save,
-    it loads with torch.load(weights_only=True) into vit.VisionTransformer(ViTConfig(**vit_config))."""
-    folder = resolve_step_folder(ckpt_path)
-    train_state = json.loads((folder / "train_state.json").read_text())
-    vit_cfg = ViTConfig(**train_state["vit_config"])
-    with torch.device("meta"):
-        encoder = VisionTransformer(vit_cfg)
-    encoder.to_empty(device="cpu")  # no init: every tensor is read from the checkpoint
-    state = {"model": encoder.state_dict()}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=str(folder), no_dist=True)  # reads only the encoder's keys
-    return {"model": state["model"], "vit_config": dataclasses.asdict(vit_cfg), "step": train_state["step"]}
-
-
-# ---------------------------------------------------------------------------------------------
 # Data, pictures, logging
 
 
@@ -572,11 +428,6 @@ def save_reconstruction(model, imgs, pixel_stats, rgb_bands, path: Path, dist, s
 def log(dist, message: str) -> None:
     if dist.is_main:
         print(message, flush=True)
-
-
-def barrier(dist) -> None:
-    if dist.world_size > 1:
-        tdist.barrier()
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -882,23 +733,11 @@ def format_record(r: dict, total_steps: int) -> str:
 # Command line
 
 
-def export_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="train.py export", description="write a checkpoint's encoder as one file")
-    parser.add_argument("--ckpt", required=True, help="run folder (its latest checkpoint) or a step-N folder")
-    parser.add_argument("--out", required=True, help="output .pt file")
-    args = parser.parse_args(argv)
-    exported = export_encoder(args.ckpt)
-    torch.save(exported, args.out)
-    print(f"wrote {args.out}: encoder of step {exported['step']} ({len(exported['model'])} tensors, "
-          f"{exported['vit_config']['img_size']} px, {exported['vit_config']['in_chans']} bands)")
-    return 0
-
-
 def cli(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
     try:
-        return export_main(argv[1:]) if argv[:1] == ["export"] else main(argv)
+        return export_main(argv[1:], prog="train.py export") if argv[:1] == ["export"] else main(argv)
     except (ValueError, TrainingDiverged) as err:  # user errors and divergence: the message, no traceback
         if rank == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)

@@ -18,7 +18,9 @@ import time
 import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.state_dict import get_state_dict
 
+import checkpoint
 import data
 import fsdp_setup
 import train
@@ -59,7 +61,7 @@ def whole(tensor):
 
 
 def full_checkpoint(folder, tmp_path):
-    """Every tensor of a DCP checkpoint, read by torch's own converter (not by train.py's code)."""
+    """Every tensor of a DCP checkpoint, read by torch's own converter (not by checkpoint.py's code)."""
     target = tmp_path / f"full-{os.path.basename(folder)}.pt"
     dcp_to_torch_save(str(folder), str(target))
     return torch.load(target, weights_only=False)
@@ -121,32 +123,6 @@ def test_peak_tflops(monkeypatch):
         assert train.peak_tflops(torch.device("cuda", 0)) == (name, expected)
 
 
-def test_find_checkpoint_skips_incomplete_folders(tmp_path):
-    def make(name, complete=True):
-        (tmp_path / name).mkdir()
-        if complete:
-            (tmp_path / name / ".metadata").write_text("")
-            (tmp_path / name / "train_state.json").write_text("{}")
-
-    assert train.find_checkpoint(tmp_path) is None
-    make("step-5"), make("step-20"), make("step-30", complete=False), make(".tmp-step-40")
-    assert train.find_checkpoint(tmp_path).name == "step-20"  # newest complete, no pointer
-    (tmp_path / "latest").write_text("step-5\n")
-    assert train.find_checkpoint(tmp_path).name == "step-5"  # the pointer wins
-    (tmp_path / "latest").write_text("step-30\n")
-    assert train.find_checkpoint(tmp_path).name == "step-20"  # pointer to a broken folder: ignored
-
-
-def test_publish_renames_then_points_then_prunes(tmp_path):
-    for name in ("step-2", "step-4", "step-9", ".tmp-step-5", ".tmp-step-6"):
-        (tmp_path / name).mkdir()
-    (tmp_path / "latest").write_text("step-4\n")
-    train.publish_checkpoint(tmp_path, tmp_path / ".tmp-step-6", tmp_path / "step-6", keep=2)
-    assert latest(tmp_path) == "step-6"
-    # step-9 was never named by `latest` (killed right after its rename): an abandoned branch.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-4", "step-6"]
-
-
 # ---- whole runs ----
 
 
@@ -184,7 +160,7 @@ def test_resume_is_bit_exact_on_one_rank(chips, reference, tmp_path, layout):
     assert latest(run) == "step-5" and len(losses(run)) == 5
     assert train.main(args(chips, run, *layout, "--resume")) == 0
     assert losses(run) == losses(reference)  # loss and grad norm of every step, bit for bit
-    exported, expected = train.export_encoder(str(run)), train.export_encoder(str(reference))
+    exported, expected = checkpoint.export_encoder(str(run)), checkpoint.export_encoder(str(reference))
     assert all(torch.equal(exported["model"][k], expected["model"][k]) for k in expected["model"])
 
 
@@ -260,11 +236,11 @@ def test_crash_during_save_keeps_the_previous_checkpoint(chips, reference, tmp_p
             raise KeyboardInterrupt("killed during save")
         real_replace(src, dst)
 
-    monkeypatch.setattr(train.os, "replace", killed_while_renaming)
+    monkeypatch.setattr(checkpoint.os, "replace", killed_while_renaming)
     with pytest.raises(KeyboardInterrupt):
         train.main(args(chips, tmp_path, "--ckpt-every", "3"))
     assert latest(tmp_path) == "step-3" and (tmp_path / ".tmp-step-6" / ".metadata").is_file()
-    monkeypatch.setattr(train.os, "replace", real_replace)
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
     assert train.main(args(chips, tmp_path, "--resume", "--ckpt-every", "3")) == 0
     assert losses(tmp_path) == losses(reference)  # metrics of the lost steps 4-6 were replaced
     assert not (tmp_path / ".tmp-step-6").exists() and latest(tmp_path) == f"step-{STEPS}"
@@ -385,9 +361,9 @@ def test_two_ranks_resume_bit_exact_and_reshard_to_one(chips, tmp_path, capsys):
     try:
         model = train.build_model(cfg, dist)
         optimizer = train.build_optimizer(model, cfg)
-        state = train.load_checkpoint(step_folder, model, optimizer, dist, torch.Generator())
+        state = checkpoint.load_checkpoint(step_folder, model, optimizer, dist, torch.Generator())
         assert state["world_size"] == 2
-        model_state, optim_state = train.get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizer)
         for key, value in model_state.items():
             assert torch.equal(whole(value), full["model"][key]), key
         for key, value in optim_state["state"]["blocks.0.attn.qkv.weight"].items():

@@ -421,6 +421,9 @@ class SyntheticDataset(Dataset):
         generator = torch.Generator().manual_seed(int(np.random.SeedSequence((self.seed, index)).generate_state(1)[0]))
         return torch.randn(self.in_chans, self.img_size, self.img_size, generator=generator)
 
+    def set_epoch(self, epoch: int):
+        """Nothing to do: item i is the same every epoch. Here so every dataset has set_epoch."""
+
 
 # -----------------------------------------------------------------------------
 # Scene classification (linear probing / fine-tuning evaluation)

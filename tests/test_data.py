@@ -239,6 +239,9 @@ def test_synthetic_dataset_is_deterministic():
     assert len(dataset) == 10 and dataset[2].shape == (3, 8, 8) and torch.equal(dataset[2], dataset[2])
     assert not torch.equal(dataset[2], dataset[3])
     assert not torch.equal(dataset[2], data.SyntheticDataset(10, 3, 8, seed=2)[2])
+    first = dataset[2]
+    dataset.set_epoch(5)  # a no-op, there so training loops can call it on any dataset
+    assert torch.equal(dataset[2], first)
 
 
 # --- sampler -----------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ process group, so the FSDP code path is the same as on 1000 GPUs.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 import warnings
@@ -439,12 +440,18 @@ def set_grad_sync(model: nn.Module, enabled: bool) -> None:
 
 def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Clip the global gradient norm; returns it as a plain scalar tensor (no host sync).
+    max_norm=math.inf (train.py without --clip-grad): only the norm, the gradients are not touched.
 
-    With FSDP2 the gradients are DTensors: torch's clip_grad_norm_ reduces the squared norms of
-    the local shards over the shard dimension only (on a 2-D mesh, replicas are not counted twice)
-    and returns a replicated DTensor.
+    With FSDP2 the gradients are DTensors: torch's norm reduces the squared norms of the local
+    shards over the shard dimension only (on a 2-D mesh, replicas are not counted twice) and
+    returns a DTensor, made a plain tensor here.
     """
-    total_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm == math.inf and hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        # The norm half of clip_grad_norm_, without its multiply of every gradient by 1.
+        total_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    else:
+        total_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     return total_norm.full_tensor() if isinstance(total_norm, DTensor) else total_norm
 
 

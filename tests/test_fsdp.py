@@ -8,6 +8,7 @@ independent single-process references computed here.
 from __future__ import annotations
 
 import ast
+import math
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 import pytest
 from torch.distributed.tensor import DTensor
+from torch.overrides import TorchFunctionMode
 
 import fsdp_setup
 from _dist_util import run_ranks
@@ -100,6 +102,28 @@ def train(model, imgs, noise, steps: int = STEPS, distributed: bool = False):
     return losses, norms
 
 
+class InPlaceCalls(TorchFunctionMode):
+    """Records the in-place torch functions called (`mul_`, `_foreach_mul_`, ...). At the
+    torch-function level, so DTensor gradients count too (their version counters do not move)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.endswith("__"):
+            self.names.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def norm_only(model) -> dict:
+    """clip_grad_norm_ with no limit (train.py without --clip-grad): the norm, and what it wrote."""
+    with InPlaceCalls() as calls:
+        norm = fsdp_setup.clip_grad_norm_(model, math.inf)
+    return dict(norm=norm, plain=type(norm) is torch.Tensor, in_place=calls.names)
+
+
 def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t.detach().clone()
 
@@ -178,6 +202,14 @@ def _worker(rank: int, out_dir: str) -> None:
             fsdp_setup.set_grad_sync(model, enabled=i == 1)
             (model(imgs[micro], 0.75, noise[micro])[0] / 2).backward()
         seen["accum"][name] = (whole, full_grads(model))
+
+    # No clipping (max_norm inf): the global norm, no gradient written.
+    seen["norm_only"] = {}
+    for name in ("full_shard", "hybrid_2", "ddp"):
+        strategy, k = LAYOUTS[name]
+        model = fsdp_setup.parallelize(build(), strategy, k, mixed_precision="fp32")
+        model(imgs, 0.75, noise)[0].backward()
+        seen["norm_only"][name] = norm_only(model)
 
     # compile=True with AC and a 2-D mesh. aot_eager instead of inductor: it traces the blocks
     # through dynamo and AOT autograd like inductor does, in seconds instead of ~50 s of C++ codegen
@@ -324,6 +356,18 @@ def test_grad_sync_off_accumulates_like_one_backward(ranks):
         for name, (whole, accumulated) in seen["accum"].items():
             for key, grad in whole.items():
                 torch.testing.assert_close(accumulated[key], grad, rtol=1e-5, atol=1e-7, msg=f"{name}: {key}")
+
+
+def test_no_clipping_only_measures_the_norm(ranks, reference):
+    """max_norm=inf: the norm of the first step's gradients, as a plain tensor; no multiply by 1."""
+    imgs, noise = make_batch()
+    model = build(meta=False)
+    model(imgs, 0.75, noise)[0].backward()
+    runs = {"one process": norm_only(model), **{f"{name} rank {r}": run for r, seen in enumerate(ranks)
+                                                for name, run in seen["norm_only"].items()}}
+    for name, run in runs.items():
+        assert run["plain"] and run["in_place"] == [], (name, run)
+        torch.testing.assert_close(run["norm"], torch.tensor(reference["norms"][0]), rtol=1e-5, atol=0, msg=name)
 
 
 def test_compile_applied_and_matches_eager(ranks):

@@ -685,7 +685,9 @@ def resolve_schedule(cfg: TrainConfig, num_images: int, steps_per_epoch: int, gl
             f"--batch-size); use a smaller --batch-size or more data"
         )
     steps = cfg.steps or round((cfg.epochs or 800) * steps_per_epoch)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round((cfg.warmup_epochs or 40) * steps_per_epoch)
+    # `is None`, not `or`: --warmup-epochs 0 asks for no warmup, not the recipe's 40 epochs.
+    warmup_epochs = 40 if cfg.warmup_epochs is None else cfg.warmup_epochs
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(warmup_epochs * steps_per_epoch)
     if warmup >= steps:
         raise ValueError(
             f"warmup ({warmup} steps) is not shorter than the run ({steps} steps, {steps_per_epoch} steps/epoch); "

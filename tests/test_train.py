@@ -87,6 +87,16 @@ def test_lr_schedule_warmup_then_half_cosine():
     assert train.lr_at(110, cfg, 110, 10) == pytest.approx(0.0)
 
 
+def test_schedule_from_epochs_honours_zero_warmup():
+    """--warmup-epochs 0 means no warmup, not the recipe's 40 epochs; --epochs/--blr as the recipe says."""
+    cfg = train.TrainConfig(epochs=3, warmup_epochs=0.0, blr=1e-3)
+    resolved = train.resolve_schedule(cfg, num_images=1000, steps_per_epoch=10, global_batch=512)
+    assert (resolved.steps, resolved.warmup_steps, resolved.lr) == (30, 0, 1e-3 * 512 / 256)
+    assert train.lr_at(0, resolved, 30, 0) == resolved.lr  # full lr from the first step
+    recipe = train.resolve_schedule(train.TrainConfig(), 1000, 10, 512)
+    assert (recipe.steps, recipe.warmup_steps, recipe.lr) == (8000, 400, 1.5e-4 * 2)
+
+
 def test_parse_args_demo_defaults_and_alternatives():
     demo = train.parse_args([])
     assert (demo.model, demo.data, demo.steps) == ("vit_tiny", "demo", train.DEMO_DEFAULTS["steps"])

@@ -483,13 +483,14 @@ def scene_splits(root, train_ratio=None, seed=0) -> tuple[list, list, list[str]]
             raise DataError(f"{list_file}: no val.txt or test.txt next to it for the test split")
         train_rows, test_rows = _read_list_file(list_file, root), _read_list_file(test_file, root)
         labels = [label for _, label in train_rows + test_rows]
-        if all(label.isdigit() for label in labels):
-            class_names = [str(i) for i in range(max(int(label) for label in labels) + 1)]
+        if all(label.isdecimal() for label in labels):  # "07" and "7" are one class
+            to_int = {label: int(label) for label in labels}
+            class_names = [str(i) for i in range(max(to_int.values()) + 1)]
         else:
             class_names = sorted(set(labels))
-        if len(set(labels)) < 2:
+            to_int = {name: i for i, name in enumerate(class_names)}
+        if len(set(to_int.values())) < 2:
             raise DataError(f"{list_file}: only one class ({labels[0]!r}); classification needs two or more")
-        to_int = {name: i for i, name in enumerate(class_names)}
         train, test = [(p, to_int[label]) for p, label in train_rows], [(p, to_int[label]) for p, label in test_rows]
         if train_ratio is None:
             return train, test, class_names

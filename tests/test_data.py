@@ -316,6 +316,10 @@ def test_scene_splits_list_files(tmp_path):
     (root / "train.txt").write_text("img/a/a00.tif a\nimg/b/b00.tif b\n")
     assert data.scene_splits(root / "train.txt") == ([(str(root / "img/a/a00.tif"), 0), (str(root / "img/b/b00.tif"), 1)],
                                                      [(str(root / "img/b/b01.tif"), 1)], ["a", "b"])
+    (root / "train.txt").write_text("img/a/a00.tif 00\nimg/b/b00.tif 01\n")  # zero-padded numeric labels
+    (root / "val.txt").write_text("img/b/b01.tif 1\n")
+    assert data.scene_splits(root) == ([(str(root / "img/a/a00.tif"), 0), (str(root / "img/b/b00.tif"), 1)],
+                                       [(str(root / "img/b/b01.tif"), 1)], ["0", "1"])
     (root / "train.txt").write_text("img/a/missing.tif a\n")
     with pytest.raises(data.DataError, match="train.txt:1: .*missing.tif does not exist"):
         data.scene_splits(root)

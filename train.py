@@ -199,6 +199,12 @@ def validate(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for name in ("warmup_steps", "warmup_epochs"):
+        value = getattr(cfg, name)
+        if value is not None and value < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if cfg.clip_grad is not None and cfg.clip_grad <= 0:
+        raise ValueError(f"--clip-grad must be positive, got {cfg.clip_grad} (leave it out to not clip)")
     if cfg.ckpt_every < 0 or (cfg.recon_every or 0) < 0:
         raise ValueError("--ckpt-every and --recon-every must be >= 0 (0 = only at the end / never)")
     int_list(cfg.bands, "bands")

@@ -306,6 +306,8 @@ def test_init_loads_official_weights(chips, tmp_path):
     (["--steps", "4", "--warmup-steps", "4"], "warmup"),
     (["--decoder-num-heads", "5"], "decoder_num_heads 5"),
     (["--rgb-bands", "3,2,4"], "the data has 4 bands"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
+    (["--clip-grad", "-1"], "--clip-grad must be positive"),  # a negative limit would flip the gradients
 ])
 def test_user_errors_are_one_clear_line(chips, tmp_path, capsys, extra, message):
     assert train.cli([*args(chips, tmp_path), *extra]) == 2

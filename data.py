@@ -151,8 +151,10 @@ def compute_stats(source, max_files=500, sample_size=512, seed=0, progress=True)
         elif pixels.shape[0] != first[1]:
             raise DataError(f"{path} has {pixels.shape[0]} bands but {first[0]} has {first[1]}; "
                             "statistics need files with the same bands (use separate folders or manifests)")
-        for b, band in enumerate(pixels.astype(np.float64).reshape(pixels.shape[0], -1)):
-            valid = band[np.isfinite(band) & (band != nodata if nodata is not None else True)]
+        for b, band in enumerate(pixels.reshape(pixels.shape[0], -1)):
+            # Compared in the file's dtype, as Normalizer does: a float32 file's nodata tag "0.1"
+            # matches its float32 pixels, not their float64 copies.
+            valid = band[np.isfinite(band) & (band != nodata if nodata is not None else True)].astype(np.float64)
             if valid.size == 0:
                 continue
             n, file_mean = valid.size, valid.mean()

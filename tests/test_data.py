@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import data
+import geotiff
 from test_geotiff import ARRAYS, FIXTURES, truncated_copy
 
 
@@ -70,6 +71,18 @@ def test_stats_are_nodata_aware_and_cli_writes_them(tmp_path, capsys):
         np.testing.assert_allclose([stats["mean"][b], stats["std"][b]], [valid.mean(), valid.std()], rtol=1e-9)
         assert (stats["min"][b], stats["max"][b]) == (valid.min(), valid.max())
     assert stats["nodata"] == -9999 and data.load_stats(tmp_path / "stats.json") == (stats["mean"], stats["std"])
+
+
+def test_stats_and_normalizer_agree_on_float_nodata(tmp_path):
+    # GDAL writes the nodata tag as decimal text; 0.1 is not exactly a float32, so the pixels
+    # equal to it must be compared in the file's dtype, as the Normalizer does.
+    pixels = np.array([[0.1, 1.0, 3.0]], np.float32)
+    tifffile.imwrite(tmp_path / "f.tif", pixels, extratags=[(geotiff.GDAL_NODATA_TAG, "s", 0, "0.1", True)])
+    stats = data.compute_stats([str(tmp_path / "f.tif")], progress=False)
+    assert stats["pixels"] == [2] and stats["mean"] == [2.0] and stats["min"] == [1.0]
+    image, nodata = data.read_image_and_nodata(tmp_path / "f.tif")
+    normalized = data.Normalizer(write_stats(tmp_path / "s.json", [2.0], [1.0]))(image, "f.tif", 1, None, nodata)
+    assert normalized.tolist() == [[[0.0, -1.0, 1.0]]]
 
 
 def test_load_stats_rejects_bad_files(tmp_path):

@@ -119,13 +119,21 @@ class GeoTiff:
                 f"({err}). Install the full codec set with `pip install -U imagecodecs`, or re-encode "
                 "with GDAL: `gdal_translate -co COMPRESS=DEFLATE -co TILED=YES in.tif out.tif`") from err
         nodata = page.tags.get(GDAL_NODATA_TAG)
+        if nodata is not None:
+            text = str(nodata.value).strip("\x00 ")
+            try:
+                nodata = float(text)
+            except ValueError:
+                raise DataError(f"{self.path}: GDAL_NODATA tag {text!r} is not a number; set it with "
+                                "`gdal_edit.py -a_nodata <value> file.tif` or drop it with "
+                                "`gdal_edit.py -unsetnodata file.tif`") from None
         return GeoTiffInfo(
             path=self.path,
             height=page.imagelength,
             width=page.imagewidth,
             bands=page.samplesperpixel,
             dtype=page.dtype.newbyteorder("="),  # big-endian files still give native arrays
-            nodata=float(nodata.value.strip("\x00 ")) if nodata else None,
+            nodata=nodata,
             tiled=page.is_tiled,
             tile_shape=(page.tilelength, page.tilewidth) if page.is_tiled
             else (min(page.rowsperstrip, page.imagelength), page.imagewidth),

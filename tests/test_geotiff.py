@@ -158,6 +158,13 @@ def test_bad_input_errors_name_the_file(tmp_path):
         geotiff.read_geotiff(fixture, bands=[4])
 
 
+def test_unreadable_nodata_tag_names_the_file(tmp_path):
+    path = tmp_path / "odd_nodata.tif"
+    tifffile.imwrite(path, np.zeros((4, 4), np.uint16), extratags=[(geotiff.GDAL_NODATA_TAG, "s", 0, "none", True)])
+    with pytest.raises(geotiff.DataError, match=f"{path}: GDAL_NODATA tag 'none' is not a number.*gdal_edit"):
+        geotiff.read_geotiff(path)
+
+
 def test_corrupt_tile_bytes_raise(tmp_path):
     path = tmp_path / "garbled.tif"
     raw = bytearray((FIXTURES / "u16_4b_tiled_deflate_pixel.tif").read_bytes())

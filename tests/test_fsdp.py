@@ -201,7 +201,10 @@ def _worker(rank: int, out_dir: str) -> None:
         for i, micro in enumerate((slice(0, 2), slice(2, 4))):
             fsdp_setup.set_grad_sync(model, enabled=i == 1)
             (model(imgs[micro], 0.75, noise[micro])[0] / 2).backward()
+            if i == 0:  # what the first micro-step left: local, unreduced gradients only
+                after_first = {k: None if p.grad is None else full(p.grad) for k, p in fsdp_setup.unwrap(model).named_parameters()}
         seen["accum"][name] = (whole, full_grads(model))
+        seen.setdefault("accum_first", {})[name] = after_first
 
     # No clipping (max_norm inf): the global norm, no gradient written.
     seen["norm_only"] = {}
@@ -356,6 +359,17 @@ def test_grad_sync_off_accumulates_like_one_backward(ranks):
         for name, (whole, accumulated) in seen["accum"].items():
             for key, grad in whole.items():
                 torch.testing.assert_close(accumulated[key], grad, rtol=1e-5, atol=1e-7, msg=f"{name}: {key}")
+
+
+def test_grad_sync_off_really_skips_the_reduction(ranks):
+    """The test above cannot tell a skipped reduction from one done twice (the sums agree); this one
+    can: after a micro-step with sync off, FSDP2 has reduced nothing into the sharded .grad, and
+    DDP's gradients are each rank's own, so the ranks differ."""
+    for name in ("full_shard", "hybrid_1"):
+        for seen in ranks:
+            assert all(grad is None for grad in seen["accum_first"][name].values()), name
+    ddp = [seen["accum_first"]["ddp"]["blocks.0.attn.qkv.weight"] for seen in ranks]
+    assert not torch.allclose(ddp[0], ddp[1]), "ddp: gradients were all-reduced on a no-sync micro-step"
 
 
 def test_no_clipping_only_measures_the_norm(ranks, reference):

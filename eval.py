@@ -567,9 +567,12 @@ def check_scene_data(splits: dict, vit_cfg: ViTConfig, cfg: EvalConfig, source: 
 def features_for(encoder, items, flip, vit_cfg, cfg, device, rank, world_size, log):
     """extract_features over `items`, saved to / reused from --out/features[_flip].pt with --cache-features."""
     path = Path(cfg.out) / f"features{'_flip' * flip}.pt"
-    stamp = os.stat(cfg.encoder) if os.path.exists(cfg.encoder) else None
-    key = {"encoder": cfg.encoder, "encoder_file": [stamp.st_mtime, stamp.st_size] if stamp else None,
-           "vit_config": asdict(vit_cfg), "items": [[str(p), y] for p, y in items], "bands": cfg.bands, "stats": cfg.stats}
+
+    def stamp(file):  # a rewritten encoder or statistics file under the same name makes new features
+        return [os.stat(file).st_mtime, os.stat(file).st_size] if file and os.path.exists(file) else None
+
+    key = {"encoder": cfg.encoder, "encoder_file": stamp(cfg.encoder), "vit_config": asdict(vit_cfg),
+           "items": [[str(p), y] for p, y in items], "bands": cfg.bands, "stats": cfg.stats, "stats_file": stamp(cfg.stats)}
     if cfg.cache_features and path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved["key"] == key:

@@ -265,6 +265,22 @@ def test_seeds_split_deterministically_and_report_mean_std(scenes, tmp_path):
     assert (tmp_path / "a" / "features.pt").exists()
 
 
+def test_feature_cache_is_invalidated_by_new_stats(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(ev, "extract_features", lambda *a, **k: calls.append(1) or (torch.zeros(1, 2), torch.zeros(1)))
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"mean": [1.0], "std": [1.0]}))
+    cfg = ev.EvalConfig(encoder="random", stats=str(stats), out=str(tmp_path), cache_features=True)
+    extract = lambda: ev.features_for(None, [("a.tif", 0)], False, TINY, cfg, "cpu", 0, 1, lambda *a: None)  # noqa: E731
+    extract()
+    extract()
+    assert len(calls) == 1  # the second call reused the saved features
+    stats.write_text(json.dumps({"mean": [5.0], "std": [2.0]}))  # recomputed statistics, same path
+    os.utime(stats, ns=(stats.stat().st_atime_ns, stats.stat().st_mtime_ns + 10**9))
+    extract()
+    assert len(calls) == 2  # features normalised with the old statistics are not reused
+
+
 def test_list_file_layout_multiband(tmp_path):
     root = make_list_dataset(tmp_path / "lists")
     cfg4 = replace(TINY, in_chans=4)

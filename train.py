@@ -446,11 +446,15 @@ def peak_memory_gib(device: torch.device) -> float:
 class StopRequest:
     """SIGTERM/SIGUSR1 (SLURM preemption or time limit) only set a flag; the loop finishes the
     step, saves and exits 0. Ranks may receive the signal at different steps, so they agree:
-    each step all-reduces the flag (MAX) asynchronously and reads last step's result, which has
-    long arrived, so the hot loop never waits on the device for it; all ranks stop one step later."""
+    each step all-reduces the flag (MAX), copies the result to the host without waiting, and reads
+    last step's copy, so the hot loop waits at most for last step's work, never for the step just
+    queued; all ranks stop one step later."""
 
     def __init__(self, dist):
-        self.dist, self.signal_name, self.pending = dist, None, None
+        self.dist, self.signal_name = dist, None
+        self.on_gpu = dist.device.type == "cuda"
+        self.host_flag = torch.zeros((), pin_memory=self.on_gpu)  # last step's all-reduced flag
+        self.posted, self.copied = False, None  # a flag was posted; CUDA event after its copy
         self.previous = {s: signal.signal(s, self.handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
 
     def handler(self, signum, frame):
@@ -459,9 +463,17 @@ class StopRequest:
     def agreed(self) -> bool:
         if self.dist.world_size == 1:
             return self.signal_name is not None
-        result = self.pending is not None and bool(self.pending.item())
-        self.pending = torch.full((), float(self.signal_name is not None), device=self.dist.device)
-        tdist.all_reduce(self.pending, op=tdist.ReduceOp.MAX)
+        if self.copied is not None:
+            self.copied.synchronize()  # last step's copy, not the step queued after it
+        result = self.posted and bool(self.host_flag)
+        flag = torch.full((), float(self.signal_name is not None), device=self.dist.device)
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        # Not flag.item(): on a GPU that copy queues behind this whole step and waits for it.
+        self.host_flag.copy_(flag, non_blocking=True)
+        self.posted = True
+        if self.on_gpu:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
         return result
 
     def restore(self):

@@ -133,6 +133,35 @@ def test_peak_tflops(monkeypatch):
         assert train.peak_tflops(torch.device("cuda", 0)) == (name, expected)
 
 
+def test_stop_flag_is_read_from_a_host_copy(monkeypatch):
+    """Ranks agree on a stop one step late, reading last step's all-reduced flag. Reading it with
+    .item() on the reduced (device) tensor would wait for the whole step queued behind it on the
+    GPU: a host sync every step. The flag must be read from its host copy instead."""
+    from torch.overrides import TorchFunctionMode
+
+    reduced = []
+    monkeypatch.setattr(train.tdist, "all_reduce", lambda tensor, op=None, **kw: reduced.append(tensor))
+
+    class Reads(TorchFunctionMode):
+        names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("item", "__bool__", "tolist") and any(args[0] is t for t in reduced):
+                self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    stop = train.StopRequest(fsdp_setup.Dist(0, 0, 2, torch.device("cpu")))  # two ranks, as far as it knows
+    try:
+        with Reads() as reads:
+            agreed = [stop.agreed(), stop.agreed()]
+            stop.handler(signal.SIGTERM, None)
+            agreed += [stop.agreed(), stop.agreed()]
+    finally:
+        stop.restore()
+    assert agreed == [False, False, False, True]  # one step late
+    assert reads.names == []
+
+
 # ---- whole runs ----
 
 

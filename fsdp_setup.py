@@ -195,7 +195,7 @@ def checkpoint_every(activation_checkpointing: str | int) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
     raise ValueError(
-        f"activation_checkpointing must be 'none', 'full' or a positive integer k (every k-th block), "
+        f"activation_checkpointing (--ac) must be 'none', 'full' or a positive integer k (every k-th block), "
         f"got {activation_checkpointing!r}"
     )
 
@@ -210,9 +210,9 @@ def validate_layout(
 ) -> None:
     """Raise ValueError naming the setting and the fix if this layout cannot run. No communication."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+        raise ValueError(f"unknown strategy (--strategy) {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
     if mixed_precision not in PRECISIONS:
-        raise ValueError(f"unknown mixed_precision {mixed_precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        raise ValueError(f"unknown mixed_precision (--mixed-precision) {mixed_precision!r}; choose one of: {', '.join(PRECISIONS)}")
     checkpoint_every(activation_checkpointing)
     if strategy == "hybrid_shard":
         if shard_group_size is None:
@@ -221,7 +221,7 @@ def validate_layout(
                 "model replica, e.g. 1 (pure data parallel), 2, 4 or 8 (one Frontier node)"
             )
         if not isinstance(shard_group_size, int) or isinstance(shard_group_size, bool) or shard_group_size < 1:
-            raise ValueError(f"shard_group_size must be a positive integer, got {shard_group_size!r}")
+            raise ValueError(f"shard_group_size (--shard-group-size) must be a positive integer, got {shard_group_size!r}")
         if world_size % shard_group_size != 0:
             divisors = [k for k in range(1, world_size + 1) if world_size % k == 0]
             raise ValueError(

@@ -397,7 +397,7 @@ def test_impossible_layouts_raise_on_every_rank(ranks):
     assert "not divisible by shard_group_size 3" in first[0] and "[1, 2]" in first[0]
     assert "needs shard_group_size" in first[1]
     assert "only applies to strategy hybrid_shard" in first[3]
-    assert "unknown strategy 'zero3'" in first[4]
+    assert "unknown strategy (--strategy) 'zero3'" in first[4]
 
 
 # ---- single process: pure functions -------------------------------------------------------------

@@ -337,6 +337,9 @@ def test_init_loads_official_weights(chips, tmp_path):
     (["--rgb-bands", "3,2,4"], "the data has 4 bands"),
     (["--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
     (["--clip-grad", "-1"], "--clip-grad must be positive"),  # a negative limit would flip the gradients
+    (["--ac", "some"], "--ac"),
+    (["--strategy", "hybrid_shard", "--shard-group-size", "0"], "--shard-group-size"),
+    (["--mixed-precision", "fp16"], "--mixed-precision"),
 ])
 def test_user_errors_are_one_clear_line(chips, tmp_path, capsys, extra, message):
     assert train.cli([*args(chips, tmp_path), *extra]) == 2

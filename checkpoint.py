@@ -23,7 +23,8 @@ every rank writes its rank-R.json and its DCP shards into `.tmp-step-N/` (DCP en
 writing `.metadata` once all ranks are done); rank 0 writes train_state.json, renames the folder to
 `step-N/`, only then rewrites `latest` to name it, and finally prunes: checkpoints beyond `keep`,
 step folders newer than N (saved by a killed run but never named by `latest`), and leftover
-`.tmp-step-*`. Every file is written under a temporary name, fsynced and renamed (`write_atomic`).
+`.tmp-step-*`. Every file is written under a temporary name, fsynced and renamed (`write_atomic`),
+and the folder holding each rename is fsynced after it (`fsync_dir`), so a power loss keeps it too.
 A kill at any moment therefore leaves `latest` on a complete checkpoint: until the rename the new
 one is a `.tmp-step-N/` that nothing reads, and until `latest` is rewritten it names the previous
 one. `find_checkpoint` trusts `latest` only if it names a complete folder (`.metadata` and
@@ -80,14 +81,30 @@ def find_checkpoint(out: Path) -> Path | None:
     return steps[-1][1] if steps else None
 
 
+def fsync_dir(folder: Path) -> None:
+    """Make renames into `folder` durable. A rename is an entry of the directory, not of the file:
+    fsyncing the file alone lets a node crash or power loss undo it (and so move `latest` back, or
+    lose a step-N/). Where directories cannot be opened (Windows), there is nothing to do."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name, fsync, rename over `path`: readers see the old or the new file, never half."""
+    """Write to a temporary name, fsync, rename over `path`, fsync the folder: readers see the old
+    or the new file, never half, and after a crash the new one is there once this returns."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,6 +141,7 @@ def publish_checkpoint(out: Path, tmp: Path, final: Path, keep: int) -> None:
     if final.exists():  # an earlier save of this step that `latest` never named (killed right after its rename)
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_dir(out)  # the rename on disk before `latest` names it: never a `latest` without its folder
     write_atomic(out / "latest", final.name + "\n")
     step = int(STEP_DIR.match(final.name).group(1))
     steps = sorted((int(m.group(1)), p) for p in out.glob("step-*") if (m := STEP_DIR.match(p.name)))

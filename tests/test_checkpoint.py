@@ -5,6 +5,10 @@ run are in test_train.py (they need a training run).
 
 from __future__ import annotations
 
+import os
+
+import pytest
+
 import checkpoint
 
 
@@ -44,3 +48,28 @@ def test_export_command_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("error: --ckpt") and "neither a complete step-N" in err and "Traceback" not in err
     assert not (tmp_path / "encoder.pt").exists()
     assert checkpoint.cli([]) == 2 and "usage: python checkpoint.py export" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fsynced descriptors through Linux's /proc")
+def test_renames_are_made_durable_by_fsyncing_the_folder(tmp_path, monkeypatch):
+    """A rename lives in its directory: until that is fsynced a power loss can undo it (and `latest`)."""
+    events, real_fsync, real_replace = [], checkpoint.os.fsync, checkpoint.os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        events.append(("replace", str(dst)))
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    (tmp_path / ".tmp-step-6").mkdir()
+    checkpoint.publish_checkpoint(tmp_path, tmp_path / ".tmp-step-6", tmp_path / "step-6", keep=2)
+    folder = str(tmp_path)
+    renames = [i for i, e in enumerate(events) if e[0] == "replace"]
+    assert [events[i][1] for i in renames] == [str(tmp_path / "step-6"), str(tmp_path / "latest")]
+    # After each rename and before the next one, the folder holding it is fsynced.
+    for start, end in zip(renames, [*renames[1:], len(events)]):
+        assert ("fsync", folder) in events[start + 1:end], events

@@ -27,8 +27,10 @@ step folders newer than N (saved by a killed run but never named by `latest`), a
 and the folder holding each rename is fsynced after it (`fsync_dir`), so a power loss keeps it too.
 A kill at any moment therefore leaves `latest` on a complete checkpoint: until the rename the new
 one is a `.tmp-step-N/` that nothing reads, and until `latest` is rewritten it names the previous
-one. `find_checkpoint` trusts `latest` only if it names a complete folder (`.metadata` and
-train_state.json both present), else takes the newest complete `step-N/`. Before each save train.py
+one. `find_checkpoint` trusts `latest` only if it names a complete folder (`.metadata`, a readable
+train_state.json and the rank-R.json of every rank that saved it: `missing_files`), else takes the
+newest complete `step-N/`; so a folder that lost a rank's file is passed over and `--resume`
+continues from the checkpoint before it. Before each save train.py
 checks `params_finite`, so a checkpoint never holds NaN weights either.
 
 Export: `export_encoder` reads only the encoder's tensors, in one process without a process group
@@ -47,17 +49,14 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as tdist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+import fsdp_setup
 from vit import ViTConfig, VisionTransformer
-
-if TYPE_CHECKING:
-    import fsdp_setup
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,8 +65,27 @@ if TYPE_CHECKING:
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+def missing_files(folder: Path) -> list[str]:
+    """What `folder` lacks of a complete checkpoint: `.metadata`, a readable train_state.json, and
+    rank-R.json for every rank that saved it (a save writes them all before its rename, so one
+    missing means files were removed, or the folder was not written by `save_checkpoint`).
+    One directory listing, not a file check per rank: every rank calls this, at 1,000 ranks too."""
+    try:
+        names = set(os.listdir(folder))
+    except OSError:
+        return ["everything (not a readable folder)"]
+    missing = [name for name in (".metadata", "train_state.json") if name not in names]
+    if "train_state.json" in names:
+        try:
+            world_size = int(json.loads((folder / "train_state.json").read_text())["world_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return [*missing, "a readable train_state.json"]
+        missing += [name for name in (f"rank-{r:05d}.json" for r in range(world_size)) if name not in names]
+    return missing
+
+
 def is_complete(folder: Path) -> bool:
-    return (folder / ".metadata").is_file() and (folder / "train_state.json").is_file()
+    return not missing_files(folder)
 
 
 def find_checkpoint(out: Path) -> Path | None:
@@ -168,15 +186,36 @@ def save_checkpoint(out: Path, model, optimizer, train_state: dict, dist, mask_g
     return final
 
 
+def read_checkpoint_files(folder: Path, dist) -> tuple[dict, dict | None]:
+    """(train_state.json, this rank's rank-R.json or None for another world size), or a ValueError
+    naming the folder and what it lacks. Each rank parses only its own rank file."""
+    fix = "the save was interrupted or files were removed; resume from an earlier step-N or delete this folder"
+    missing = missing_files(folder)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ValueError(f"{folder} lacks {shown}: {fix}")
+    train_state = json.loads((folder / "train_state.json").read_text())
+    if train_state["world_size"] != dist.world_size:
+        return train_state, None
+    rank_file = folder / f"rank-{dist.rank:05d}.json"
+    try:
+        return train_state, json.loads(rank_file.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{rank_file} is unreadable ({err}): {fix}") from None
+
+
 def load_checkpoint(folder: Path, model, optimizer, dist, mask_generator) -> dict:
     """Restore model and optimizer (resharded by DCP to this layout) and, for the same world size,
-    this rank's RNG states. Returns the checkpoint's train_state.json."""
-    train_state = json.loads((folder / "train_state.json").read_text())
+    this rank's RNG states. Returns the checkpoint's train_state.json.
+
+    The JSON files are read first, on every rank, and a missing or broken one stops every rank
+    with the same ValueError: read after dcp.load, it failed on one rank only, and the others hung
+    in their next collective."""
+    train_state, rng = fsdp_setup.on_every_rank(lambda: read_checkpoint_files(folder, dist), dist)
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
-    if train_state["world_size"] == dist.world_size:
-        rng = json.loads((folder / f"rank-{dist.rank:05d}.json").read_text())
+    if rng is not None:
         set_generator_state(mask_generator, rng["mask_generator"])
         torch.set_rng_state(torch.tensor(rng["torch_cpu"], dtype=torch.uint8))
         if "torch_cuda" in rng and dist.device.type == "cuda":

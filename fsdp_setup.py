@@ -179,6 +179,26 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def on_every_rank(fn, dist_info: Dist):
+    """Run fn on every rank; a ValueError on any rank is raised on all of them, with the same
+    message, so no rank is left waiting in a collective that a failed rank never joins.
+    train.py checks flags, data and run folder with it, checkpoint.py the files of a checkpoint."""
+    error = None
+    try:
+        result = fn()
+    except ValueError as err:
+        error, result = str(err), None
+    errors = [error]
+    if dist_info.world_size > 1:
+        errors = [None] * dist_info.world_size
+        dist.all_gather_object(errors, error)
+    failed = [rank for rank, e in enumerate(errors) if e is not None]
+    if failed:
+        where = f" [rank {failed[0]}{' and others' if len(failed) > 1 else ''}]" if len(failed) < dist_info.world_size else ""
+        raise ValueError(errors[failed[0]] + where)
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation: every impossible layout fails here, on every rank, before any collective
 

@@ -48,6 +48,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 import data
 import fsdp_setup
 from checkpoint import barrier, export_main, find_checkpoint, load_checkpoint, params_finite, save_checkpoint, write_atomic
+from fsdp_setup import on_every_rank
 from mae import MaskedAutoencoder, load_mae_checkpoint
 from vit import ViTConfig, get_config
 
@@ -219,25 +220,6 @@ def validate(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
         cfg.strategy, cfg.shard_group_size, world_size,
         resolve_mixed_precision(cfg.mixed_precision, device), cfg.ac, device,
     )
-
-
-def on_every_rank(fn, dist: fsdp_setup.Dist):
-    """Run fn on every rank; a ValueError on any rank is raised on all of them, with the same
-    message, so no rank is left waiting in a collective that a failed rank never joins."""
-    error = None
-    try:
-        result = fn()
-    except ValueError as err:
-        error, result = str(err), None
-    errors = [error]
-    if dist.world_size > 1:
-        errors = [None] * dist.world_size
-        tdist.all_gather_object(errors, error)
-    failed = [rank for rank, e in enumerate(errors) if e is not None]
-    if failed:
-        where = f" [rank {failed[0]}{' and others' if len(failed) > 1 else ''}]" if len(failed) < dist.world_size else ""
-        raise ValueError(errors[failed[0]] + where)
-    return result
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,15 +21,22 @@ def test_find_checkpoint_skips_incomplete_folders(tmp_path):
         (tmp_path / name).mkdir()
         if complete:
             (tmp_path / name / ".metadata").write_text("")
-            (tmp_path / name / "train_state.json").write_text("{}")
+            (tmp_path / name / "train_state.json").write_text('{"world_size": 2}')
+            for rank in range(2):
+                (tmp_path / name / f"rank-{rank:05d}.json").write_text("{}")
 
     assert checkpoint.find_checkpoint(tmp_path) is None
     make("step-5"), make("step-20"), make("step-30", complete=False), make(".tmp-step-40")
+    make("step-25"), (tmp_path / "step-25" / "rank-00001.json").unlink()  # a rank's file lost: incomplete too
+    make("step-28"), (tmp_path / "step-28" / "train_state.json").write_text('{"world_')  # unreadable
+    assert checkpoint.missing_files(tmp_path / "step-25") == ["rank-00001.json"]
     assert checkpoint.find_checkpoint(tmp_path).name == "step-20"  # newest complete, no pointer
     (tmp_path / "latest").write_text("step-5\n")
     assert checkpoint.find_checkpoint(tmp_path).name == "step-5"  # the pointer wins
     (tmp_path / "latest").write_text("step-30\n")
     assert checkpoint.find_checkpoint(tmp_path).name == "step-20"  # pointer to a broken folder: ignored
+    (tmp_path / "latest").write_text("step-25\n")
+    assert checkpoint.find_checkpoint(tmp_path).name == "step-20"
 
 
 def test_publish_renames_then_points_then_prunes(tmp_path):

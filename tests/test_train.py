@@ -286,6 +286,28 @@ def test_crash_during_save_keeps_the_previous_checkpoint(chips, reference, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("step-", ".tmp-step-"))) == ["step-10", "step-6", "step-9"]  # --keep 3
 
 
+def test_resume_skips_a_checkpoint_missing_a_rank_file(chips, reference, tmp_path, capsys):
+    """A step folder without one of its rank-R.json is incomplete: --resume takes the previous
+    checkpoint, and load_checkpoint itself refuses it on every rank with a ValueError."""
+    assert train.main(args(chips, tmp_path, "--ckpt-every", "3")) == 0
+    (tmp_path / f"step-{STEPS}" / "rank-00000.json").unlink()
+    capsys.readouterr()
+    assert train.main(args(chips, tmp_path, "--resume", "--ckpt-every", "3")) == 0
+    printed = capsys.readouterr().out
+    assert "resume: " + str(tmp_path / "step-9") in printed and "not a complete checkpoint" in printed
+    assert losses(tmp_path) == losses(reference)
+    (tmp_path / f"step-{STEPS}" / "rank-00000.json").unlink()
+    cfg = train.dataclasses.replace(train.parse_args(args(chips, tmp_path)), in_chans=4)
+    dist = fsdp_setup.init_distributed()
+    try:
+        model = train.build_model(cfg, dist)
+        optimizer = train.build_optimizer(model, cfg)
+        with pytest.raises(ValueError, match=f"step-{STEPS} lacks rank-00000.json: the save was interrupted"):
+            checkpoint.load_checkpoint(tmp_path / f"step-{STEPS}", model, optimizer, dist, torch.Generator())
+    finally:
+        fsdp_setup.cleanup()
+
+
 def test_export_loads_into_a_vision_transformer(reference, tmp_path):
     target = tmp_path / "encoder.pt"
     assert train.cli(["export", "--ckpt", str(reference), "--out", str(target)]) == 0

@@ -526,9 +526,8 @@ def train(cfg: TrainConfig, dist: fsdp_setup.Dist) -> int:
     stop = StopRequest(dist)
     loader = data.make_loader(dataset, loader_batch, sampler, workers=cfg.workers)
     loader.worker_init_fn = ignore_stop_signals
-    recon_every = cfg.ckpt_every if cfg.recon_every is None else cfg.recon_every  # 0: only at the end
     recon_imgs = torch.stack([dataset[i] for i in range(min(4, len(dataset)))]).to(dist.device)
-    last_saved, step_stats, steps_this_run = previous, {}, 0
+    last_saved, last_picture, step_stats, steps_this_run = previous, None, {}, 0
     interval = Interval(progress.step)
     exit_reason = "done" if progress.step >= cfg.steps else None
     try:
@@ -553,8 +552,9 @@ def train(cfg: TrainConfig, dist: fsdp_setup.Dist) -> int:
                 elif cfg.max_steps_per_run and steps_this_run >= cfg.max_steps_per_run:
                     exit_reason = "max-steps-per-run"
                 save_now = exit_reason is not None or (cfg.ckpt_every and progress.step % cfg.ckpt_every == 0)
-                recon_now = cfg.recon_every != 0 and (
-                    exit_reason == "done" or (recon_every and progress.step % recon_every == 0))
+                # Default: a picture with every checkpoint, those of a signal or --max-steps-per-run included.
+                recon_now = save_now if cfg.recon_every is None else cfg.recon_every != 0 and (
+                    exit_reason == "done" or progress.step % cfg.recon_every == 0)
                 if progress.step % cfg.log_every and not save_now and not recon_now:
                     continue
                 # ---- a sync point: check the losses (and, before a save, the weights), log, save ----
@@ -571,8 +571,8 @@ def train(cfg: TrainConfig, dist: fsdp_setup.Dist) -> int:
                         f.write(json.dumps(metrics) + "\n")
                     print(format_record(metrics, cfg.steps), flush=True)
                 if recon_now:
-                    path = out / f"recon-step-{progress.step}.png"
-                    save_reconstruction(model, recon_imgs, pixel_stats, int_list(cfg.rgb_bands, "rgb-bands"), path, dist, cfg.seed)
+                    last_picture = out / f"recon-step-{progress.step}.png"
+                    save_reconstruction(model, recon_imgs, pixel_stats, int_list(cfg.rgb_bands, "rgb-bands"), last_picture, dist, cfg.seed)
                 if save_now:
                     train_state = {**dataclasses.asdict(progress), "world_size": dist.world_size,
                                    "loss": metrics["loss"], "vit_config": dataclasses.asdict(mae.cfg),
@@ -593,9 +593,9 @@ def train(cfg: TrainConfig, dist: fsdp_setup.Dist) -> int:
     elif exit_reason == "max-steps-per-run":
         log(dist, f"stopped after {steps_this_run} steps (--max-steps-per-run): saved {last_saved}; rerun with --resume")
     else:
-        pictures = sorted(out.glob("recon-step-*.png"), key=lambda p: int(p.stem.split("-")[-1]))
+        # This run's picture only: the folder may hold a later step's from an earlier, longer run.
         log(dist, f"finished {cfg.steps} steps. Run folder {out}: config.json, metrics.jsonl, checkpoint {last_saved}"
-                  + (f", reconstruction {pictures[-1]}" if pictures else ""))
+                  + (f", reconstruction {last_picture}" if last_picture else ""))
     return 0
 
 

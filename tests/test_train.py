@@ -184,8 +184,17 @@ def test_demo_smoke(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "recon-step-4.png" in printed and "peak for MFU: cpu = unknown" in printed
     # Running the demo again starts over instead of refusing.
+    capsys.readouterr()
     assert train.main(["--out", str(tmp_path), "--steps", "2", "--warmup-steps", "1", "--log-every", "2"]) == 0
     assert latest(tmp_path) == "step-2" and not (tmp_path / "step-4").exists()
+    printed = capsys.readouterr().out  # names this run's picture, not the first run's recon-step-4.png
+    assert "reconstruction " + str(tmp_path / "recon-step-2.png") in printed and "recon-step-4.png" not in printed
+
+
+def test_every_checkpoint_gets_a_picture(chips, tmp_path):
+    """--recon-every's default is "with each checkpoint": a stop at --max-steps-per-run saves one, so a picture too."""
+    assert train.main(args(chips, tmp_path, "--ckpt-every", "100", "--max-steps-per-run", "3")) == 0
+    assert latest(tmp_path) == "step-3" and (tmp_path / "recon-step-3.png").is_file()
 
 
 @pytest.mark.parametrize("layout", [[], ["--strategy", "ddp"], ["--strategy", "hybrid_shard", "--shard-group-size", "1"]],

@@ -38,17 +38,18 @@ The paper's FSDP1 settings (Tsaris et al. 2024) and what this file does with FSD
 Launch on one Frontier node (8 MI250X GCDs), either way:
 
     torchrun --standalone --nproc_per_node=8 train.py --model vit_3b --strategy hybrid_shard --shard-group-size 1
-    srun -N1 -n8 -c7 --gpus-per-task=1 --gpu-bind=closest python train.py --model vit_3b ...
+    srun -N1 -n8 -c7 --gpus-per-task=1 --gpu-bind=closest --kill-on-bad-exit=1 python train.py --model vit_3b ...
 
 and on many nodes (one task per GCD, or one torchrun per node):
 
-    srun -N128 --ntasks-per-node=8 -c7 --gpus-per-task=1 --gpu-bind=closest python train.py --model vit_5b \
-        --strategy hybrid_shard --shard-group-size 8
-    srun -N128 --ntasks-per-node=1 -c56 --gpus-per-node=8 torchrun --nnodes=128 --nproc_per_node=8 \
+    srun -N128 --ntasks-per-node=8 -c7 --gpus-per-task=1 --gpu-bind=closest --kill-on-bad-exit=1 python train.py \
+        --model vit_5b --strategy hybrid_shard --shard-group-size 8
+    srun -N128 --ntasks-per-node=1 -c56 --gpus-per-node=8 --kill-on-bad-exit=1 torchrun --nnodes=128 --nproc_per_node=8 \
         --rdzv_backend=c10d --rdzv_endpoint=$(scontrol show hostnames $SLURM_NODELIST | head -1):29500 train.py ...
 
 With plain srun the first host of the node list is the rendezvous (set MASTER_ADDR / MASTER_PORT to
-override; port 29500 by default). Without any launcher, one process runs with a world-size-1
+override; port 29500 by default). `--kill-on-bad-exit=1`: srun does not stop the other tasks when one
+exits with an error, so without it they wait in their next collective until the NCCL/gloo timeout. Without any launcher, one process runs with a world-size-1
 process group, so the FSDP code path is the same as on 1000 GPUs.
 """
 
@@ -179,6 +180,10 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+class AllRanksError(ValueError):
+    """A ValueError that `on_every_rank` raised on every rank alike: nobody waits, no need to abort."""
+
+
 def on_every_rank(fn, dist_info: Dist):
     """Run fn on every rank; a ValueError on any rank is raised on all of them, with the same
     message, so no rank is left waiting in a collective that a failed rank never joins.
@@ -195,7 +200,7 @@ def on_every_rank(fn, dist_info: Dist):
     failed = [rank for rank, e in enumerate(errors) if e is not None]
     if failed:
         where = f" [rank {failed[0]}{' and others' if len(failed) > 1 else ''}]" if len(failed) < dist_info.world_size else ""
-        raise ValueError(errors[failed[0]] + where)
+        raise AllRanksError(errors[failed[0]] + where)
     return result
 
 

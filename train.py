@@ -3,7 +3,7 @@
     python train.py                 # the demo: a tiny ViT MAE on generated 4-band chips, CPU, ~2 min
     torchrun --standalone --nproc_per_node=8 train.py --model vit_3b --data /data/millionaid \
         --strategy hybrid_shard --shard-group-size 1 --batch-size 32 --epochs 800 --out runs/vit3b --resume
-    srun -N128 --ntasks-per-node=8 -c7 --gpus-per-task=1 --gpu-bind=closest --signal=USR1@180 \
+    srun -N128 --ntasks-per-node=8 -c7 --gpus-per-task=1 --gpu-bind=closest --signal=USR1@180 --kill-on-bad-exit=1 \
         python train.py --model vit_5b --data /data/millionaid --strategy hybrid_shard --shard-group-size 8 \
         --batch-size 32 --epochs 800 --out runs/vit5b --resume
     python train.py export --ckpt runs/vit3b --out vit3b_encoder.pt   # the encoder, for eval.py
@@ -22,7 +22,9 @@ Run folder (`--out`): config.json, metrics.jsonl (one JSON record per log line),
 and checkpoints `step-N/` with a `latest` pointer (their layout, save order and export: checkpoint.py);
 a kill at any moment leaves `latest` on a complete checkpoint. `--resume` continues bit-exactly (same
 world size), so a requeued job script can always pass it. SIGTERM/SIGUSR1: finish the step, save, exit 0.
-Exit codes: 0 done or stopped cleanly, 1 loss not finite (nothing saved), 2 bad flag or data.
+Exit codes: 0 done or stopped cleanly, 1 loss not finite (nothing saved), 2 bad flag or data, 3 this
+rank alone failed in a multi-rank run (its traceback is printed with its rank, and it exits at once so
+that the launcher ends the job; srun does so only with --kill-on-bad-exit=1).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -484,9 +487,29 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     try:
         return train(cfg, dist)
+    except Exception as err:
+        # Divergence and on_every_rank's errors are raised on every rank alike. Anything else (a
+        # broken file in this rank's loader, an out-of-memory) is this rank's alone, and the others
+        # wait for it in their next collective until the NCCL/gloo timeout, which can be many minutes.
+        if dist.world_size > 1 and not isinstance(err, (TrainingDiverged, fsdp_setup.AllRanksError)):
+            exit_rank_failed(dist.rank)
+        raise
     finally:
         torch.set_num_threads(threads)  # main() may run in a longer-lived process (tests, notebooks)
         fsdp_setup.cleanup()
+
+
+def exit_rank_failed(rank: int) -> None:
+    """Print the exception being handled with this rank, then end the process now (exit code 3).
+
+    os._exit, not a return: destroy_process_group, atexit handlers and the DataLoader workers' join
+    can block while the other ranks sit in a collective, so the process might never exit and the
+    launcher never notice. torchrun then stops every rank; srun does so only with --kill-on-bad-exit=1
+    (by default it lets the other tasks run on)."""
+    print(f"[rank {rank}] failed; ending this process so that the launcher stops the job:\n"
+          f"{traceback.format_exc()}", file=sys.stderr, end="", flush=True)
+    sys.stdout.flush()
+    os._exit(3)
 
 
 def train(cfg: TrainConfig, dist: fsdp_setup.Dist) -> int:
@@ -648,8 +671,12 @@ def setup_run(cfg: TrainConfig, dist: fsdp_setup.Dist):
     barrier(dist)
     dataset, pixel_stats, in_chans = on_every_rank(lambda: build_data(cfg, dist, out), dist)
     rgb_bands = cfg.rgb_bands or ("0,1,2" if in_chans >= 3 else "0")
-    if max(int_list(rgb_bands, "rgb-bands")) >= in_chans:  # the same on every rank
-        raise ValueError(f"--rgb-bands {rgb_bands}: the data has {in_chans} bands (0-based indices)")
+
+    def check_rgb_bands():
+        if max(int_list(rgb_bands, "rgb-bands")) >= in_chans:
+            raise ValueError(f"--rgb-bands {rgb_bands}: the data has {in_chans} bands (0-based indices)")
+
+    on_every_rank(check_rgb_bands, dist)
     cfg = dataclasses.replace(cfg, in_chans=in_chans, img_size=model_config(cfg).img_size, out=str(out),
                               mixed_precision=resolve_mixed_precision(cfg.mixed_precision, dist.device), rgb_bands=rgb_bands)
     steps_per_epoch = len(dataset) // dist.world_size // cfg.batch_size

@@ -17,6 +17,7 @@ import time
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -24,7 +25,7 @@ import checkpoint
 import data
 import fsdp_setup
 import train
-from _dist_util import free_port, run_ranks
+from _dist_util import _entry, free_port, run_ranks
 from vit import ViTConfig, VisionTransformer, get_config
 
 # A tiny model on 32 px chips: a step takes milliseconds, a run a second or two.
@@ -453,3 +454,31 @@ def test_two_ranks_resume_bit_exact_and_reshard_to_one(chips, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "written by 2 ranks" in printed and "data order" in printed
     assert [s for s, _, _ in losses(reference)] == list(range(1, STEPS + 5))
+
+
+def _rank_1_fails_at_step_4(rank, chips, root):
+    real_step = train.train_step
+
+    def step(*a, **kw):
+        if rank == 1 and a[4] == 3:  # as a broken file in rank 1's data loader would, mid-run
+            raise RuntimeError("rank 1's loader broke")
+        return real_step(*a, **kw)
+
+    train.train_step = step
+    sys.exit(train.cli(args(chips, root)))
+
+
+def test_a_rank_failing_mid_run_exits_at_once_with_its_traceback(chips, tmp_path, capfd):
+    """Rank 0 waits in a collective that rank 1 never joins; rank 1 must exit (non-zero, its rank
+    and traceback on stderr) rather than linger in cleanup, so the launcher sees it and ends the job."""
+    context = mp.start_processes(_entry, args=(_rank_1_fails_at_step_4, 2, free_port(), (chips, str(tmp_path))),
+                                 nprocs=2, join=False, start_method="spawn")
+    try:
+        context.processes[1].join(timeout=90)
+        assert context.processes[1].exitcode == 3
+    finally:
+        for process in context.processes:
+            process.kill()
+            process.join()
+    err = capfd.readouterr().err
+    assert "[rank 1] failed" in err and "Traceback" in err and "RuntimeError: rank 1's loader broke" in err

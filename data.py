@@ -464,6 +464,15 @@ def _find_class_folder(root) -> tuple[str, list[str]]:
                     "(e.g. Images/<class>/*.tif) or train.txt and val.txt with 'relative/path label' lines")
 
 
+def default_train_ratio(root, train_ratio=None) -> float | None:
+    """The training fraction `scene_splits(root, train_ratio)` splits by: train_ratio if given,
+    None where train.txt/val.txt are the split, else DEFAULT_TRAIN_RATIO (eval.py records it)."""
+    if train_ratio is not None:
+        return train_ratio
+    root = str(root)
+    return None if os.path.isfile(root if os.path.isfile(root) else os.path.join(root, "train.txt")) else DEFAULT_TRAIN_RATIO
+
+
 def scene_splits(root, train_ratio=None, seed=0) -> tuple[list, list, list[str]]:
     """(train_items, test_items, class_names), items being (path, label) lists.
 
@@ -509,7 +518,7 @@ def scene_splits(root, train_ratio=None, seed=0) -> tuple[list, list, list[str]]
             except DataError:
                 raise DataError(f"{os.path.join(class_folder, name)}: class {name!r} has no images; "
                                 "remove the folder or add images") from None
-    ratio = DEFAULT_TRAIN_RATIO if train_ratio is None else train_ratio
+    ratio = default_train_ratio(root, train_ratio)  # not None here: no list files, or a ratio given
     if not 0 < ratio < 1:
         raise DataError(f"train_ratio must be between 0 and 1, got {ratio}")
     rng = np.random.default_rng(seed)

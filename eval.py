@@ -19,7 +19,8 @@ The paper compares its models by top-1/top-5 on UC Merced, AID, NWPU-RESISC45 an
 
 --encoder: an encoder file (`python train.py export`, or an official MAE/timm ViT checkpoint with
 --model), a training run folder, or `random` (with --model). Output in --out: results.json (top1 and
-top5 in percent, mean ± std over the --seed values), per-class accuracy, confusion_seed*.csv/.png.
+top5 in percent, mean ± std over the --seed values; top5_k = min(5, classes); the train_ratio used),
+per-class accuracy, confusion_seed*.csv/.png.
 Under torchrun every rank extracts/evaluates a share of the images; rank 0 writes.
 """
 
@@ -650,8 +651,11 @@ def run(cfg: EvalConfig, log=print) -> dict:
         log(f"{cfg.mode}: encoder {source}, {len(class_names)} classes in {cfg.data}, {world_size} × {device}")
         run_mode = run_finetune if cfg.mode == "finetune" else run_frozen
         runs = run_mode(cfg, vit_cfg, state, splits, class_names, device, rank, world_size, log)
-        results = {"mode": cfg.mode, "encoder": source, "data": cfg.data, "train_ratio": cfg.train_ratio,
-                   **summarize(runs), "num_train": runs[0]["num_train"], "num_test": runs[0]["num_test"],
+        # train_ratio: the one the split used (0.8 for folders without --train-ratio; None: the list
+        # files' split). top5_k: below 5 classes "top-5" is top-C, 100% by construction.
+        results = {"mode": cfg.mode, "encoder": source, "data": cfg.data,
+                   "train_ratio": data.default_train_ratio(cfg.data, cfg.train_ratio),
+                   **summarize(runs), "top5_k": min(5, len(class_names)), "num_train": runs[0]["num_train"], "num_test": runs[0]["num_test"],
                    "seeds": cfg.seeds, "class_names": class_names, "vit_config": asdict(vit_cfg), "runs": runs,
                    "config": asdict(cfg)}
         if rank == 0:

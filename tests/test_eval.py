@@ -265,6 +265,15 @@ def test_seeds_split_deterministically_and_report_mean_std(scenes, tmp_path):
     assert (tmp_path / "a" / "features.pt").exists()
 
 
+def test_results_record_the_split_ratio_used_and_top5_k(scenes, tmp_path):
+    """A folder dataset without --train-ratio is split 0.8 : 0.2, and results.json says so; top5_k
+    tells that top-5 of a 4-class dataset is top-4 (100% by construction below 5 classes)."""
+    evaluate(scenes, "knn", tmp_path / "r", train_ratio=None)
+    saved = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert saved["train_ratio"] == data.DEFAULT_TRAIN_RATIO and saved["top5_k"] == min(5, len(CLASSES))
+    assert data.default_train_ratio(scenes["root"], 0.5) == 0.5
+
+
 def test_feature_cache_is_invalidated_by_new_stats(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(ev, "extract_features", lambda *a, **k: calls.append(1) or (torch.zeros(1, 2), torch.zeros(1)))
@@ -290,6 +299,7 @@ def test_list_file_layout_multiband(tmp_path):
     out = ev.run(ev.EvalConfig(mode="knn", encoder=path, data=str(root), stats=str(root / "stats.json"),
                                out=str(tmp_path / "o"), workers=0, knn_k=3), log=lambda *a: None)
     assert out["num_train"] == 16 and out["num_test"] == 16 and out["top1"] >= 75.0
+    assert out["train_ratio"] is None  # train.txt / val.txt are the split
     with pytest.raises(ValueError, match=r"has 4 bands.*encoder .* takes 3 bands.*--bands"):
         ev.run(ev.EvalConfig(mode="knn", encoder="random", model="vit_tiny", data=str(root), stats=str(root / "stats.json"),
                              out=str(tmp_path / "o"), workers=0), log=lambda *a: None)

@@ -386,7 +386,9 @@ def _autocast(forward, device_type: str):
 
 @torch.no_grad()
 def init_sharded_(model: nn.Module, device: torch.device, seed: int) -> None:
-    """Materialise a meta-built model on `device` and give it exactly the weights of a normal build.
+    """Materialise a meta-built model on `device` and give it exactly the weights of a normal build
+    on the same kind of device (a CUDA generator draws other numbers than a CPU one), whatever the
+    layout and world size.
 
     Replays VisionTransformer.init_weights(seed): one generator, parameters in named_parameters()
     order, each initialised full-size (one parameter at a time: ViT-15B's largest is 0.4 GB) and

@@ -34,6 +34,8 @@ The paper's FSDP1 settings (Tsaris et al. 2024) and what this file does with FSD
 | MixedPrecision(param, reduce, buffer)  | MixedPrecisionPolicy(param_dtype, reduce_dtype); buffers stay fp32|
 | sync_module_states / param_init_fn     | meta build + per-shard init from one seed (identical to 1 GPU)    |
 | no_sync()                              | `set_grad_sync(model, False)` on non-final accumulation steps     |
+| CPUOffload(offload_params=True)        | `cpu_offload=True`: CPUOffloadPolicy, sharded params, grads and   |
+|                                        | AdamW state in pinned host memory; the optimizer steps on the CPU |
 
 Launch on one Frontier node (8 MI250X GCDs), either way:
 
@@ -67,7 +69,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
@@ -149,14 +151,19 @@ def resolve_launch(env: Mapping[str, str]) -> LaunchEnv:
     return LaunchEnv("single", 0, 0, 1)
 
 
-def init_distributed() -> Dist:
-    """Start the process group (nccl on CUDA/ROCm, gloo on CPU), pin this rank's device."""
+def init_distributed(cpu_collectives: bool = False) -> Dist:
+    """Start the process group (nccl on CUDA/ROCm, gloo on CPU), pin this rank's device.
+
+    cpu_collectives=True adds gloo for CPU tensors beside nccl, which CPU offload needs: the
+    gradients then live in host memory, and clipping reduces their norms there. Off by default
+    because gloo connects every pair of ranks at start-up, which thousands of ranks feel.
+    """
     launch = resolve_launch(os.environ)
     if torch.cuda.is_available():  # true on ROCm too, where "nccl" is RCCL
         # srun --gpus-per-task=1 shows each task only its own GPU: local_rank 5 is then cuda:0.
         device = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-        backend, device_id = "nccl", device
+        backend, device_id = ("cuda:nccl,cpu:gloo" if cpu_collectives else "nccl"), device
     else:
         device, backend, device_id = torch.device("cpu"), "gloo", None
     if not dist.is_initialized():
@@ -232,6 +239,7 @@ def validate_layout(
     mixed_precision: str = "bf16",
     activation_checkpointing: str | int = "none",
     device: torch.device | None = None,
+    cpu_offload: bool = False,
 ) -> None:
     """Raise ValueError naming the setting and the fix if this layout cannot run. No communication."""
     if strategy not in STRATEGIES:
@@ -239,6 +247,13 @@ def validate_layout(
     if mixed_precision not in PRECISIONS:
         raise ValueError(f"unknown mixed_precision (--mixed-precision) {mixed_precision!r}; choose one of: {', '.join(PRECISIONS)}")
     checkpoint_every(activation_checkpointing)
+    if cpu_offload and strategy == "ddp":
+        raise ValueError("--cpu-offload needs an FSDP layout (full_shard, shard_grad_op, hybrid_shard, no_shard); "
+                         "DDP keeps the whole model and its optimizer on the GPU")
+    if cpu_offload and dist.is_initialized() and (device or _default_device()).type == "cuda" \
+            and "cpu:" not in str(dist.get_backend_config()):
+        raise ValueError("--cpu-offload needs collectives on CPU tensors (the offloaded gradients' norm): "
+                         "start the process group with init_distributed(cpu_collectives=True)")
     if strategy == "hybrid_shard":
         if shard_group_size is None:
             raise ValueError(
@@ -323,25 +338,34 @@ def mixed_precision_policy(mixed_precision: str, cast_forward_inputs: bool = Tru
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype, cast_forward_inputs=cast_forward_inputs)
 
 
-def apply_fsdp(model: nn.Module, blocks: list[nn.Module], strategy: str, shard_group_size: int | None, mixed_precision: str) -> None:
+def apply_fsdp(model: nn.Module, blocks: list[nn.Module], strategy: str, shard_group_size: int | None,
+               mixed_precision: str, cpu_offload: bool = False) -> None:
     """fully_shard bottom-up: each Block (one all-gather / reduce-scatter unit), the patch embedding, the root."""
-    mesh = build_mesh(strategy, shard_group_size, dist.get_world_size(), _default_device().type)
+    device = _default_device()
+    mesh = build_mesh(strategy, shard_group_size, dist.get_world_size(), device.type)
     reshard = strategy in ("full_shard", "hybrid_shard")  # nothing to reshard in a shard group of 1 (no_shard)
     policy = mixed_precision_policy(mixed_precision)
+    # Pinned host memory lets the host-to-GPU copies of the offloaded shards run asynchronously.
+    # Without a GPU the parameters are on the CPU anyway: the same code path, nothing moves.
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
     for block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy, offload_policy=offload)
     # The patch embedding is its own unit so that only it receives bf16 images; the root keeps the
     # fp32 inputs, so MAE's pixel targets and the masking noise are not rounded to bf16.
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is not None:
-        fully_shard(patch_embed, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+        fully_shard(patch_embed, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy, offload_policy=offload)
     # The root (norms, tokens, decoder_embed/pred) keeps FSDP2's default: not resharded after
     # forward, since backward needs it first.
     root_policy = mixed_precision_policy(mixed_precision, cast_forward_inputs=patch_embed is None)
-    fully_shard(model, mesh=mesh, mp_policy=root_policy)
+    fully_shard(model, mesh=mesh, mp_policy=root_policy, offload_policy=offload)
     dims = ", ".join(f"{name}={size}" for name, size in zip(mesh.mesh_dim_names, mesh.shape))
     units = f"{len(blocks)} blocks{' + patch_embed' if patch_embed is not None else ''} + root"
     log(f"layout {strategy}: mesh ({dims}), reshard_after_forward={reshard}, {units}")
+    if cpu_offload:
+        log("cpu offload: sharded fp32 params, grads and AdamW state in host memory"
+            + (" (pinned); each unit is copied to the GPU for its forward and backward, the optimizer steps on the CPU"
+               if device.type == "cuda" else "; no GPU here, so nothing moves (the code path only)"))
     reduce = {"bf16": "fp32", "bf16-reduce": "bf16", "fp32": "fp32"}[mixed_precision]
     log(f"mixed precision {mixed_precision}: params/compute {'fp32' if mixed_precision == 'fp32' else 'bf16'}, "
         f"gradient reduction {reduce}, master weights fp32")
@@ -385,17 +409,18 @@ def _autocast(forward, device_type: str):
 
 
 @torch.no_grad()
-def init_sharded_(model: nn.Module, device: torch.device, seed: int) -> None:
+def init_sharded_(model: nn.Module, device: torch.device, seed: int, param_device: torch.device | None = None) -> None:
     """Materialise a meta-built model on `device` and give it exactly the weights of a normal build
     on the same kind of device (a CUDA generator draws other numbers than a CPU one), whatever the
-    layout and world size.
+    layout and world size. With CPU offload the parameter shards live on `param_device` (the CPU)
+    but are still drawn on `device`, so they equal a GPU build's; buffers stay on `device`.
 
     Replays VisionTransformer.init_weights(seed): one generator, parameters in named_parameters()
     order, each initialised full-size (one parameter at a time: ViT-15B's largest is 0.4 GB) and
     only this rank's FSDP shard kept. `distribute_tensor(..., src_data_rank=None)` cuts the shard
     with the same torch.chunk layout as FSDP2, without communication.
     """
-    model.to_empty(device=device)
+    model.to_empty(device=param_device or device)
     generator = torch.Generator(device=device).manual_seed(seed)
     for name, param in model.named_parameters():
         full = torch.empty(param.shape, dtype=param.dtype, device=device)
@@ -405,6 +430,9 @@ def init_sharded_(model: nn.Module, device: torch.device, seed: int) -> None:
             param.to_local().copy_(local)
         else:
             param.copy_(full)
+    for module in model.modules():  # FSDP2 leaves buffers alone: they must be where the compute is
+        for name, buffer in module.named_buffers(recurse=False):
+            setattr(module, name, buffer.to(device))
     model.init_buffers()  # the fixed sin-cos position embeddings
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
     log(f"init: meta model materialised on {device}, initialised {'per shard ' if sharded else ''}from seed {seed}")
@@ -418,17 +446,20 @@ def parallelize(
     activation_checkpointing: str | int = "none",
     compile: bool = False,
     seed: int = 0,
+    cpu_offload: bool = False,
 ) -> nn.Module:
     """Apply the layout to a VisionTransformer / MaskedAutoencoder; returns the model to train.
 
     A model on the meta device is materialised on this rank's device and initialised from `seed`
     (same weights as a normal build); a model with real weights keeps them (e.g. a loaded checkpoint).
-    Call init_distributed() first. Build the optimizer afterwards, from the returned model.
+    Call init_distributed() first (with cpu_collectives=True for cpu_offload on GPUs). Build the
+    optimizer afterwards, from the returned model: with cpu_offload its parameters are on the CPU.
     """
     device = _default_device()
     if not dist.is_initialized():
         raise ValueError("parallelize() needs a process group: call fsdp_setup.init_distributed() first")
-    validate_layout(strategy, shard_group_size, dist.get_world_size(), mixed_precision, activation_checkpointing, device)
+    validate_layout(strategy, shard_group_size, dist.get_world_size(), mixed_precision, activation_checkpointing, device,
+                    cpu_offload)
     on_meta = any(p.is_meta for p in model.parameters())
     blocks = [m for m in model.modules() if isinstance(m, Block)]  # encoder blocks, then decoder blocks
 
@@ -446,10 +477,10 @@ def parallelize(
         else:
             model.to(device)
         return apply_ddp(model, device, mixed_precision)
-    apply_fsdp(model, blocks, strategy, shard_group_size, mixed_precision)
+    apply_fsdp(model, blocks, strategy, shard_group_size, mixed_precision, cpu_offload)
     # 4. Only now allocate memory: each rank materialises its own shards.
     if on_meta:
-        init_sharded_(model, device, seed)
+        init_sharded_(model, device, seed, param_device=torch.device("cpu") if cpu_offload else None)
     return model
 
 

@@ -36,6 +36,7 @@ LAYOUTS = {  # name -> (strategy, shard_group_size)
     "no_shard": ("no_shard", None),
     "ddp": ("ddp", None),
 }
+OFFLOAD_LAYOUTS = ("full_shard", "hybrid_1", "no_shard")  # cpu_offload=True on these
 BF16_RUNS = {  # name -> (strategy, shard_group_size, mixed_precision)
     "full_shard bf16": ("full_shard", None, "bf16"),
     "full_shard bf16-reduce": ("full_shard", None, "bf16-reduce"),
@@ -56,6 +57,7 @@ BAD_LAYOUTS = [
     dict(strategy="full_shard", mixed_precision="fp16"),
     dict(strategy="full_shard", activation_checkpointing="some"),
     dict(strategy="ddp", activation_checkpointing=0),
+    dict(strategy="ddp", cpu_offload=True),  # DDP has nothing to offload
 ]
 
 
@@ -171,6 +173,19 @@ def _worker(rank: int, out_dir: str) -> None:
         model = fsdp_setup.parallelize(build(), strategy, k, mixed_precision="fp32")
         losses, norms = train(model, imgs, noise, distributed=True)
         seen["train"][name] = dict(losses=losses, norms=norms, state=full_state(model))
+
+    # CPU offload. On this CPU-only machine the shards already live in host memory, so this checks
+    # the code path (policy on every unit, per-shard init into host memory, the same training);
+    # gpu_check.sh checks the real host <-> GPU traffic.
+    seen["offload"] = {}
+    for name in OFFLOAD_LAYOUTS:
+        strategy, k = LAYOUTS[name]
+        init = full_state(fsdp_setup.parallelize(build(), strategy, k, mixed_precision="fp32", cpu_offload=True))
+        model = fsdp_setup.parallelize(build(), strategy, k, mixed_precision="fp32", cpu_offload=True)
+        policies = {type(m._get_fsdp_state()._fsdp_param_group.offload_policy).__name__
+                    for m in model.modules() if isinstance(m, fsdp_setup.FSDPModule)}
+        losses, norms = train(model, imgs, noise, distributed=True)
+        seen["offload"][name] = dict(init=init, losses=losses, norms=norms, state=full_state(model), policies=policies)
 
     seen["bf16"] = {}
     for name, (strategy, k, precision) in BF16_RUNS.items():
@@ -326,6 +341,20 @@ def test_seed_and_existing_weights(ranks):
         assert not torch.equal(seen["meta_seed_1"]["blocks.0.attn.qkv.weight"], normal.state_dict()["blocks.0.attn.qkv.weight"])
 
 
+@pytest.mark.parametrize("layout", OFFLOAD_LAYOUTS)
+def test_cpu_offload_trains_like_one_process(ranks, reference, layout):
+    normal = build(meta=False).state_dict()
+    for seen in ranks:
+        run = seen["offload"][layout]
+        assert run["policies"] == {"CPUOffloadPolicy"}, run["policies"]  # on every FSDP unit, the root included
+        for key, value in normal.items():
+            assert torch.equal(run["init"][key], value), f"{layout} offload init: {key}"
+        assert max(abs(a - b) for a, b in zip(run["losses"], reference["losses"])) < 1e-5, (run["losses"], reference["losses"])
+        torch.testing.assert_close(torch.tensor(run["norms"]), torch.tensor(reference["norms"]), rtol=1e-5, atol=0)
+        for key, value in reference["state"].items():
+            assert_same_weights(run["state"][key], value, key, msg=f"{layout} offload: {key}")
+
+
 def test_bf16_close_to_fp32(ranks, reference):
     for seen in ranks:
         for name, losses in seen["bf16"].items():
@@ -398,6 +427,7 @@ def test_impossible_layouts_raise_on_every_rank(ranks):
     assert "needs shard_group_size" in first[1]
     assert "only applies to strategy hybrid_shard" in first[3]
     assert "unknown strategy (--strategy) 'zero3'" in first[4]
+    assert "--cpu-offload needs an FSDP layout" in first[8]
 
 
 # ---- single process: pure functions -------------------------------------------------------------
@@ -450,6 +480,17 @@ def test_bf16_on_a_device_without_bf16_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="V100 does not support; use --mixed-precision fp32"):
         validate_layout("full_shard", None, 8, "bf16", device=torch.device("cuda", 0))
     validate_layout("full_shard", None, 8, "fp32", device=torch.device("cuda", 0))
+
+
+def test_cpu_offload_on_gpus_needs_cpu_collectives(monkeypatch):
+    """Offloaded gradients are CPU tensors: clipping all-reduces their norm, which nccl alone cannot."""
+    monkeypatch.setattr(fsdp_setup.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(fsdp_setup.dist, "get_backend_config", lambda *a: "cuda:nccl")
+    cuda = torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"cpu_collectives=True"):
+        validate_layout("full_shard", None, 8, "fp32", device=cuda, cpu_offload=True)
+    monkeypatch.setattr(fsdp_setup.dist, "get_backend_config", lambda *a: "cuda:nccl,cpu:gloo")
+    validate_layout("full_shard", None, 8, "fp32", device=cuda, cpu_offload=True)
 
 
 def test_parallelize_without_process_group_is_a_clear_error():

@@ -198,8 +198,9 @@ def test_every_checkpoint_gets_a_picture(chips, tmp_path):
     assert latest(tmp_path) == "step-3" and (tmp_path / "recon-step-3.png").is_file()
 
 
-@pytest.mark.parametrize("layout", [[], ["--strategy", "ddp"], ["--strategy", "hybrid_shard", "--shard-group-size", "1"]],
-                         ids=["full_shard", "ddp", "hybrid_shard"])
+@pytest.mark.parametrize("layout", [[], ["--strategy", "ddp"], ["--strategy", "hybrid_shard", "--shard-group-size", "1"],
+                                    ["--cpu-offload"]],
+                         ids=["full_shard", "ddp", "hybrid_shard", "cpu_offload"])
 def test_resume_is_bit_exact_on_one_rank(chips, reference, tmp_path, layout):
     if layout:  # its own uninterrupted reference: DCP keys and meshes differ per layout
         reference = tmp_path / "reference"
@@ -372,6 +373,7 @@ def test_init_loads_official_weights(chips, tmp_path):
     (["--ac", "some"], "--ac"),
     (["--strategy", "hybrid_shard", "--shard-group-size", "0"], "--shard-group-size"),
     (["--mixed-precision", "fp16"], "--mixed-precision"),
+    (["--strategy", "ddp", "--cpu-offload"], "--cpu-offload needs an FSDP layout"),
 ])
 def test_user_errors_are_one_clear_line(chips, tmp_path, capsys, extra, message):
     assert train.cli([*args(chips, tmp_path), *extra]) == 2

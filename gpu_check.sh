@@ -167,7 +167,7 @@ sweep vit1b_compiled 120 --models "$(model vit_1b)" --batch-sizes "$(batch 256)"
 # full_shard on one GPU holds only two Blocks in bf16 at a time; checkpointing keeps activations small.
 CANDIDATES=$("$PY" - "$MEM_CAP_GIB" "$DRY" <<'EOF'
 import sys
-import bench
+import plan as planner
 from vit import CONFIGS, count_params
 cap, dry = float(sys.argv[1]), sys.argv[2] == "1"
 if dry:
@@ -175,8 +175,8 @@ if dry:
     raise SystemExit
 fits = []
 for name in CONFIGS:
-    plan = bench.PlanConfig(model=name, gpus=1, gpu_mem_gib=cap, batch_size=32, ac="full")
-    est = bench.layout_estimate(plan, "full_shard", 1, bench.model_sizes(plan))
+    plan = planner.PlanConfig(model=name, gpus=1, gpu_mem_gib=cap, batch_size=32, ac="full")
+    est = planner.layout_estimate(plan, "full_shard", 1, planner.model_sizes(plan))
     state = est["params_gib"] + est["grads_gib"] + est["optimizer_gib"]  # all present after backward
     # The planner is within ~10% of measured peaks: let the GPU decide the close calls.
     if state < cap and est["mem_gib"] <= 1.1 * cap:

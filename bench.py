@@ -25,6 +25,7 @@ import gc
 import itertools
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -185,7 +186,7 @@ def sweep_configs(args, on_gpu: bool) -> list[train.TrainConfig]:
     decoder.update({k: getattr(args, k) for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
                     if getattr(args, k) is not None})
     base = train.TrainConfig(data="synthetic", steps=10**9, warmup_steps=1, lr=1e-4, workers=0, seed=0,
-                             mixed_precision=args.mixed_precision, mask_ratio=args.mask_ratio,
+                             mixed_precision=args.mixed_precision, mask_ratio=args.mask_ratio, cpu_offload=args.cpu_offload,
                              img_size=args.img_size, in_chans=args.in_chans, **decoder)
     configs = []
     for model, spec, ac, compiled in itertools.product(models, strategies, acs, compiles):
@@ -205,7 +206,8 @@ def predicted_memory_gib(cfg: train.TrainConfig, dist: fsdp_setup.Dist) -> float
             model=cfg.model, gpus=dist.world_size, gpus_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)),
             batch_size=cfg.batch_size, ac=cfg.ac, mixed_precision=train.resolve_mixed_precision(cfg.mixed_precision, dist.device),
             img_size=cfg.img_size, in_chans=cfg.in_chans or 3, mask_ratio=cfg.mask_ratio,
-            decoder_embed_dim=cfg.decoder_embed_dim, decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_num_heads)
+            decoder_embed_dim=cfg.decoder_embed_dim, decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_num_heads,
+            cpu_offload=cfg.cpu_offload)
     except ValueError:  # e.g. an uneven number of GPUs per node: no prediction, but still a measurement
         return None
     return layout_estimate(plan, cfg.strategy, group, model_sizes(plan))["mem_gib"]
@@ -279,6 +281,8 @@ class ConfigRun:
         return dict(
             status="ok", img_per_s=img_per_s, tflops_per_gpu=tflops, mfu=tflops / peak if peak else None,
             peak_mem_gib=train.peak_memory_gib(dist.device) if peak_memory and dist.device.type == "cuda" else None,
+            # The process's peak resident host memory so far (Linux: KiB): what CPU offload moves there.
+            host_peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             first_step_s=self.first_step_s, step_s_median=step_s, step_s_min=min(times),
             power_w=total_watts, energy_j_per_img=total_watts / img_per_s if total_watts else None,
             loss=self.losses[-1].item(),
@@ -306,7 +310,7 @@ def measure(cfg: train.TrainConfig, dist: fsdp_setup.Dist, args, power: PowerMet
 
 
 def describe(cfg: train.TrainConfig, sdpa: str, dist: fsdp_setup.Dist, args) -> dict:
-    layout = cfg.strategy + (f":{cfg.shard_group_size}" if cfg.shard_group_size else "")
+    layout = cfg.strategy + (f":{cfg.shard_group_size}" if cfg.shard_group_size else "") + ("+offload" if cfg.cpu_offload else "")
     return dict(model=cfg.model, layout=layout, ac=cfg.ac, compile="on" if cfg.compile else "off", sdpa=sdpa,
                 batch_size=cfg.batch_size, world_size=dist.world_size, device=device_name(dist.device),
                 mixed_precision=train.resolve_mixed_precision(cfg.mixed_precision, dist.device),
@@ -407,7 +411,7 @@ def cmd_sweep(args) -> list[dict]:
         raise ValueError("--interleave takes one --sdpa choice (the switch is process-wide)")
     if args.steps < 1 or args.warmup < 1:
         raise ValueError(f"--steps and --warmup must be >= 1 (the first warm-up step compiles), got {args.steps}, {args.warmup}")
-    dist = fsdp_setup.init_distributed()
+    dist = fsdp_setup.init_distributed(cpu_collectives=args.cpu_offload)
     try:
         configs = sweep_configs(args, dist.device.type == "cuda")
         if args.mem_cap_gib and dist.device.type == "cuda":
@@ -552,6 +556,7 @@ def parse_args(argv=None):
     p.add_argument("--sdpa", nargs="*", default=["auto"], help="attention kernel(s): auto (torch's choice) | "
                    "flash | efficient | cudnn (that one, math as fallback) | math, e.g. the fastest of `bench.py sdpa`")
     p.add_argument("--mem-cap-gib", type=float, default=None, help="let the allocator use at most this much GPU memory")
+    p.add_argument("--cpu-offload", action="store_true", help="FSDP2 CPU offload (train.py --cpu-offload) in every configuration")
     p.add_argument("--profile", action="store_true", help="profile 3 more steps per configuration into --out")
     p.add_argument("--interleave", action="store_true", help="build all configurations, time their steps in "
                    "turn: fair ratios on a shared machine (small models; no memory or energy)")

@@ -47,6 +47,14 @@ def test_sweep_end_to_end_on_cpu(tmp_path, monkeypatch):
     assert len(calls) == 2 * (1 + 2 + 3)  # warm-up, timed, profiled steps of the two valid rows
 
 
+def test_sweep_with_cpu_offload_on_cpu():
+    rows = bench.main(["sweep", "--models", "vit_tiny", "--strategies", "full_shard", "ddp", "--cpu-offload",
+                       "--ac", "none", "--batch-sizes", "4", "--steps", "1", "--warmup", "1"])
+    assert [(r["layout"], r["status"][:7]) for r in rows] == [("full_shard+offload", "ok"), ("ddp+offload", "invalid")]
+    assert "--cpu-offload needs an FSDP layout" in rows[1]["status"]
+    assert 0 < rows[0]["host_peak_gib"] < 64
+
+
 def test_sweep_reports_out_of_memory_as_a_row(monkeypatch):
     def build_model_oom(cfg, dist):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")

@@ -34,6 +34,7 @@ per band of the files (before any band selection):
 
 Normalisation is (x - mean) / std per band. Pixels equal to the file's nodata value (the
 GDAL_NODATA tag), and NaN or infinite ones, become 0 after normalisation, i.e. the band mean.
+A tag no pixel of the file's dtype can hold (-9999 in uint16) marks no pixel, as in GDAL.
 Without a statistics file, uint8 images with 3 bands use the ImageNet mean/std of the MAE
 recipe; anything else is an error asking for `python data.py stats`, because any guessed
 scale for 16-bit or float bands would be silently wrong.
@@ -47,6 +48,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,7 +61,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 # The reader, and the errors the whole project raises. GeoTiffInfo, geotiff_info and
 # read_geotiff are re-exported so that data.read_geotiff etc. keep working.
 from geotiff import (CorruptImageError, DataError, GeoTiff, GeoTiffInfo,  # noqa: F401
-                     geotiff_info, read_geotiff, sniff)
+                     geotiff_info, nodata_pixel, read_geotiff, sniff)
 
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -151,10 +153,12 @@ def compute_stats(source, max_files=500, sample_size=512, seed=0, progress=True)
         elif pixels.shape[0] != first[1]:
             raise DataError(f"{path} has {pixels.shape[0]} bands but {first[0]} has {first[1]}; "
                             "statistics need files with the same bands (use separate folders or manifests)")
+        # Compared in the file's dtype, as Normalizer does: a float32 file's nodata tag "0.1"
+        # matches its float32 pixels, not their float64 copies; a tag out of the dtype's range, none.
+        nodata_value = nodata_pixel(nodata, dtype)
         for b, band in enumerate(pixels.reshape(pixels.shape[0], -1)):
-            # Compared in the file's dtype, as Normalizer does: a float32 file's nodata tag "0.1"
-            # matches its float32 pixels, not their float64 copies.
-            valid = band[np.isfinite(band) & (band != nodata if nodata is not None else True)].astype(np.float64)
+            valid = band[np.isfinite(band) & (band != nodata_value if nodata_value is not None else True)]
+            valid = valid.astype(np.float64)
             if valid.size == 0:
                 continue
             n, file_mean = valid.size, valid.mean()
@@ -226,17 +230,38 @@ class Normalizer:
         x = pixels.astype(np.float32)  # keeps a rotated view's memory order: no transposing copy
         x -= mean.numpy()
         x *= inv_std.numpy()
-        if nodata is not None:
-            x[pixels == nodata] = 0
+        nodata_value = nodata_pixel(nodata, pixels.dtype)  # None also where no pixel can equal the tag
+        if nodata_value is not None:
+            x[pixels == nodata_value] = 0
         if pixels.dtype.kind == "f":  # integers cannot be NaN or infinite
             np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         return torch.from_numpy(x)
 
 
+def check_bands(bands):
+    """Raise naming the `bands` setting when it can select no file's bands: not a list of integers,
+    empty, or with a negative index. A repeated index is fine: [0, 0, 0] gives a grey band three channels."""
+    if bands is None:
+        return
+    if isinstance(bands, (str, bytes)) or not isinstance(bands, (Sequence, np.ndarray)) or not all(
+            isinstance(b, (int, np.integer)) and not isinstance(b, (bool, np.bool_)) for b in bands):
+        raise DataError(f"bands={bands!r} must be a list of 0-based band indices, e.g. bands=[3, 2, 1] "
+                        "(train.py --bands 3,2,1), or None to keep every band")
+    if len(bands) == 0:
+        raise DataError("bands=[] selects no bands (an empty --bands or config list): list at least one 0-based "
+                        "band index, e.g. bands=[3, 2, 1] (train.py --bands 3,2,1), or leave bands unset (None) "
+                        "to keep every band")
+    if min(bands) < 0:
+        raise DataError(f"bands={[int(b) for b in bands]}: band indices are 0-based, the first band is 0, so none "
+                        "can be negative (counting from the end is not supported)")
+
+
 def check_band_count(path, file_bands, bands, in_chans):
     """Raise naming the file when its bands don't fit the configured selection."""
-    if bands is not None and (min(bands) < 0 or max(bands) >= file_bands):
-        raise DataError(f"{path} has {file_bands} bands but the config selects bands={list(bands)} (0-based)")
+    check_bands(bands)
+    if bands is not None and max(bands) >= file_bands:
+        raise DataError(f"{path} has {file_bands} bands but the config selects bands={[int(b) for b in bands]}; "
+                        f"band indices are 0-based, so this file's are 0..{file_bands - 1}")
     selected = file_bands if bands is None else len(bands)
     if in_chans is not None and selected != in_chans:
         raise DataError(f"{path} has {file_bands} bands ({selected} after selecting bands={bands}) but "
@@ -316,7 +341,7 @@ class _EpochSeededDataset(Dataset):
 @dataclass
 class PretrainDataConfig:
     img_size: int = 224  # side of the square crops the model sees
-    bands: list[int] | None = None  # 0-based band indices to keep; None keeps all
+    bands: list[int] | None = None  # 0-based band indices to keep (may repeat); None keeps all
     in_chans: int | None = None  # expected band count after selection; any other file is an error
     stats: str | None = None  # statistics JSON from `python data.py stats`
     scale: tuple = (0.2, 1.0)  # RandomResizedCrop area fraction (MAE's pretraining setting)
@@ -336,6 +361,7 @@ class PretrainDataset(_EpochSeededDataset):
     def __init__(self, source, cfg: PretrainDataConfig | None = None, seed=0):
         super().__init__(seed)
         self.cfg = cfg or PretrainDataConfig()
+        check_bands(self.cfg.bands)  # before any file is read, and before DataLoader workers start
         self.paths = list_images(source)
         self.normalize = Normalizer(self.cfg.stats)
         # Skips counted per worker slot (0 = main process) so workers never race on a cell.
@@ -371,7 +397,7 @@ class PretrainDataset(_EpochSeededDataset):
             check_band_count(path, file_bands, cfg.bands, cfg.in_chans)
             top, left, h, w = self._pick_box(rng, *image.shape[1:])
             pixels = image[cfg.bands if cfg.bands is not None else slice(None), top:top + h, left:left + w]
-        if pixels.dtype == np.uint8 and nodata is None:
+        if pixels.dtype == np.uint8 and nodata_pixel(nodata, np.uint8) is None:  # no pixel can be nodata
             # 8-bit images (JPEG, PNG, RGB GeoTIFF) are resized first, like torchvision's pipeline,
             # on torch's channels-last uint8 kernel (several times cheaper than in float), and
             # flipped/rotated after it, while the copy into (C, H, W) order is made anyway.
@@ -549,6 +575,7 @@ class SceneDataset(_EpochSeededDataset):
     def __init__(self, items, img_size=224, train=False, stats=None, bands=None, in_chans=None,
                  seed=0, scale=(0.08, 1.0)):
         super().__init__(seed)
+        check_bands(bands)
         self.items, self.img_size, self.train = list(items), img_size, train
         self.bands, self.in_chans, self.scale = bands, in_chans, scale
         self.normalize = Normalizer(stats)
@@ -562,7 +589,7 @@ class SceneDataset(_EpochSeededDataset):
         file_bands = image.shape[0]
         check_band_count(path, file_bands, self.bands, self.in_chans)
         if self.bands is not None:
-            image = image[self.bands]
+            image = image[list(self.bands)]  # a tuple would index rows and columns, not bands
         if not self.train:
             x = self.normalize(image, path, file_bands, self.bands, nodata)
             return eval_transform(x, self.img_size), int(label)

@@ -13,10 +13,13 @@ codecs and TIFF predictors), and nothing else:
     dtypes       uint8, uint16, int16, float32, float64 (all checked against GDAL's pixels) and
                  any other sample type tifffile maps to numpy; either byte order, returned native
     nodata       the GDAL_NODATA tag, as GeoTiffInfo.nodata (None without one); GDAL's sparse
-                 tiles (SPARSE_OK, no bytes at all) read as nodata, or 0 without it
+                 tiles (SPARSE_OK, no bytes at all) read as nodata, or 0 without it. A tag no
+                 pixel of the dtype can hold (-9999 in uint16, 300 in uint8) marks no pixel, as
+                 in GDAL's masks, and a sparse tile in such a file is an error
 
     read_geotiff(path, window, bands)   (bands, height, width) in the file's dtype
     geotiff_info(path)                  GeoTiffInfo: size, bands, dtype, nodata, layout, codec
+    nodata_pixel(nodata, dtype)         the nodata value as a pixel of dtype, None if none can be
     GeoTiff(path)                       an open file for many reads; counts the segments decoded
     sniff(path)                         'tiff' or 'pillow' from the first bytes, not the extension
 
@@ -36,6 +39,7 @@ Try it:
     python -c "import geotiff; print(geotiff.read_geotiff('x.tif', window=(0, 0, 512, 512), bands=[3, 2, 1]).shape)"
 """
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -46,6 +50,18 @@ import tifffile
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
 PILLOW_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG
 GDAL_NODATA_TAG = 42113
+
+
+def _drop_tifffile_nodata_warnings(record: logging.LogRecord) -> bool:
+    return "parsing GDAL_NODATA tag raised" not in record.getMessage()
+
+
+# Why: tifffile parses the GDAL_NODATA tag itself on every open, and logs a raw exception
+# (e.g. "ValueError: -9999 is not castable to uint16") when the dtype cannot hold it; in a
+# training loop that is one line per sample. This file parses the tag on its own, raises a
+# DataError naming the file where it is unusable and defines what an out-of-range value means
+# (see nodata_pixel), so tifffile's message says nothing the user needs.
+logging.getLogger("tifffile").addFilter(_drop_tifffile_nodata_warnings)
 
 
 class DataError(ValueError):
@@ -67,7 +83,8 @@ class GeoTiffInfo:
     width: int
     bands: int
     dtype: np.dtype
-    nodata: float | None  # GDAL_NODATA tag; None when the file has none
+    nodata: float | None  # GDAL_NODATA tag, as written; None when the file has none. It can lie outside
+    # the dtype's range (-9999 in a uint16 file): nodata_pixel(nodata, dtype) is the value to compare pixels with
     tiled: bool
     tile_shape: tuple[int, int]  # (rows, cols) of a tile; strips are (rows per strip, width)
     interleave: str  # "pixel": all bands in each tile; "band": one set of tiles per band
@@ -120,7 +137,7 @@ class GeoTiff:
                 "with GDAL: `gdal_translate -co COMPRESS=DEFLATE -co TILED=YES in.tif out.tif`") from err
         nodata = page.tags.get(GDAL_NODATA_TAG)
         if nodata is not None:
-            text = str(nodata.value).strip("\x00 ")
+            text = self._nodata_text = str(nodata.value).strip("\x00 ")
             try:
                 nodata = float(text)
             except ValueError:
@@ -206,8 +223,7 @@ class GeoTiff:
         if nbytes == 0:
             # GDAL's SPARSE_OK writes all-nodata tiles as no bytes at all.
             rows, cols = self.info.tile_shape
-            fill = self.info.nodata if self.info.nodata is not None else 0
-            return np.full((rows, cols, page.shaped[-1]), fill, self.info.dtype)
+            return np.full((rows, cols, page.shaped[-1]), self._sparse_fill(index), self.info.dtype)
         if offset + nbytes > self._file_size:
             raise CorruptImageError(f"{self.path}: truncated: segment {index} needs bytes up to {offset + nbytes} "
                                     f"but the file has {self._file_size}; copy or download it again")
@@ -221,6 +237,23 @@ class GeoTiff:
                                     f"({type(err).__name__}: {err}); the file is corrupt") from err
         self.segments_decoded += 1
         return tile[0]
+
+    def _sparse_fill(self, index: int):
+        """The pixel value of a sparse segment: the nodata value, or 0 without a GDAL_NODATA tag."""
+        info = self.info
+        if info.nodata is None:
+            return info.dtype.type(0)
+        fill = nodata_pixel(info.nodata, info.dtype)
+        if fill is None:
+            # Why an error: GDAL would fill this tile with the tag clamped (or rounded) into the
+            # dtype, -9999 becoming 0 in uint16, i.e. ordinary pixels that nothing marks as nodata,
+            # since the tag matches no pixel. Any value we picked would be data that isn't there.
+            segment = "tile" if info.tiled else "strip"
+            raise DataError(f"{self.path}: {segment} {index} has no bytes (a sparse {segment}, which reads as "
+                            f"nodata), but the GDAL_NODATA tag {self._nodata_text} is not a {info.dtype} value "
+                            f"({_value_range(info.dtype)}), so there is nothing to fill it with; set a nodata value "
+                            f"the pixels can hold with `gdal_edit.py -a_nodata <value> {self.path}`")
+        return fill
 
     def _check_window(self, window) -> tuple[int, int, int, int]:
         info = self.info
@@ -238,7 +271,10 @@ class GeoTiff:
         if bands is None:
             return list(range(count))
         bands = [int(b) for b in bands]
-        if not bands or min(bands) < 0 or max(bands) >= count:
+        if not bands:
+            raise DataError(f"{self.path}: no bands selected (bands=[]); list at least one 0-based band index, "
+                            f"0..{count - 1}, or pass bands=None to read all {count}")
+        if min(bands) < 0 or max(bands) >= count:
             raise DataError(f"{self.path}: band indices {bands} out of range; the file has {count} "
                             f"bands, valid 0-based indices are 0..{count - 1}")
         return bands
@@ -254,6 +290,38 @@ def geotiff_info(path) -> GeoTiffInfo:
     """Size, bands, dtype, nodata and layout of the file, from its header alone."""
     with GeoTiff(path) as tif:
         return tif.info
+
+
+def nodata_pixel(nodata, dtype):
+    """`nodata` (GeoTiffInfo.nodata) as a scalar of the pixel `dtype`, to compare pixels with or
+    fill with; None without a nodata value, or when no pixel of `dtype` can equal it: a value
+    outside the dtype's range (-9999 or 70000 in uint16, 1e40 in float32), a fraction or NaN in
+    an integer dtype. Such a tag marks no pixel, as GDAL's nodata mask decides too (it uses the
+    nodata value only if it is in range for the band's type). Float dtypes round it to their
+    precision, as GDAL compares float32 pixels with the float32 nodata: "0.1" matches 0.1f."""
+    if nodata is None:
+        return None
+    dtype = np.dtype(dtype)
+    if dtype.kind in "biu":
+        low, high = (0, 1) if dtype.kind == "b" else (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
+        if not (math.isfinite(nodata) and nodata == int(nodata) and low <= int(nodata) <= high):
+            return None
+        return dtype.type(int(nodata))
+    if dtype.kind in "fc":
+        with np.errstate(over="ignore"):
+            value = dtype.type(nodata)
+        return None if math.isfinite(nodata) and not np.isfinite(value) else value  # overflowed to inf
+    return None
+
+
+def _value_range(dtype: np.dtype) -> str:
+    if dtype.kind == "b":
+        return "0 or 1"
+    if dtype.kind in "iu":
+        return f"whole numbers {np.iinfo(dtype).min}..{np.iinfo(dtype).max}"
+    if dtype.kind in "fc":
+        return f"-{np.finfo(dtype).max:g}..{np.finfo(dtype).max:g}, inf or nan"
+    return f"{dtype} values"
 
 
 def sniff(path: str) -> str:

@@ -6,6 +6,7 @@ fixtures (tests/fixtures) these tests share.
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from PIL import Image
 
 import data
 import geotiff
-from test_geotiff import ARRAYS, FIXTURES, truncated_copy
+from test_geotiff import ARRAYS, FIXTURES, make_tile_sparse, truncated_copy
 
 
 # --- read_image --------------------------------------------------------------------------------
@@ -179,6 +180,65 @@ def test_pretrain_dataset_rejects_wrong_band_count(demo, tmp_path):
     assert dataset[0].shape == (4, 16, 16)
     with pytest.raises(data.DataError, match=f"{odd} has 13 bands .* in_chans=4"):
         dataset[1]
+
+
+def test_band_selection_errors_name_the_setting(demo, tmp_path):
+    folder, stats = demo
+    for bands in ([], ()):  # e.g. train.py --bands "" or a config's empty list
+        with pytest.raises(data.DataError, match=r"bands=\[\] selects no bands.*at least one 0-based band index"):
+            data.check_band_count("a.tif", 4, bands, None)
+        with pytest.raises(data.DataError, match=r"bands=\[\] selects no bands"):  # before any file is read
+            data.PretrainDataset(folder, data.PretrainDataConfig(img_size=16, stats=stats, bands=bands))
+        with pytest.raises(data.DataError, match=r"bands=\[\] selects no bands"):
+            data.SceneDataset([("a.png", 0)], bands=bands)
+    with pytest.raises(data.DataError, match=r"bands=\[2, -1\]: .*0-based, the first band is 0.*negative"):
+        data.check_band_count("a.tif", 4, [2, -1], None)
+    for bands in ("3,2,1", [1.5], 3, [True], {2, 1}):
+        with pytest.raises(data.DataError, match="bands=.*must be a list of 0-based band indices"):
+            data.check_band_count("a.tif", 4, bands, None)
+    with pytest.raises(data.DataError, match=r"a.tif has 4 bands but the config selects bands=\[1, 4\].* 0..3"):
+        data.check_band_count("a.tif", 4, [1, 4], None)
+    assert issubclass(data.DataError, ValueError)  # what train.py and eval.py report as a message, no traceback
+
+
+def test_repeated_bands_are_a_valid_selection(demo):
+    # Repeating a band is deliberate (a grey band as the three channels of an RGB model), not a typo to reject.
+    folder, stats = demo
+    x = data.PretrainDataset(folder, data.PretrainDataConfig(img_size=16, stats=stats, bands=[1, 1, 0], in_chans=3))[0]
+    assert x.shape == (3, 16, 16) and torch.equal(x[0], x[1]) and not torch.equal(x[0], x[2])
+
+
+def test_nodata_no_pixel_can_hold_marks_nothing_in_stats_normalizer_and_dataset(tmp_path):
+    # -9999 is no uint16 pixel (GDAL then masks nothing either); 55537 is what -9999 wraps to in uint16.
+    pixels = np.array([[0, 55537, 100, 65535]], np.uint16)
+    tifffile.imwrite(tmp_path / "u16.tif", pixels, extratags=[(geotiff.GDAL_NODATA_TAG, "s", 0, "-9999", True)])
+    stats = data.compute_stats([str(tmp_path / "u16.tif")], progress=False)
+    assert stats["pixels"] == [4] and stats["nodata"] == -9999 and stats["min"] == [0.0]
+    image, nodata = data.read_image_and_nodata(tmp_path / "u16.tif")
+    normalized = data.Normalizer(write_stats(tmp_path / "s.json", [0.0], [1.0]))(image, "u16.tif", 1, None, nodata)
+    assert normalized.tolist() == [[[0.0, 55537.0, 100.0, 65535.0]]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # float16 cannot hold 70000: no overflow warning from comparing with it
+        halves = np.array([[[1.0, np.inf, 65504.0]]], np.float16)
+        assert data.Normalizer(write_stats(tmp_path / "h.json", [1.0], [1.0]))(halves, "h.tif", 1, None, 70000.0).tolist() == [[[0.0, 0.0, 65503.0]]]
+    # An 8-bit file whose nodata (300) marks nothing is loaded exactly as one without the tag.
+    rgb = ARRAYS["u8_3b"]
+    tifffile.imwrite(tmp_path / "plain.tif", rgb, photometric="rgb", planarconfig="separate")
+    tifffile.imwrite(tmp_path / "tagged.tif", rgb, photometric="rgb", planarconfig="separate",
+                     extratags=[(geotiff.GDAL_NODATA_TAG, "s", 0, "300", True)])
+    cfg = data.PretrainDataConfig(img_size=24)
+    assert torch.equal(data.PretrainDataset([str(tmp_path / "tagged.tif")], cfg)[0],
+                       data.PretrainDataset([str(tmp_path / "plain.tif")], cfg)[0])
+    # A sparse tile would be filled with the nodata value, which does not exist: an error, even in skip mode.
+    sparse = tmp_path / "sparse.tif"
+    tifffile.imwrite(sparse, np.ones((1, 32, 32), np.uint16), tile=(16, 16),
+                     extratags=[(geotiff.GDAL_NODATA_TAG, "s", 0, "-9999", True)])
+    make_tile_sparse(sparse, 0)
+    cfg = data.PretrainDataConfig(img_size=16, stats=write_stats(tmp_path / "s1.json", [1.0], [1.0]), skip_corrupt=True)
+    with pytest.raises(data.DataError, match=f"{sparse}: tile 0 .*GDAL_NODATA tag -9999"):
+        data.PretrainDataset([str(sparse)], cfg)[0]
+    with pytest.raises(data.DataError, match=f"{sparse}: tile 0 .*GDAL_NODATA tag -9999"):
+        data.compute_stats([str(sparse)], progress=False)
 
 
 def test_big_scene_is_read_through_small_windows(tmp_path, monkeypatch):
@@ -371,5 +431,6 @@ def test_scene_dataset_transforms(tmp_path):
     selected = torch.from_numpy(data.read_image(test_items[0][0])[[2, 0]].astype(np.float32))
     expected = (selected - torch.tensor([30.0, 10.0]).view(2, 1, 1)) / torch.tensor([8.0, 2.0]).view(2, 1, 1)
     torch.testing.assert_close(x, data.eval_transform(expected, 16))
+    assert torch.equal(data.SceneDataset(test_items, img_size=16, stats=stats, bands=(2, 0), in_chans=2)[0][0], x)
     train_ds, test_ds, names = data.make_scene_datasets(data.SceneDataConfig(root=str(root), img_size=16, train_ratio=0.5))
     assert train_ds.train and not test_ds.train and names == ["x", "y"] and len(train_ds) + len(test_ds) == 4

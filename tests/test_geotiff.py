@@ -4,6 +4,7 @@ The fixtures in tests/fixtures were written by GDAL (see make_fixtures.sh) from 
 in arrays.npz, so every pixel comparison here is against an independent writer.
 """
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -122,15 +123,57 @@ def test_big_endian_and_sparse_tiles(tmp_path):
     # GDAL's SPARSE_OK=TRUE stores an all-nodata tile as offset 0, byte count 0.
     path = tmp_path / "sparse.tif"
     tifffile.imwrite(path, pixels[0], tile=(16, 16), extratags=[(geotiff.GDAL_NODATA_TAG, "s", 0, "7", True)])
+    make_tile_sparse(path, 0)
+    expected = pixels[:1].copy()
+    expected[:, :16, :16] = 7
+    np.testing.assert_array_equal(geotiff.read_geotiff(path), expected)
+
+
+def make_tile_sparse(path, tile):
+    """Rewrite `path` so that `tile` has byte count 0, as GDAL's SPARSE_OK=TRUE writes an all-nodata tile."""
     raw = bytearray(path.read_bytes())
     with tifffile.TiffFile(path) as tif:
         counts = tif.pages[0].tags["TileByteCounts"]
     width = counts.valuebytecount // counts.count
-    raw[counts.valueoffset:counts.valueoffset + width] = bytes(width)  # tile 0 now has no bytes
+    start = counts.valueoffset + tile * width
+    raw[start:start + width] = bytes(width)
     path.write_bytes(bytes(raw))
-    expected = pixels[:1].copy()
-    expected[:, :16, :16] = 7
-    np.testing.assert_array_equal(geotiff.read_geotiff(path), expected)
+
+
+@pytest.mark.parametrize("dtype, tag", [("uint16", "-9999"), ("uint16", "70000"), ("uint8", "300"), ("uint8", "1.5"),
+                                        ("int16", "nan"), ("float16", "70000"), ("float32", "1e40")])
+def test_nodata_no_pixel_can_hold_marks_nothing_and_sparse_tiles_say_so(tmp_path, dtype, tag, caplog):
+    # A tag the dtype cannot hold (as GDAL decides for its nodata masks) matches no pixel; the
+    # reads are unchanged and say nothing, but a sparse tile, to be filled with that value, is an error.
+    pixels = np.arange(32 * 32).reshape(1, 32, 32).astype(dtype)
+    path = tmp_path / f"{dtype}_nodata.tif"
+    tifffile.imwrite(path, pixels, tile=(16, 16), extratags=[(geotiff.GDAL_NODATA_TAG, "s", 0, tag, True)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy overflow or invalid-cast warnings either
+        info = geotiff.geotiff_info(path)
+        np.testing.assert_equal(info.nodata, float(tag))  # the tag's value, as written
+        assert geotiff.nodata_pixel(info.nodata, info.dtype) is None
+        np.testing.assert_array_equal(geotiff.read_geotiff(path), pixels)
+        np.testing.assert_array_equal(geotiff.read_geotiff(path, window=(10, 3, 12, 20)), pixels[:, 10:22, 3:23])
+        make_tile_sparse(path, 0)
+        np.testing.assert_array_equal(geotiff.read_geotiff(path, window=(16, 0, 16, 32)), pixels[:, 16:, :])
+        for window in (None, (10, 3, 12, 20)):
+            with pytest.raises(geotiff.DataError, match=f"{path}: tile 0 .* sparse .* GDAL_NODATA tag {tag} .* "
+                                                        f"{dtype} .*gdal_edit.py -a_nodata"):
+                geotiff.read_geotiff(path, window=window)
+    assert not [r for r in caplog.records if r.name == "tifffile"]  # tifffile's own complaint about the tag
+
+
+def test_nodata_pixel_is_the_tag_in_the_pixel_dtype():
+    assert geotiff.nodata_pixel(None, np.uint16) is None
+    for value, dtype in [(-9999.0, np.int16), (0.0, np.uint8), (255.0, np.uint8), (65535.0, np.uint16), (1.0, np.bool_)]:
+        pixel = geotiff.nodata_pixel(value, dtype)
+        assert pixel.dtype == np.dtype(dtype) and pixel == value
+    assert geotiff.nodata_pixel(0.1, np.float32) == np.float32(0.1)  # rounded as GDAL compares float32 pixels
+    assert np.isnan(geotiff.nodata_pixel(float("nan"), np.float32))
+    assert geotiff.nodata_pixel(float("-inf"), np.float64) == -np.inf
+    for value, dtype in [(-1.0, np.uint8), (256.0, np.uint8), (2.0 ** 63, np.int64), (0.5, np.int32), (float("inf"), np.int32), (2.0, np.bool_)]:
+        assert geotiff.nodata_pixel(value, dtype) is None
 
 
 # --- bad input -----------------------------------------------------------------------------------
@@ -156,6 +199,10 @@ def test_bad_input_errors_name_the_file(tmp_path):
             geotiff.read_geotiff(fixture, window=window)
     with pytest.raises(geotiff.DataError, match=f"{fixture}: band indices \\[4\\] out of range; the file has 4 bands"):
         geotiff.read_geotiff(fixture, bands=[4])
+    with pytest.raises(geotiff.DataError, match=f"{fixture}: band indices \\[-1, 0\\] out of range.* 0..3"):
+        geotiff.read_geotiff(fixture, bands=[-1, 0])
+    with pytest.raises(geotiff.DataError, match=f"{fixture}: no bands selected .*at least one 0-based band index, 0..3"):
+        geotiff.read_geotiff(fixture, bands=[])
 
 
 def test_unreadable_nodata_tag_names_the_file(tmp_path):

@@ -442,7 +442,7 @@ def finetune(model: nn.Module, train_dataset, cfg: EvalConfig, recipe: dict, see
                          f"{cfg.batch_size} × {world_size} processes; lower --batch-size")
     peak_lr = recipe["blr"] * cfg.batch_size * world_size / 256  # the recipe's linear scaling rule
     groups = finetune_param_groups(fsdp_setup.unwrap(model), cfg.weight_decay, recipe["layer_decay"])
-    opt = torch.optim.AdamW(groups, lr=peak_lr)  # betas (0.9, 0.999), as the recipe's fine-tuning
+    opt = torch.optim.AdamW(groups, lr=peak_lr, fused=True)  # betas (0.9, 0.999), as the recipe's fine-tuning; fused as train.py
     epochs, steps_per_epoch = recipe["epochs"], len(loader)
     total, warmup = epochs * steps_per_epoch, min(cfg.warmup_epochs, epochs) * steps_per_epoch
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)

@@ -4,6 +4,7 @@
     python bench.py sweep --models vit_large --batch-sizes 256 --compile on --sdpa auto cudnn --out runs/bench
     torchrun --nproc_per_node=8 bench.py sweep --models vit_3b --strategies hybrid_shard:1 hybrid_shard:8 full_shard
     python bench.py sdpa                         # each attention kernel at MAE's shapes on this card
+    python bench.py phases --img-size 64         # forward+backward vs grad norm+AdamW step per layout/AdamW
     python bench.py plan --model vit_15b --gpus 1024 --gpus-per-node 8 --gpu-mem-gib 64   # = python plan.py ...
 
 `sweep` times MAE training steps through train.py's own functions (build_model, build_optimizer,
@@ -12,7 +13,9 @@ configuration is a row (img/s, TFLOP/s per GPU, MFU, peak memory beside plan.py'
 time, energy per image), an impossible layout or an OOM included; under torchrun every rank runs every
 configuration and rank 0 reports. On a shared machine `--interleave` takes the configurations' timed
 steps in turn, so that outside load slows all alike. `sdpa` times each attention backend's forward +
-backward at MAE's sequence lengths. `plan` is plan.py's command, with the same flags and output: it needs
+backward at MAE's sequence lengths. `phases` splits a step into forward + backward and gradient norm +
+AdamW step for each layout and AdamW implementation (fused, foreach, for-loop) at a small batch: the
+per-step overheads of FSDP2's hooks and of the optimizer on DTensors. `plan` is plan.py's command, with the same flags and output: it needs
 no device and predicts per-GPU memory and communication of every layout (its model: plan.py's docstring).
 """
 
@@ -496,6 +499,69 @@ def time_attention(shape: tuple, backend, device: torch.device, dtype: torch.dty
         return None
 
 
+# ---------------------------------------------------------------------------------------------
+# phases: where a step's time goes, per layout and AdamW implementation
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_phases(args) -> list[dict]:
+    """Time train_step's two halves apart: forward + backward (FSDP2's all-gather/reduce-scatter hooks
+    run here) and the gradient norm + AdamW step (the optimizer on DTensors), for each layout and AdamW
+    implementation, interleaved (one step of each in turn) so that outside load hits all alike. At a
+    small batch the compute is small, so the differences are the per-step overheads of the layouts."""
+    if args.steps < 1 or args.warmup < 0:
+        raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")
+    dist = fsdp_setup.init_distributed()
+    try:
+        on_gpu = dist.device.type == "cuda"
+        decoder = {} if on_gpu else {k: train.DEMO_DEFAULTS[k] for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")}
+        runs = []
+        for spec, implementation in itertools.product(args.strategies, args.optimizers):
+            if implementation not in train.ADAMW_IMPLEMENTATIONS:
+                raise ValueError(f"--optimizers: {implementation!r} is not one of {', '.join(train.ADAMW_IMPLEMENTATIONS)}")
+            strategy, group = parse_strategy(spec)
+            cfg = train.TrainConfig(model=args.model, img_size=args.img_size, data="synthetic", steps=10**9, warmup_steps=1,
+                                    lr=1e-4, batch_size=args.batch_size, strategy=strategy, shard_group_size=group,
+                                    mixed_precision=args.mixed_precision, **decoder)
+            train.validate(cfg, dist.world_size, dist.device)
+            model = train.build_model(cfg, dist)
+            mae = fsdp_setup.unwrap(model)
+            imgs = torch.randn(cfg.batch_size, mae.cfg.in_chans, mae.cfg.img_size, mae.cfg.img_size, device=dist.device)
+            runs.append(dict(layout=spec, adamw=implementation, model=model, imgs=imgs,
+                             optimizer=train.build_optimizer(model, cfg, implementation), forward_backward=[], norm_step=[]))
+        for round_ in range(args.warmup + args.steps):
+            for run in runs:
+                model, optimizer = run["model"], run["optimizer"]
+                synchronize(dist.device)
+                start = time.perf_counter()
+                model(run["imgs"], mask_ratio=0.75)[0].backward()
+                synchronize(dist.device)
+                middle = time.perf_counter()
+                fsdp_setup.clip_grad_norm_(model, float("inf"))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                synchronize(dist.device)
+                if round_ >= args.warmup:
+                    run["forward_backward"].append(middle - start)
+                    run["norm_step"].append(time.perf_counter() - middle)
+        rows = [dict(model=args.model, layout=r["layout"], adamw=r["adamw"], batch_size=args.batch_size,
+                     device=device_name(dist.device), world_size=dist.world_size, torch=torch.__version__,
+                     forward_backward_ms=1e3 * statistics.median(r["forward_backward"]),
+                     norm_step_ms=1e3 * statistics.median(r["norm_step"])) for r in runs]
+        if dist.is_main:
+            print(f"\n{device_name(dist.device)} x {dist.world_size}, torch {torch.__version__}, {args.model} batch "
+                  f"{args.batch_size}: medians of {args.steps} interleaved steps after {args.warmup} warm-up\n")
+            print("| layout | AdamW | forward + backward ms | grad norm + step ms | step ms |\n|---|---|---|---|---|")
+            for r in rows:
+                print(f"| {r['layout']} | {r['adamw']} | {r['forward_backward_ms']:.2f} | {r['norm_step_ms']:.2f} | "
+                      f"{r['forward_backward_ms'] + r['norm_step_ms']:.2f} |")
+            if args.out:
+                write_json(os.path.join(args.out, "phases.json"), rows)
+        return rows
+    finally:
+        fsdp_setup.cleanup()
+
+
 def cmd_sdpa(args) -> list[dict]:
     from torch.nn.attention import SDPBackend
 
@@ -561,6 +627,16 @@ def parse_args(argv=None):
     p.add_argument("--interleave", action="store_true", help="build all configurations, time their steps in "
                    "turn: fair ratios on a shared machine (small models; no memory or energy)")
     p.add_argument("--out", default=None, help="folder for bench.json, bench.jsonl (row by row) and bench.md")
+    p = sub.add_parser("phases", help="forward+backward vs grad norm+AdamW step, per layout and AdamW implementation")
+    p.add_argument("--model", default="vit_tiny")
+    p.add_argument("--img-size", type=int, default=None, help="default: the model's (vit_tiny: 32)")
+    p.add_argument("--batch-size", type=int, default=1, help="small: the overheads, not the compute")
+    p.add_argument("--strategies", nargs="*", default=["ddp", "no_shard", "full_shard"])
+    p.add_argument("--optimizers", nargs="*", default=list(train.ADAMW_IMPLEMENTATIONS))
+    p.add_argument("--mixed-precision", default="auto")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--out", default=None, help="folder for phases.json")
     p = sub.add_parser("sdpa", help="time each SDPA backend at MAE's attention shapes")
     p.add_argument("--shapes", nargs="*", default=None, help="BxHxNxd, e.g. 256x16x50x64 (default: MAE's shapes)")
     p.add_argument("--iters", type=int, default=20)
@@ -570,7 +646,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    command = {"plan": cmd_plan, "sdpa": cmd_sdpa, "sweep": cmd_sweep}[args.command]
+    command = {"plan": cmd_plan, "sdpa": cmd_sdpa, "sweep": cmd_sweep, "phases": cmd_phases}[args.command]
     return command(args)
 
 

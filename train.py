@@ -270,18 +270,22 @@ def load_init_weights(model: torch.nn.Module, cfg: TrainConfig, dist: fsdp_setup
     log(dist, f"init: weights from {cfg.init}" + (f"; {len(missing)} decoder tensors keep their fresh init" if missing else ""))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+ADAMW_IMPLEMENTATIONS = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for-loop": dict(foreach=False)}
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, implementation: str = "fused") -> torch.optim.Optimizer:
     """AdamW β=(0.9, 0.95), as MAE. No weight decay on biases, norm weights (1-D) and the cls/mask
     tokens. The fused kernel on every device (CPU, CUDA/ROCm, CPU-offloaded shards): one pass over each
     parameter instead of a dozen, and with FSDP2 one DTensor dispatch per parameter group instead of
-    a dozen per parameter; on a 2-core CPU that made the step's host time 3-4x shorter (BENCHMARKS.md)."""
+    a dozen per parameter; on a 2-core CPU that made the step's host time 3-4x shorter (BENCHMARKS.md,
+    `bench.py phases` compares the implementations)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             skip = param.ndim <= 1 or name.endswith(("cls_token", "mask_token"))
             (no_decay if skip else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.95), fused=True)
+    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.95), **ADAMW_IMPLEMENTATIONS[implementation])
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int, warmup_steps: int) -> float:

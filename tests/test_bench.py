@@ -55,6 +55,15 @@ def test_sweep_with_cpu_offload_on_cpu():
     assert 0 < rows[0]["host_peak_gib"] < 64
 
 
+def test_phases_on_cpu(tmp_path):
+    rows = bench.main(["phases", "--strategies", "ddp", "full_shard", "--steps", "2", "--warmup", "1", "--out", str(tmp_path)])
+    assert [(r["layout"], r["adamw"]) for r in rows] == [(s, a) for s in ("ddp", "full_shard") for a in ("fused", "foreach", "for-loop")]
+    assert all(r["forward_backward_ms"] > 0 and r["norm_step_ms"] > 0 for r in rows)
+    assert json.loads((tmp_path / "phases.json").read_text()) == json.loads(json.dumps(rows))
+    with pytest.raises(ValueError, match="--optimizers"):
+        bench.main(["phases", "--optimizers", "sgd"])
+
+
 def test_sweep_reports_out_of_memory_as_a_row(monkeypatch):
     def build_model_oom(cfg, dist):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")

@@ -124,6 +124,38 @@ def test_optimizer_groups_follow_the_mae_recipe():
     assert len(decay) + len(no_decay) == len(names)
 
 
+def test_adamw_implementations_take_the_same_steps():
+    """fused (train.py's), foreach and for-loop: the same AdamW, so the same weights after a few steps."""
+    from mae import MaskedAutoencoder
+
+    cfg = train.TrainConfig(weight_decay=0.05)
+    imgs, noise = torch.randn(4, 3, 32, 32), torch.rand(4, 16)
+    weights = {}
+    for implementation in train.ADAMW_IMPLEMENTATIONS:
+        model = MaskedAutoencoder(get_config("vit_tiny"), 32, 1, 4)
+        optimizer = train.build_optimizer(model, cfg, implementation)
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-3
+        for _ in range(3):
+            model(imgs, 0.75, noise)[0].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        weights[implementation] = model.state_dict()
+    moved = (weights["fused"]["blocks.0.attn.qkv.weight"] - MaskedAutoencoder(get_config("vit_tiny"), 32, 1, 4)
+             .state_dict()["blocks.0.attn.qkv.weight"]).abs().max()
+    assert moved > 1e-3  # three steps of lr 1e-3 moved the weights: the comparison below is not vacuous
+    for implementation in ("foreach", "for-loop"):
+        for key, value in weights["fused"].items():
+            actual = weights[implementation][key]
+            if key.endswith("attn.qkv.bias"):
+                # The key bias's gradient is zero in exact arithmetic (softmax ignores a constant per
+                # query), i.e. rounding noise that Adam scales up to steps of lr: only a loose check.
+                D = value.shape[0] // 3
+                torch.testing.assert_close(actual[D:2 * D], value[D:2 * D], rtol=0, atol=3e-3)
+                actual, value = torch.cat([actual[:D], actual[2 * D:]]), torch.cat([value[:D], value[2 * D:]])
+            torch.testing.assert_close(actual, value, rtol=0, atol=1e-6, msg=f"{implementation}: {key}")
+
+
 def test_peak_tflops(monkeypatch):
     assert train.peak_tflops(torch.device("cpu")) == ("cpu", None)
     assert train.peak_tflops(torch.device("cpu"), 100.0) == ("cpu", 100.0)

@@ -42,7 +42,8 @@ With --cpu-offload (FSDP only) the fp32 params, grads and AdamW state live in ho
 per node against --host-mem-gib): the GPU holds gathered + buffers + activations + overhead, and each
 all-gather first copies the param shard up, each reduce-scatter the grad shard back down.
 
-DDP keeps full fp32 params, grads and DDP's gradient buckets (4 bytes/param each), AdamW state, and the
+DDP keeps full fp32 params and DDP's gradient buckets (4 bytes/param each; fsdp_setup sets
+gradient_as_bucket_view, so the grads are views into the buckets, no second copy), AdamW state, and the
 bf16 weight copies autocast keeps through forward. Communication per GPU per step uses ring collectives:
 an all-gather or reduce-scatter of X bytes over n GPUs moves (n−1)/n·X per GPU, an all-reduce twice that.
 FSDP gathers params in forward and, when resharded after forward (full_shard, hybrid), again in backward;
@@ -196,10 +197,10 @@ def layout_estimate(plan: PlanConfig, strategy: str, shard_group_size: int, size
     shard_spans_nodes = s > plan.gpus_per_node
     replica_spans_nodes = n > plan.gpus_per_node and replicas > 1
     if strategy == "ddp":
-        params, grads, optimizer = 4 * P, 4 * P, 8 * P
+        params, grads, optimizer = 4 * P, 0, 8 * P  # grads: views into the buckets below
         # autocast's bf16 weight copies: cached through forward, saved for backward, freed as it goes.
         gathered, gathered_released = (c * P if c < 4 else 0), True
-        buffers = 4 * P  # DDP's gradient buckets (a second copy of every fp32 grad)
+        buffers = 4 * P  # DDP's gradient buckets, allocated for the whole run
         gathers = 0
         collectives = [(2 * ring(n) * P * 4, n > plan.gpus_per_node)]  # all-reduce of the fp32 grads
     else:

@@ -228,6 +228,8 @@ def _worker(rank: int, out_dir: str) -> None:
         model = fsdp_setup.parallelize(build(), strategy, k, mixed_precision="fp32")
         model(imgs, 0.75, noise)[0].backward()
         seen["norm_only"][name] = norm_only(model)
+        if name == "ddp":  # gradient_as_bucket_view: each grad a view into DDP's buckets (the planner counts no copy)
+            seen["ddp_grads_are_bucket_views"] = all(p.grad._base is not None for p in model.parameters())
 
     # compile=True with AC and a 2-D mesh. aot_eager instead of inductor: it traces the blocks
     # through dynamo and AOT autograd like inductor does, in seconds instead of ~50 s of C++ codegen
@@ -417,6 +419,10 @@ def test_compile_applied_and_matches_eager(ranks):
     for seen in ranks:
         assert seen["compile"]["compiled_blocks"] == 4
         torch.testing.assert_close(torch.tensor(seen["compile"]["compiled"]), torch.tensor(seen["compile"]["eager"]), rtol=0, atol=1e-5)
+
+
+def test_ddp_grads_are_bucket_views(ranks):
+    assert all(seen["ddp_grads_are_bucket_views"] for seen in ranks)
 
 
 def test_impossible_layouts_raise_on_every_rank(ranks):

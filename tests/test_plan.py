@@ -101,8 +101,9 @@ def test_layout_memory_and_communication_by_hand():
 
     ddp = est("ddp", 1)
     assert ddp["params_gib"] * GiB == pytest.approx(4 * 10**6)
-    assert ddp["buffers_gib"] * GiB == pytest.approx(4 * 10**6)  # DDP's buckets
-    peak = 4 * 10**6 + 8 * 10**6 + max(4 * 10**6, act + 2 * 10**6) + 4 * 10**6
+    assert ddp["buffers_gib"] * GiB == pytest.approx(4 * 10**6)  # DDP's buckets, which hold the grads
+    assert ddp["grads_gib"] == 0  # gradient_as_bucket_view: no second copy
+    peak = 4 * 10**6 + 8 * 10**6 + (act + 2 * 10**6) + 4 * 10**6
     assert ddp["mem_gib"] == pytest.approx(peak / GiB + overhead)
     assert ddp["comm_gib_per_step"] * GiB == pytest.approx(2 * 3 / 4 * 4 * 10**6)
 

@@ -434,3 +434,9 @@ def test_scene_dataset_transforms(tmp_path):
     assert torch.equal(data.SceneDataset(test_items, img_size=16, stats=stats, bands=(2, 0), in_chans=2)[0][0], x)
     train_ds, test_ds, names = data.make_scene_datasets(data.SceneDataConfig(root=str(root), img_size=16, train_ratio=0.5))
     assert train_ds.train and not test_ds.train and names == ["x", "y"] and len(train_ds) + len(test_ds) == 4
+
+
+def test_bench_cli_also_answers_to_dash_dash_bench(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        data.main(["--bench", "--help"])
+    assert exit_info.value.code == 0 and "--workers" in capsys.readouterr().out

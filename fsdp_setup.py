@@ -34,8 +34,8 @@ The paper's FSDP1 settings (Tsaris et al. 2024) and what this file does with FSD
 | MixedPrecision(param, reduce, buffer)  | MixedPrecisionPolicy(param_dtype, reduce_dtype); buffers stay fp32|
 | sync_module_states / param_init_fn     | meta build + per-shard init from one seed (identical to 1 GPU)    |
 | no_sync()                              | `set_grad_sync(model, False)` on non-final accumulation steps     |
-| CPUOffload(offload_params=True)        | `cpu_offload=True`: CPUOffloadPolicy, sharded params, grads and   |
-|                                        | AdamW state in pinned host memory; the optimizer steps on the CPU |
+| CPUOffload(offload_params=True)        | `cpu_offload=True`: CPUOffloadPolicy, sharded params and grads    |
+|                                        | (pinned) and AdamW state in host memory; the optimizer runs there |
 
 Launch on one Frontier node (8 MI250X GCDs), either way:
 
@@ -57,6 +57,7 @@ process group, so the FSDP code path is the same as on 1000 GPUs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -364,7 +365,7 @@ def apply_fsdp(model: nn.Module, blocks: list[nn.Module], strategy: str, shard_g
     log(f"layout {strategy}: mesh ({dims}), reshard_after_forward={reshard}, {units}")
     if cpu_offload:
         log("cpu offload: sharded fp32 params, grads and AdamW state in host memory"
-            + (" (pinned); each unit is copied to the GPU for its forward and backward, the optimizer steps on the CPU"
+            + (" (params and grads pinned); each unit is copied to the GPU for its forward and backward, the optimizer steps on the CPU"
                if device.type == "cuda" else "; no GPU here, so nothing moves (the code path only)"))
     reduce = {"bf16": "fp32", "bf16-reduce": "bf16", "fp32": "fp32"}[mixed_precision]
     log(f"mixed precision {mixed_precision}: params/compute {'fp32' if mixed_precision == 'fp32' else 'bf16'}, "
@@ -517,6 +518,22 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     else:
         total_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     return total_norm.full_tensor() if isinstance(total_norm, DTensor) else total_norm
+
+
+@contextlib.contextmanager
+def buffers_on(model: nn.Module, device: torch.device):
+    """Move the model's buffers to `device` for the duration of the block, then back (with any values
+    written meanwhile). With CPU offload the parameter shards live on the CPU and the buffers on the
+    GPU, and torch's full-state-dict loading (set_model_state_dict) refuses a model on two devices."""
+    homes = [(module, name, buffer.device) for module in model.modules()
+             for name, buffer in module.named_buffers(recurse=False)]
+    for module, name, _ in homes:
+        setattr(module, name, getattr(module, name).to(device))
+    try:
+        yield
+    finally:
+        for module, name, home in homes:
+            setattr(module, name, getattr(module, name).to(home))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -13,7 +13,8 @@
 # 79.1 GiB even on an H200, so "fits on an 80 GB GPU" means the same on either. Summary table last.
 # Env: GPU_CHECK_WORK (default runs/gpu_check: every log and result), OUT (if set, at most 4 files are
 # copied there: summary.md, results.json, logs.txt, profile.txt), PYTHON (default python3),
-# GPU_CHECK_BUDGET_S (default 470 s of measurements), GPU_CHECK_DRY_RUN=1.
+# GPU_CHECK_BUDGET_S (default 470 s of measurements), GPU_CHECK_DRY_RUN=1, GPU_CHECK_ONLY (step names to run,
+# space-separated, e.g. "env largest_offload" for what a previous run skipped; the summary covers those).
 set -uo pipefail
 cd "$(dirname "$0")"
 
@@ -51,6 +52,9 @@ START=$SECONDS
 step() {
     local name=$1 limit=$2
     shift 2
+    if [[ -n "${GPU_CHECK_ONLY:-}" && " $GPU_CHECK_ONLY " != *" $name "* ]]; then
+        return 98  # not selected: e.g. GPU_CHECK_ONLY="env largest_offload" reruns only those steps
+    fi
     local remaining=$(( BUDGET_S - (SECONDS - START) - RESERVE_S ))
     if (( remaining < 25 )); then
         printf '%s\tskipped\t0\n' "$name" >> "$OUT/steps.tsv"
@@ -71,7 +75,7 @@ step() {
 sweep() {
     local name=$1 limit=$2
     shift 2
-    rm -rf "${OUT:?}/$name"
+    [[ -n "${GPU_CHECK_ONLY:-}" && " $GPU_CHECK_ONLY " != *" $name "* ]] || rm -rf "${OUT:?}/$name"
     step "$name" "$limit" "$PY" bench.py sweep --out "$OUT/$name" --mem-cap-gib "$MEM_CAP_GIB" "${STEPS[@]}" "$@"
 }
 
@@ -158,10 +162,43 @@ for strategy, group, mp, ac, *offload in cases:
           f"params placed {placed}, init diff {init_diff:.1e}, loss {loss:.6f} "
           f"vs {ref_loss:.6f}, params after one step: max diff {step_diff:.1e}, {off:.1e} of them > 1e-5", flush=True)
     del model
+# --init through CPU offload: torch's full-state-dict broadcast wants the model on one device, and
+# offloaded shards live on the CPU while the buffers stay on the GPU (train.load_init_weights handles it).
+with torch.device(dev):
+    source = MaskedAutoencoder(vit, 64, 2, 4)
+source.init_weights(seed=5)  # other weights than the seed-0 build, so the load shows
+init_path = os.path.join(os.path.dirname(os.environ["SMOKE_OUT"]), "smoke_init.pth")
+torch.save(source.state_dict(), init_path)
+try:
+    c = dataclasses.replace(cfg, strategy="full_shard", mixed_precision="fp32", cpu_offload=True, init=init_path)
+    loaded = full_params(train.build_model(c, dist))
+    diff = max((loaded[n] - p.detach().float()).abs().max().item() for n, p in source.named_parameters())
+    ok, note = diff == 0, f"max diff {diff:.1e}"
+except Exception as err:  # a failure here is a result to report, not a reason to lose the others
+    ok, note = False, f"{type(err).__name__}: {err}"[:200]
+failed += not ok
+results.append(dict(strategy="full_shard", shard_group_size=None, mixed_precision="fp32", ac="none", cpu_offload=True,
+                    case="--init with offload", note=note, ok=ok))
+print(f"{'PASS' if ok else 'FAIL'} --init with cpu offload: weights as saved ({note})", flush=True)
 json.dump(results, open(os.environ["SMOKE_OUT"], "w"), indent=1)
 fsdp_setup.cleanup()
 raise SystemExit(1 if failed else 0)
 EOF
+
+# ---- 1c. CPU offload through train.py: clipping, a checkpoint mid-run and --resume = one uninterrupted run ----
+offload_run() { "$PY" train.py --data synthetic --model vit_tiny --decoder-embed-dim 64 --decoder-depth 2 \
+    --decoder-num-heads 4 --batch-size 8 --steps 4 --warmup-steps 1 --lr 1e-3 --workers 0 --log-every 1 \
+    --cpu-offload --clip-grad 0.5 --ckpt-every 2 --recon-every 0 "$@"; }
+step offload_resume 90 bash -c "$(declare -f offload_run); PY='$PY'
+    rm -rf '$OUT/offload_whole' '$OUT/offload_split'
+    offload_run --out '$OUT/offload_whole' &&
+    offload_run --out '$OUT/offload_split' --max-steps-per-run 2 &&
+    offload_run --out '$OUT/offload_split' --resume &&
+    '$PY' -c \"import json, sys
+runs = [[(r['step'], r['loss'], r['grad_norm']) for r in map(json.loads, open(f))] for f in sys.argv[1:]]
+print(*runs, sep='\\n'); ok = len(runs[0]) == 4 and runs[0] == runs[1]
+print('PASS: resumed run = uninterrupted (step, loss, grad norm)' if ok else 'FAIL'); sys.exit(0 if ok else 1)\" \
+        '$OUT/offload_whole/metrics.jsonl' '$OUT/offload_split/metrics.jsonl'"
 
 # ---- 1b. train.py's stop flag on the GPU: agreed one step late, without waiting for the queued step ----
 # (the multi-rank path, on this one rank: Dist says two ranks, the all-reduce runs on the real group of one)
@@ -239,7 +276,8 @@ for candidate in $CANDIDATES; do
     grep -q '"status": "ok"' "$OUT/largest_$candidate/bench.jsonl" 2>/dev/null && break
 done
 # The largest model with FSDP2 CPU offload: vit_5b's 80 GiB of fp32 state cannot sit on an 80 GB GPU;
-# offloaded it needs ~86 GB of pinned host memory (the device machine has 128 GiB), ~4 GiB of GPU.
+# offloaded it needs ~83 GiB of host memory (params and grads pinned, ~46 GiB of it with the pinned
+# allocator's rounding; the device machine has 128 GiB) and ~4 GiB of GPU.
 sweep largest_offload 170 --models "$(model vit_5b)" --batch-sizes "$(batch 32)" --ac full --strategies full_shard \
     --compile off --cpu-offload --steps 3 --warmup 1
 
@@ -335,6 +373,10 @@ if os.path.exists(smoke_path):
                  f"{'yes' if all(s['ok'] for s in smoke) else 'NO'} |")
 else:
     lines.append("| fsdp_setup smoke vs a plain model | not run / crashed (smoke.log) | all | NO |")
+for name, label in (("stop_flag", "train.py's stop flag on the GPU: one step late, no wait for the step"),
+                    ("offload_resume", "--cpu-offload via train.py: clipping, checkpoint, resume = uninterrupted")):
+    code = exit_codes.get(name, "not run")
+    lines.append(f"| {label} | {'pass' if code == 'exit 0' else code} ({name}.log) | pass | {'yes' if code == 'exit 0' else 'NO'} |")
 lines += ["", "| run | model | layout | ac | compile | SDPA | batch | status | img/s | TFLOP/s | MFU | peak GiB | plan GiB | 1st step s | J/img |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 for r in rows:

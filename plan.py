@@ -40,11 +40,15 @@ Backward creates each Block's grads as it frees that Block's activations (and, w
 params), so the grads and the saved activations never peak together: the larger side counts.
 With --cpu-offload (FSDP only) the fp32 params, grads and AdamW state live in host memory ("host", checked
 per node against --host-mem-gib): the GPU holds gathered + buffers + activations + overhead, and each
-all-gather first copies the param shard up, each reduce-scatter the grad shard back down.
+all-gather first copies the param shard up, each reduce-scatter the grad shard back down. Not modelled:
+params and grads are pinned, and pinned blocks round each tensor up to a power of two (~+15% on those
+two for vit_5b); with --accum-steps > 1 FSDP2 keeps every unsharded gradient on the GPU between
+micro-steps (sync off), which undoes most of the GPU saving.
 
 DDP keeps full fp32 params and DDP's gradient buckets (4 bytes/param each; fsdp_setup sets
-gradient_as_bucket_view, so the grads are views into the buckets, no second copy), AdamW state, and the
-bf16 weight copies autocast keeps through forward. Communication per GPU per step uses ring collectives:
+gradient_as_bucket_view, so the grads are views into the buckets, no second copy at --accum-steps 1;
+non-final micro-steps of accumulation keep their own grads), AdamW state, and the bf16 weight copies
+autocast keeps through forward. Communication per GPU per step uses ring collectives:
 an all-gather or reduce-scatter of X bytes over n GPUs moves (n−1)/n·X per GPU, an all-reduce twice that.
 FSDP gathers params in forward and, when resharded after forward (full_shard, hybrid), again in backward;
 grads are reduce-scattered in the shard group, then (hybrid) all-reduced across the world/s replicas.
@@ -241,7 +245,10 @@ def layout_estimate(plan: PlanConfig, strategy: str, shard_group_size: int, size
 
 def plan_layouts(plan: PlanConfig) -> list[dict]:
     sizes = model_sizes(plan)
-    return [layout_estimate(plan, strategy, s, sizes) for strategy, s in layouts(plan.gpus)]
+    rows = layouts(plan.gpus)
+    if plan.cpu_offload:  # train.py refuses ddp with --cpu-offload: DDP has nothing to offload
+        rows = [(strategy, s) for strategy, s in rows if strategy != "ddp"]
+    return [layout_estimate(plan, strategy, s, sizes) for strategy, s in rows]
 
 
 def recommend(rows: list[dict], plan: PlanConfig) -> tuple[dict | None, str]:
@@ -267,8 +274,9 @@ def format_plan(rows: list[dict], plan: PlanConfig, best: dict | None, why: str)
     cols = ["params", "grads", "optimizer", "gathered", "buffers", "activations", "overhead"]
     labels = ["params", "grads", "AdamW", "gather", "buffer", "activ", "other", "total", "comm", "inter"]
     labels += ["host"] if plan.cpu_offload else []
-    lines = [head, "GiB per GPU; total = peak = params + AdamW + max(grads, activ [+ gather when kept]) + ...; "
-                   "comm = GiB each GPU sends per step, inter = of it across nodes",
+    total = ("total = GPU peak = gather + buffer + activ + other; params, grads, AdamW are in host memory (host)"
+             if plan.cpu_offload else "total = peak = params + AdamW + max(grads, activ [+ gather when kept]) + ...")
+    lines = [head, f"GiB per GPU; {total}; comm = GiB each GPU sends per step, inter = of it across nodes",
              f"{'layout':<18}" + "".join(f"{label:>8}" for label in labels) + "  fits"]
     for row in rows:
         name = row["strategy"] + (f" {row['shard_group_size']}" if row["strategy"] == "hybrid_shard" else "")

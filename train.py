@@ -30,6 +30,7 @@ that the launcher ends the job; srun does so only with --kill-on-bad-exit=1).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -266,7 +267,10 @@ def load_init_weights(model: torch.nn.Module, cfg: TrainConfig, dist: fsdp_setup
 
     state, missing = on_every_rank(read_and_check, dist)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
-    set_model_state_dict(fsdp_setup.unwrap(model), state, options=options)
+    plain = fsdp_setup.unwrap(model)
+    # Offloaded shards are on the CPU, buffers on the GPU: the buffers join the shards for the broadcast.
+    with fsdp_setup.buffers_on(plain, torch.device("cpu")) if cfg.cpu_offload else contextlib.nullcontext():
+        set_model_state_dict(plain, state, options=options)
     log(dist, f"init: weights from {cfg.init}" + (f"; {len(missing)} decoder tensors keep their fresh init" if missing else ""))
 
 

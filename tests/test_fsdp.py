@@ -499,6 +499,18 @@ def test_cpu_offload_on_gpus_needs_cpu_collectives(monkeypatch):
     validate_layout("full_shard", None, 8, "fp32", device=cuda, cpu_offload=True)
 
 
+def test_buffers_on_moves_and_brings_back_what_was_written():
+    model = build(meta=False)
+    homes = {name: buffer.device for name, buffer in model.named_buffers()}
+    with fsdp_setup.buffers_on(model, torch.device("meta")):  # the only other device a CPU machine has
+        assert all(b.is_meta for b in model.buffers())
+        for name in homes:  # as a state-dict load writes them (meta tensors cannot travel back)
+            setattr(model, name, torch.full(getattr(model, name).shape, 7.0))
+    assert {name: b.device for name, b in model.named_buffers()} == homes
+    assert all(torch.equal(b, torch.full(b.shape, 7.0)) for b in model.buffers())
+    assert set(homes) <= set(model.state_dict())  # still registered (persistent) buffers
+
+
 def test_parallelize_without_process_group_is_a_clear_error():
     if dist.is_initialized():
         pytest.skip("another test left a process group")

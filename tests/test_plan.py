@@ -115,6 +115,7 @@ def test_layout_memory_and_communication_by_hand():
     assert offload["mem_gib"] == pytest.approx((act + 4 * 10**5 + 16 * 10**5) / GiB + overhead)
     tight = plan.layout_estimate(tiny_plan(cpu_offload=True, host_mem_gib=7e6 / GiB), "full_shard", 4, sizes)
     assert not tight["fits"]  # 2 GPUs per node x 4·10⁶ bytes each > 7·10⁶
+    assert "ddp" not in {row["strategy"] for row in plan.plan_layouts(tiny_plan(cpu_offload=True))}  # nothing to offload
 
     bf16_reduce = plan.layout_estimate(tiny_plan(mixed_precision="bf16-reduce"), "full_shard", 4, sizes)
     assert bf16_reduce["comm_gib_per_step"] * GiB == pytest.approx(3 * 10**6 + 0.75 * 2 * 10**6)

@@ -384,6 +384,10 @@ def test_init_loads_official_weights(chips, tmp_path):
             assert torch.equal(weights[key], value), key
         fresh_weights = {k: whole(v) for k, v in fresh.state_dict().items()}
         assert torch.equal(weights["decoder_pred.weight"], fresh_weights["decoder_pred.weight"])
+        # The same through CPU offload (its buffers-on-CPU detour; the GPU case is in gpu_check.sh's smoke).
+        offloaded = train.build_model(train.dataclasses.replace(cfg, cpu_offload=True), dist)
+        for key, value in offloaded.state_dict().items():
+            assert torch.equal(whole(value), weights[key]), key
         bad = train.dataclasses.replace(cfg, img_size=64)
         with pytest.raises(ValueError, match="does not fit this model"):
             train.build_model(bad, dist)

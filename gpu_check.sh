@@ -185,7 +185,48 @@ fsdp_setup.cleanup()
 raise SystemExit(1 if failed else 0)
 EOF
 
-# ---- 1c. CPU offload through train.py: clipping, a checkpoint mid-run and --resume = one uninterrupted run ----
+# ---- 2. the throughput targets (no_shard: one GPU, bf16 params kept between forward and backward) ----
+# Targets first, then the largest models, then the eager reference and the extras: the running
+# deadline skips from the end.
+sweep vitl_compiled 150 --models "$(model vit_large)" --batch-sizes "$(batch 256)" --ac none --compile "$COMPILED" --profile
+sweep vith_compiled 120 --models "$(model vit_huge)" --batch-sizes "$(batch 256)" --ac none --compile "$COMPILED"
+sweep vit1b_compiled 120 --models "$(model vit_1b)" --batch-sizes "$(batch 256)" --ac none --compile "$COMPILED"
+sweep vit3b_compiled 150 --models "$(model vit_3b)" --batch-sizes "$(batch 64)" --ac none --compile "$COMPILED"
+
+# ---- 3. the largest model that trains on one 80 GB GPU: the planner's candidates, largest first ----
+# full_shard on one GPU holds only two Blocks in bf16 at a time; checkpointing keeps activations small.
+CANDIDATES=$("$PY" - "$MEM_CAP_GIB" "$DRY" <<'EOF'
+import sys
+import plan as planner
+from vit import CONFIGS, count_params
+cap, dry = float(sys.argv[1]), sys.argv[2] == "1"
+if dry:
+    print("vit_tiny")
+    raise SystemExit
+fits = []
+for name in CONFIGS:
+    plan = planner.PlanConfig(model=name, gpus=1, gpu_mem_gib=cap, batch_size=32, ac="full")
+    est = planner.layout_estimate(plan, "full_shard", 1, planner.model_sizes(plan))
+    state = est["params_gib"] + est["grads_gib"] + est["optimizer_gib"]  # all present after backward
+    # The planner is within ~10% of measured peaks: let the GPU decide the close calls.
+    if state < cap and est["mem_gib"] <= 1.1 * cap:
+        fits.append((count_params(CONFIGS[name]), name))
+print(" ".join(name for _, name in sorted(fits, reverse=True)[:2]))
+EOF
+)
+echo "[gpu_check] largest-model candidates (planner): $CANDIDATES"
+for candidate in $CANDIDATES; do
+    sweep "largest_$candidate" 120 --models "$candidate" --batch-sizes "$(batch 32)" --ac full \
+        --strategies full_shard --compile off --steps 3 --warmup 1
+    grep -q '"status": "ok"' "$OUT/largest_$candidate/bench.jsonl" 2>/dev/null && break
+done
+# The largest model with FSDP2 CPU offload: vit_5b's 80 GiB of fp32 state cannot sit on an 80 GB GPU;
+# offloaded it needs ~83 GiB of host memory (params and grads pinned, ~46 GiB of it with the pinned
+# allocator's rounding; the device machine has 128 GiB) and ~4 GiB of GPU.
+sweep largest_offload 170 --models "$(model vit_5b)" --batch-sizes "$(batch 32)" --ac full --strategies full_shard \
+    --compile off --cpu-offload --steps 2 --warmup 1
+
+# ---- 3b. CPU offload through train.py: clipping, a checkpoint mid-run and --resume = one uninterrupted run ----
 offload_run() { "$PY" train.py --data synthetic --model vit_tiny --decoder-embed-dim 64 --decoder-depth 2 \
     --decoder-num-heads 4 --batch-size 8 --steps 4 --warmup-steps 1 --lr 1e-3 --workers 0 --log-every 1 \
     --cpu-offload --clip-grad 0.5 --ckpt-every 2 --recon-every 0 "$@"; }
@@ -200,7 +241,7 @@ print(*runs, sep='\\n'); ok = len(runs[0]) == 4 and runs[0] == runs[1]
 print('PASS: resumed run = uninterrupted (step, loss, grad norm)' if ok else 'FAIL'); sys.exit(0 if ok else 1)\" \
         '$OUT/offload_whole/metrics.jsonl' '$OUT/offload_split/metrics.jsonl'"
 
-# ---- 1b. train.py's stop flag on the GPU: agreed one step late, without waiting for the queued step ----
+# ---- 3c. train.py's stop flag on the GPU: agreed one step late, without waiting for the queued step ----
 # (the multi-rank path, on this one rank: Dist says two ranks, the all-reduce runs on the real group of one)
 step stop_flag 60 "$PY" - <<'EOF'
 import signal, time, torch
@@ -239,47 +280,6 @@ print("PASS" if ok else "FAIL")
 fsdp_setup.cleanup()
 raise SystemExit(0 if ok else 1)
 EOF
-
-# ---- 2. the throughput targets (no_shard: one GPU, bf16 params kept between forward and backward) ----
-# Targets first, then the largest models, then the eager reference and the extras: the running
-# deadline skips from the end.
-sweep vitl_compiled 150 --models "$(model vit_large)" --batch-sizes "$(batch 256)" --ac none --compile "$COMPILED" --profile
-sweep vith_compiled 120 --models "$(model vit_huge)" --batch-sizes "$(batch 256)" --ac none --compile "$COMPILED"
-sweep vit1b_compiled 120 --models "$(model vit_1b)" --batch-sizes "$(batch 256)" --ac none --compile "$COMPILED"
-sweep vit3b_compiled 150 --models "$(model vit_3b)" --batch-sizes "$(batch 64)" --ac none --compile "$COMPILED"
-
-# ---- 3. the largest model that trains on one 80 GB GPU: the planner's candidates, largest first ----
-# full_shard on one GPU holds only two Blocks in bf16 at a time; checkpointing keeps activations small.
-CANDIDATES=$("$PY" - "$MEM_CAP_GIB" "$DRY" <<'EOF'
-import sys
-import plan as planner
-from vit import CONFIGS, count_params
-cap, dry = float(sys.argv[1]), sys.argv[2] == "1"
-if dry:
-    print("vit_tiny")
-    raise SystemExit
-fits = []
-for name in CONFIGS:
-    plan = planner.PlanConfig(model=name, gpus=1, gpu_mem_gib=cap, batch_size=32, ac="full")
-    est = planner.layout_estimate(plan, "full_shard", 1, planner.model_sizes(plan))
-    state = est["params_gib"] + est["grads_gib"] + est["optimizer_gib"]  # all present after backward
-    # The planner is within ~10% of measured peaks: let the GPU decide the close calls.
-    if state < cap and est["mem_gib"] <= 1.1 * cap:
-        fits.append((count_params(CONFIGS[name]), name))
-print(" ".join(name for _, name in sorted(fits, reverse=True)[:2]))
-EOF
-)
-echo "[gpu_check] largest-model candidates (planner): $CANDIDATES"
-for candidate in $CANDIDATES; do
-    sweep "largest_$candidate" 120 --models "$candidate" --batch-sizes "$(batch 32)" --ac full \
-        --strategies full_shard --compile off --steps 5 --warmup 2
-    grep -q '"status": "ok"' "$OUT/largest_$candidate/bench.jsonl" 2>/dev/null && break
-done
-# The largest model with FSDP2 CPU offload: vit_5b's 80 GiB of fp32 state cannot sit on an 80 GB GPU;
-# offloaded it needs ~83 GiB of host memory (params and grads pinned, ~46 GiB of it with the pinned
-# allocator's rounding; the device machine has 128 GiB) and ~4 GiB of GPU.
-sweep largest_offload 170 --models "$(model vit_5b)" --batch-sizes "$(batch 32)" --ac full --strategies full_shard \
-    --compile off --cpu-offload --steps 3 --warmup 1
 
 # ---- 4. the eager reference, attention kernels at MAE's shapes, then extras while time remains ----
 sweep vitl_eager 75 --models "$(model vit_large)" --batch-sizes "$(batch 256)" --ac none --compile off

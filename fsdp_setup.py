@@ -438,11 +438,12 @@ def init_sharded_(model: nn.Module, device: torch.device, seed: int, param_devic
         else:
             param.copy_(full)
     for module in model.modules():  # FSDP2 leaves buffers alone: they must be where the compute is
-        for name, buffer in module.named_buffers(recurse=False):
-            setattr(module, name, buffer.to(device))
+        for buffer_name, buffer in module.named_buffers(recurse=False):
+            setattr(module, buffer_name, buffer.to(device))
     model.init_buffers()  # the fixed sin-cos position embeddings
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
-    log(f"init: meta model materialised on {device}, initialised {'per shard ' if sharded else ''}from seed {seed}")
+    where = f"{device}" + (f" (parameter shards on {param_device})" if param_device and param_device != device else "")
+    log(f"init: meta model materialised on {where}, initialised {'per shard ' if sharded else ''}from seed {seed}")
 
 
 def parallelize(

@@ -168,16 +168,6 @@ def parse_strategy(spec: str) -> tuple[str, int | None]:
     return name, int(group) if group else None
 
 
-# Process-wide SDPA switches: `--sdpa cudnn` leaves only cuDNN and the math fallback enabled, so the
-# whole model (encoder and decoder, eager or compiled) runs that kernel wherever it supports the shape.
-SDPA_SWITCHES = {"flash": "enable_flash_sdp", "efficient": "enable_mem_efficient_sdp", "cudnn": "enable_cudnn_sdp"}
-
-
-def apply_sdpa_choice(choice: str) -> None:
-    for name, switch in SDPA_SWITCHES.items():
-        getattr(torch.backends.cuda, switch)(choice in ("auto", name))
-
-
 def sweep_configs(args, on_gpu: bool) -> list[train.TrainConfig]:
     """One train.TrainConfig per point of models x strategies x ac x compile x batch sizes."""
     models = args.models or (["vit_large", "vit_huge", "vit_1b", "vit_3b"] if on_gpu else ["vit_tiny"])
@@ -342,7 +332,7 @@ def run_one(cfg: train.TrainConfig, sdpa: str, dist: fsdp_setup.Dist, args, powe
     if invalid:
         return invalid
     torch.compiler.reset()  # each configuration compiles afresh (no recompiles with dynamic shapes)
-    apply_sdpa_choice(sdpa)
+    train.apply_sdpa_choice(sdpa)  # what train.py --sdpa does
     if dist.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dist.device)
     profile_path = None
@@ -373,7 +363,7 @@ def run_interleaved(configs: list[train.TrainConfig], sdpa: str, dist: fsdp_setu
         if not invalid:
             runnable.append((len(rows) - 1, cfg))
     torch.compiler.reset()
-    apply_sdpa_choice(sdpa)
+    train.apply_sdpa_choice(sdpa)  # what train.py --sdpa does
     try:
         runs = [(i, ConfigRun(cfg, dist)) for i, cfg in runnable]
         for _, run in runs:
@@ -408,8 +398,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 def cmd_sweep(args) -> list[dict]:
     for choice in args.sdpa:
-        if choice not in ("auto", "math", *SDPA_SWITCHES):
-            raise ValueError(f"--sdpa must be auto, math or one of {', '.join(SDPA_SWITCHES)}, got {choice!r}")
+        if choice not in train.SDPA_CHOICES:
+            raise ValueError(f"--sdpa must be one of {', '.join(train.SDPA_CHOICES)}, got {choice!r}")
     if args.interleave and len(args.sdpa) > 1:
         raise ValueError("--interleave takes one --sdpa choice (the switch is process-wide)")
     if args.steps < 1 or args.warmup < 1:

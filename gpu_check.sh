@@ -306,7 +306,7 @@ if best and enc.get("default") and dec.get("default") and cost[best] < 0.95 * (2
 EOF
 )
 if [[ -n "$SDPA_PICK" ]]; then
-    echo "[gpu_check] attention kernel faster than the default for ViT-L: $SDPA_PICK"
+    echo "[gpu_check] attention kernel faster than the default for ViT-L: $SDPA_PICK (train.py --sdpa $SDPA_PICK)"
     sweep vitl_compiled_sdpa 150 --models "$(model vit_large)" --batch-sizes "$(batch 256)" --ac none \
         --compile "$COMPILED" --sdpa "$SDPA_PICK"
 fi

@@ -103,6 +103,8 @@ class TrainConfig:
     mixed_precision: str = flag("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | bf16-reduce | fp32")
     ac: str = flag("none", "activation checkpointing: none | full | k (every k-th block)")
     compile: bool = flag(False, "torch.compile each transformer block")
+    sdpa: str = flag("auto", "attention kernel: auto (torch picks per call) | flash | efficient | cudnn | math; "
+                             "`python bench.py sdpa` times them at MAE's shapes on your GPU")
     cpu_offload: bool = flag(False, "FSDP2 CPU offload: params, grads and AdamW state in host memory (not with ddp)")
     # run folder, checkpoints, logging
     out: str | None = flag(None, "run folder (default runs/demo for the demo, else runs/<model>)")
@@ -213,6 +215,8 @@ def validate(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
         raise ValueError(f"--clip-grad must be positive, got {cfg.clip_grad} (leave it out to not clip)")
     if cfg.ckpt_every < 0 or (cfg.recon_every or 0) < 0:
         raise ValueError("--ckpt-every and --recon-every must be >= 0 (0 = only at the end / never)")
+    if cfg.sdpa not in SDPA_CHOICES:
+        raise ValueError(f"--sdpa must be one of {', '.join(SDPA_CHOICES)}, got {cfg.sdpa!r}")
     int_list(cfg.bands, "bands")
     int_list(cfg.rgb_bands, "rgb-bands")
     if cfg.data not in ("demo", "synthetic") and not os.path.exists(cfg.data):
@@ -272,6 +276,18 @@ def load_init_weights(model: torch.nn.Module, cfg: TrainConfig, dist: fsdp_setup
     with fsdp_setup.buffers_on(plain, torch.device("cpu")) if cfg.cpu_offload else contextlib.nullcontext():
         set_model_state_dict(plain, state, options=options)
     log(dist, f"init: weights from {cfg.init}" + (f"; {len(missing)} decoder tensors keep their fresh init" if missing else ""))
+
+
+# Process-wide SDPA switches: `--sdpa cudnn` leaves only cuDNN and the math fallback enabled, so the
+# whole model (encoder and decoder, eager or compiled) runs that kernel wherever it supports the shape.
+# MAE's encoder attends over only 50-65 tokens, where the kernels differ most (BENCHMARKS.md).
+SDPA_SWITCHES = {"flash": "enable_flash_sdp", "efficient": "enable_mem_efficient_sdp", "cudnn": "enable_cudnn_sdp"}
+SDPA_CHOICES = ("auto", *SDPA_SWITCHES, "math")
+
+
+def apply_sdpa_choice(choice: str) -> None:
+    for name, switch in SDPA_SWITCHES.items():
+        getattr(torch.backends.cuda, switch)(choice in ("auto", name))
 
 
 ADAMW_IMPLEMENTATIONS = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for-loop": dict(foreach=False)}
@@ -527,6 +543,9 @@ def train(cfg: TrainConfig, dist: fsdp_setup.Dist) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cfg, out, previous, dataset, pixel_stats = setup_run(cfg, dist)
+    apply_sdpa_choice(cfg.sdpa)  # always: "auto" undoes an earlier run's choice in the same process
+    if cfg.sdpa != "auto":
+        log(dist, f"attention: SDPA kernel {cfg.sdpa} (math where it does not support a shape)")
     sampler = data.ResumableDistributedSampler(len(dataset), dist.rank, dist.world_size, seed=cfg.seed)
     loader_batch = cfg.batch_size // cfg.accum_steps
     global_batch = cfg.batch_size * dist.world_size

@@ -156,6 +156,18 @@ def test_adamw_implementations_take_the_same_steps():
             torch.testing.assert_close(actual, value, rtol=0, atol=1e-6, msg=f"{implementation}: {key}")
 
 
+def test_sdpa_choice_sets_the_process_wide_switches():
+    backends = torch.backends.cuda
+    try:
+        train.apply_sdpa_choice("cudnn")
+        assert (backends.cudnn_sdp_enabled(), backends.flash_sdp_enabled(), backends.mem_efficient_sdp_enabled()) == (True, False, False)
+        train.apply_sdpa_choice("math")
+        assert not any((backends.cudnn_sdp_enabled(), backends.flash_sdp_enabled(), backends.mem_efficient_sdp_enabled()))
+    finally:
+        train.apply_sdpa_choice("auto")
+    assert backends.cudnn_sdp_enabled() and backends.flash_sdp_enabled() and backends.mem_efficient_sdp_enabled()
+
+
 def test_peak_tflops(monkeypatch):
     assert train.peak_tflops(torch.device("cpu")) == ("cpu", None)
     assert train.peak_tflops(torch.device("cpu"), 100.0) == ("cpu", 100.0)
@@ -410,6 +422,7 @@ def test_init_loads_official_weights(chips, tmp_path):
     (["--strategy", "hybrid_shard", "--shard-group-size", "0"], "--shard-group-size"),
     (["--mixed-precision", "fp16"], "--mixed-precision"),
     (["--strategy", "ddp", "--cpu-offload"], "--cpu-offload needs an FSDP layout"),
+    (["--sdpa", "fast"], "--sdpa must be one of auto, flash, efficient, cudnn, math"),
 ])
 def test_user_errors_are_one_clear_line(chips, tmp_path, capsys, extra, message):
     assert train.cli([*args(chips, tmp_path), *extra]) == 2

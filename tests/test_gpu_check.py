@@ -55,3 +55,20 @@ def test_offloaded_model_is_not_reported_as_the_largest_without_offload(tmp_path
     assert "| none (tried: vit_3b oom, vit_1b oom) |" in largest, largest
     offload = next(line for line in summary.splitlines() if line.startswith("| vit_5b on one GPU with CPU offload"))
     assert "vit_5b trains" in offload and "host peak 86 GiB" in offload, offload
+
+
+def test_cpu_dry_run_of_the_whole_script(tmp_path):
+    """Every step of the prepared GPU script runs (vit_tiny, 2 steps, on the CPU), so a renamed function
+    or flag breaks here and not in the next session's few minutes of GPU time."""
+    env = {**os.environ, "GPU_CHECK_WORK": str(tmp_path / "work"), "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(ROOT / "gpu_check.sh"), "--cpu-dry-run"], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    steps = [line.split("\t") for line in (tmp_path / "work" / "steps.tsv").read_text().splitlines()]
+    failed = [(name, code) for name, code, _ in steps if code != "0"]
+    assert not failed, (failed, result.stdout[-3000:])
+    names = {name for name, _, _ in steps}
+    assert {"env", "smoke", "vitl_compiled", "largest_offload", "offload_resume", "stop_flag", "sdpa"} <= names, names
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| fsdp_setup smoke vs a plain model | 12/12 pass | all | yes |" in summary, summary
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"summary.md", "results.json", "logs.txt"}

@@ -349,8 +349,11 @@ def apply_fsdp(model: nn.Module, blocks: list[nn.Module], strategy: str, shard_g
     # Pinned host memory lets the host-to-GPU copies of the offloaded shards run asynchronously.
     # Without a GPU the parameters are on the CPU anyway: the same code path, nothing moves.
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
-    for block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy, offload_policy=offload)
+    for i, block in enumerate(blocks):
+        # The last Block to run forward is the first one backward needs: resharding it would only
+        # re-gather it at once (blocks are in forward order: encoder, then decoder).
+        last = i == len(blocks) - 1
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard and not last, mp_policy=policy, offload_policy=offload)
     # The patch embedding is its own unit so that only it receives bf16 images; the root keeps the
     # fp32 inputs, so MAE's pixel targets and the masking noise are not rounded to bf16.
     patch_embed = getattr(model, "patch_embed", None)
@@ -362,7 +365,8 @@ def apply_fsdp(model: nn.Module, blocks: list[nn.Module], strategy: str, shard_g
     fully_shard(model, mesh=mesh, mp_policy=root_policy, offload_policy=offload)
     dims = ", ".join(f"{name}={size}" for name, size in zip(mesh.mesh_dim_names, mesh.shape))
     units = f"{len(blocks)} blocks{' + patch_embed' if patch_embed is not None else ''} + root"
-    log(f"layout {strategy}: mesh ({dims}), reshard_after_forward={reshard}, {units}")
+    kept = " (not the last block, which backward needs first)" if reshard and blocks else ""
+    log(f"layout {strategy}: mesh ({dims}), reshard_after_forward={reshard}{kept}, {units}")
     if cpu_offload:
         log("cpu offload: sharded fp32 params, grads and AdamW state in host memory"
             + (" (params and grads pinned); each unit is copied to the GPU for its forward and backward, the optimizer steps on the CPU"

@@ -159,10 +159,13 @@ def _worker(rank: int, out_dir: str) -> None:
     seen["errors"] = errors
 
     # Meta build, sharded, materialised per shard.
-    seen["meta"] = {}
+    seen["meta"], seen["reshard"] = {}, {}
     for name, (strategy, k) in LAYOUTS.items():
         model = fsdp_setup.parallelize(build(), strategy, k, mixed_precision="fp32")
         seen["meta"][name] = full_state(model)
+        if strategy != "ddp":  # which Blocks free their gathered params after forward (FSDP2 internals)
+            seen["reshard"][name] = [b._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info is not None
+                                     for b in model.modules() if isinstance(b, Block)]
     # seed is honoured on the meta path; a model with real weights keeps them (seed ignored).
     seen["meta_seed_1"] = full_state(fsdp_setup.parallelize(build(), "full_shard", mixed_precision="fp32", seed=1))
     seen["normal_build_kept"] = full_state(fsdp_setup.parallelize(build(meta=False), "hybrid_shard", 2, mixed_precision="fp32", seed=1))
@@ -329,6 +332,15 @@ def test_meta_build_sharded_equals_normal_build(ranks, layout):
         assert state.keys() == normal.keys()
         for key, value in normal.items():
             assert torch.equal(state[key], value), f"{layout}: {key}"
+
+
+def test_every_block_but_the_last_reshards_after_forward_when_the_layout_does(ranks):
+    for seen in ranks:
+        blocks = 4  # 2 encoder + 2 decoder Blocks
+        for name in ("full_shard", "hybrid_1", "hybrid_2"):
+            assert seen["reshard"][name] == [True] * (blocks - 1) + [False], name
+        for name in ("shard_grad_op", "no_shard"):
+            assert seen["reshard"][name] == [False] * blocks, name
 
 
 def test_seed_and_existing_weights(ranks):

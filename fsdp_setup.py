@@ -37,6 +37,9 @@ The paper's FSDP1 settings (Tsaris et al. 2024) and what this file does with FSD
 | CPUOffload(offload_params=True)        | `cpu_offload=True`: CPUOffloadPolicy, sharded params and grads    |
 |                                        | (pinned) and AdamW state in host memory; the optimizer runs there |
 
+reshard_after_forward=True holds for every Block but the last in forward order (the MAE's last decoder
+Block): backward needs it first, so it stays gathered, one all-gather less per step.
+
 Launch on one Frontier node (8 MI250X GCDs), either way:
 
     torchrun --standalone --nproc_per_node=8 train.py --model vit_3b --strategy hybrid_shard --shard-group-size 1

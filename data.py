@@ -735,24 +735,24 @@ def _median_seconds(fn, repeats) -> float:
     return statistics.median(times)
 
 
-def bench(folder=None, workers=0, repeats=5, scene_size=10000):
+def bench(folder=None, workers=0, repeats=5, scene_size=10000, chip_size=256):
     """Print chips/s per worker of our reader and of PretrainDataset against tifffile's bare
     decode of the same files and, without a folder, how much faster a 512x512 window of a
     tiled DEFLATE scene is than the whole scene. All times are medians over `repeats`."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a DataLoader worker uses one thread; measure the same
     try:
-        _bench(folder, workers, repeats, scene_size)
+        _bench(folder, workers, repeats, scene_size, chip_size)
     finally:
         torch.set_num_threads(threads)
 
 
-def _bench(folder, workers, repeats, scene_size):
+def _bench(folder, workers, repeats, scene_size, chip_size):
     with tempfile.TemporaryDirectory() as tmp:
         stats = os.path.join(folder, "stats.json") if folder else None
         if folder is None:
             folder = os.path.join(tmp, "chips")
-            stats = make_demo_chips(folder, n=64, size=256, bands=4)
+            stats = make_demo_chips(folder, n=64, size=chip_size, bands=4)
         elif not os.path.isfile(stats):
             stats = os.path.join(tmp, "stats.json")
             with open(stats, "w") as f:
@@ -839,6 +839,7 @@ def main(argv=None):
     speed.add_argument("folder", nargs="?", help="default: generated chips and a 10000x10000 scene")
     speed.add_argument("--workers", type=int, default=0, help="also time a DataLoader with this many workers")
     speed.add_argument("--repeats", type=int, default=5)
+    speed.add_argument("--chip-size", type=int, default=256, help="side of the generated chips (without a folder)")
     demo = commands.add_parser("demo", help="write the built-in sample chips and stats.json")
     demo.add_argument("folder")
     args = parser.parse_args(argv)
@@ -856,7 +857,7 @@ def _run_command(args):
         print(f"wrote {args.out}: mean {[round(m, 2) for m in result['mean']]}, "
               f"std {[round(s, 2) for s in result['std']]}")
     elif args.command == "bench":
-        bench(args.folder, args.workers, args.repeats, scene_size=0 if args.folder else 10000)
+        bench(args.folder, args.workers, args.repeats, scene_size=0 if args.folder else 10000, chip_size=args.chip_size)
     else:
         print(f"wrote chips and {make_demo_chips(args.folder)}")
 

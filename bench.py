@@ -588,8 +588,8 @@ def cmd_sdpa(args) -> list[dict]:
 
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("-"):
-        argv = ["sweep"] + argv  # `python bench.py` = the default sweep
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["sweep"] + argv  # `python bench.py [--sweep flags]` = the sweep; --help lists the commands
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="predict per-GPU memory and communication of every layout (plan.py)")

@@ -113,3 +113,10 @@ def test_sweep_on_two_ranks(tmp_path):
     for r in (rows[0], rows[2]):
         assert r["world_size"] == 2 and r["img_per_s"] == pytest.approx(2 * 2 / r["step_s_median"])
     assert len((tmp_path / "bench.jsonl").read_text().splitlines()) == 3  # rank 0 only
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and all(command in out for command in ("plan", "sweep", "phases", "sdpa"))

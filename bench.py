@@ -1,4 +1,4 @@
-"""bench.py — throughput sweep and SDPA micro-benchmark for geofm (the layout planner: plan.py).
+"""bench.py — throughput sweep, where a step's time goes, and the SDPA micro-benchmark (the layout planner: plan.py).
 
     python bench.py                              # = sweep with defaults: ViT-L/H/1B/3B on a GPU, vit_tiny on CPU
     python bench.py sweep --models vit_large --batch-sizes 256 --compile on --sdpa auto cudnn --out runs/bench

@@ -244,38 +244,29 @@ print('PASS: resumed run = uninterrupted (step, loss, grad norm)' if ok else 'FA
 # ---- 3c. train.py's stop flag on the GPU: agreed one step late, without waiting for the queued step ----
 # (the multi-rank path, on this one rank: Dist says two ranks, the all-reduce runs on the real group of one)
 step stop_flag 60 "$PY" - <<'EOF'
-import signal, time, torch
+import signal, torch
 import fsdp_setup, train
 dist = fsdp_setup.init_distributed()
 dev = dist.device
 stop = train.StopRequest(fsdp_setup.Dist(0, 0, 2, dev))
 a = torch.randn(4096, 4096, device=dev)
-def queue_work(n):  # a long run of GPU kernels queued behind the flag's all-reduce
+def queue_work(n):  # a "step": a long run of GPU kernels, queued without waiting
     for _ in range(n):
         a.copy_(torch.tanh(a @ a / 64))
-step_s = None
 try:
-    agreed, waits = [], []
+    agreed, still_busy = [], []
     for i in range(5):
         queue_work(60 if dev.type == "cuda" else 1)
         if i == 2:
             stop.handler(signal.SIGTERM, None)
-        start = time.perf_counter()
         agreed.append(stop.agreed())
-        waits.append(time.perf_counter() - start)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        start = time.perf_counter(); queue_work(60); torch.cuda.synchronize(dev)
-        step_s = time.perf_counter() - start
+        # agreed() may wait for the previous step's flag copy, never for this step: this step's kernels
+        # must still be running when it returns (a .item() on the flag would have drained the queue).
+        still_busy.append(dev.type == "cuda" and not torch.cuda.current_stream(dev).query())
 finally:
     stop.restore()
-print("agreed", agreed, "host wait per call ms", [round(w * 1e3, 2) for w in waits])
-ok = agreed == [False, False, False, True, True]
-if step_s is not None:
-    # A host sync in agreed() would wait for all 60 queued matmuls; the event waits for last step's copy,
-    # which the previous call's queued work has mostly finished by now.
-    print(f"60 queued matmuls take {step_s * 1e3:.1f} ms; agreed() waited at most {max(waits) * 1e3:.2f} ms")
-    ok = ok and max(waits) < 0.5 * step_s
+print("agreed", agreed, "GPU still busy with the step after agreed()", still_busy)
+ok = agreed == [False, False, False, True, True] and (dev.type != "cuda" or all(still_busy))
 print("PASS" if ok else "FAIL")
 fsdp_setup.cleanup()
 raise SystemExit(0 if ok else 1)

@@ -168,14 +168,18 @@ def parse_strategy(spec: str) -> tuple[str, int | None]:
     return name, int(group) if group else None
 
 
+def default_decoder(on_gpu: bool) -> dict:
+    """MAE's decoder (512 wide, 8 Blocks) on GPU; on CPU the demo's small one, else it dominates vit_tiny."""
+    return {} if on_gpu else {k: train.DEMO_DEFAULTS[k] for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")}
+
+
 def sweep_configs(args, on_gpu: bool) -> list[train.TrainConfig]:
     """One train.TrainConfig per point of models x strategies x ac x compile x batch sizes."""
     models = args.models or (["vit_large", "vit_huge", "vit_1b", "vit_3b"] if on_gpu else ["vit_tiny"])
     strategies = args.strategies or ["no_shard"]
     acs = args.ac or (["none"] if on_gpu else ["none", "full"])
     compiles = [c == "on" for c in (args.compile or (["on"] if on_gpu else ["off"]))]
-    # MAE's decoder (512 wide, 8 Blocks) on GPU; on CPU the demo's small one, else it dominates vit_tiny.
-    decoder = {} if on_gpu else {k: train.DEMO_DEFAULTS[k] for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")}
+    decoder = default_decoder(on_gpu)
     decoder.update({k: getattr(args, k) for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
                     if getattr(args, k) is not None})
     base = train.TrainConfig(data="synthetic", steps=10**9, warmup_steps=1, lr=1e-4, workers=0, seed=0,
@@ -501,14 +505,14 @@ def cmd_phases(args) -> list[dict]:
     small batch the compute is small, so the differences are the per-step overheads of the layouts."""
     if args.steps < 1 or args.warmup < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")
+    for implementation in args.optimizers:
+        if implementation not in train.ADAMW_IMPLEMENTATIONS:
+            raise ValueError(f"--optimizers: {implementation!r} is not one of {', '.join(train.ADAMW_IMPLEMENTATIONS)}")
     dist = fsdp_setup.init_distributed()
     try:
-        on_gpu = dist.device.type == "cuda"
-        decoder = {} if on_gpu else {k: train.DEMO_DEFAULTS[k] for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")}
+        decoder = default_decoder(dist.device.type == "cuda")
         runs = []
         for spec, implementation in itertools.product(args.strategies, args.optimizers):
-            if implementation not in train.ADAMW_IMPLEMENTATIONS:
-                raise ValueError(f"--optimizers: {implementation!r} is not one of {', '.join(train.ADAMW_IMPLEMENTATIONS)}")
             strategy, group = parse_strategy(spec)
             cfg = train.TrainConfig(model=args.model, img_size=args.img_size, data="synthetic", steps=10**9, warmup_steps=1,
                                     lr=1e-4, batch_size=args.batch_size, strategy=strategy, shard_group_size=group,

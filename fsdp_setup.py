@@ -444,9 +444,7 @@ def init_sharded_(model: nn.Module, device: torch.device, seed: int, param_devic
             param.to_local().copy_(local)
         else:
             param.copy_(full)
-    for module in model.modules():  # FSDP2 leaves buffers alone: they must be where the compute is
-        for buffer_name, buffer in module.named_buffers(recurse=False):
-            setattr(module, buffer_name, buffer.to(device))
+    _move_buffers(model, device)  # FSDP2 leaves buffers alone: they must be where the compute is
     model.init_buffers()  # the fixed sin-cos position embeddings
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
     where = f"{device}" + (f" (parameter shards on {param_device})" if param_device and param_device != device else "")
@@ -533,15 +531,21 @@ def buffers_on(model: nn.Module, device: torch.device):
     """Move the model's buffers to `device` for the duration of the block, then back (with any values
     written meanwhile). With CPU offload the parameter shards live on the CPU and the buffers on the
     GPU, and torch's full-state-dict loading (set_model_state_dict) refuses a model on two devices."""
-    homes = [(module, name, buffer.device) for module in model.modules()
-             for name, buffer in module.named_buffers(recurse=False)]
-    for module, name, _ in homes:
-        setattr(module, name, getattr(module, name).to(device))
+    homes = _move_buffers(model, device)
     try:
         yield
     finally:
         for module, name, home in homes:
             setattr(module, name, getattr(module, name).to(home))
+
+
+def _move_buffers(model: nn.Module, device: torch.device) -> list[tuple[nn.Module, str, torch.device]]:
+    """Move every buffer to `device` in place (still registered); returns where each was."""
+    homes = [(module, name, buffer.device) for module in model.modules()
+             for name, buffer in module.named_buffers(recurse=False)]
+    for module, name, _ in homes:
+        setattr(module, name, getattr(module, name).to(device))
+    return homes
 
 
 def unwrap(model: nn.Module) -> nn.Module:

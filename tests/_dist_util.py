@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 
 import torch
@@ -34,6 +35,12 @@ def _entry(rank: int, fn, world_size: int, port: int, args: tuple) -> None:
     # Two ranks on a small shared machine: more threads only fight each other.
     torch.set_num_threads(1)
     fn(rank, *args)
+    # Done, results written: leave without interpreter finalization. Gloo's worker threads can still hold
+    # work objects whose tensors need the GIL while the interpreter is torn down, which on rare runs
+    # aborts the process (SIGABRT, "terminate called without an active exception") after all went well.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(fn, world_size: int = 2, args: tuple = (), timeout_s: float = 180.0) -> None:

@@ -288,6 +288,14 @@ def validate_layout(
             )
 
 
+def resolve_mixed_precision(mixed_precision: str, device: torch.device) -> str:
+    """`auto`: bf16 on a GPU; fp32 on a CPU, where bf16 is slow and not bit-stable across thread
+    counts (fp32 keeps the demo and the tests exact)."""
+    if mixed_precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return mixed_precision
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 

@@ -180,11 +180,15 @@ def int_list(text: str | None, name: str) -> list[int] | None:
         raise ValueError(f"--{name} must be comma-separated integers like 3,2,1, got {text!r}") from None
 
 
-def resolve_mixed_precision(mixed_precision: str, device: torch.device) -> str:
-    if mixed_precision == "auto":
-        # bf16 on CPU is slow and not bit-stable across thread counts; fp32 keeps the demo and tests exact.
-        return "bf16" if device.type == "cuda" else "fp32"
-    return mixed_precision
+def demo_config() -> TrainConfig:
+    """The demo's settings: what `python train.py` runs without --data."""
+    return dataclasses.replace(TrainConfig(), data="demo", **DEMO_DEFAULTS)
+
+
+def build_mae(cfg: TrainConfig) -> MaskedAutoencoder:
+    """The MAE of these flags, in the caller's device context (meta: no memory, any size)."""
+    return MaskedAutoencoder(model_config(cfg), cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads,
+                             cfg.norm_pix_loss)
 
 
 def model_config(cfg: TrainConfig) -> ViTConfig:
@@ -227,7 +231,7 @@ def validate(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
             raise ValueError(f"--{name} {path}: no such file")
     fsdp_setup.validate_layout(
         cfg.strategy, cfg.shard_group_size, world_size,
-        resolve_mixed_precision(cfg.mixed_precision, device), cfg.ac, device, cfg.cpu_offload,
+        fsdp_setup.resolve_mixed_precision(cfg.mixed_precision, device), cfg.ac, device, cfg.cpu_offload,
     )
 
 
@@ -243,7 +247,7 @@ def build_model(cfg: TrainConfig, dist: fsdp_setup.Dist) -> torch.nn.Module:
             model_config(cfg), cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads, cfg.norm_pix_loss
         )
     model = fsdp_setup.parallelize(
-        model, cfg.strategy, cfg.shard_group_size, resolve_mixed_precision(cfg.mixed_precision, dist.device),
+        model, cfg.strategy, cfg.shard_group_size, fsdp_setup.resolve_mixed_precision(cfg.mixed_precision, dist.device),
         cfg.ac, cfg.compile, seed=cfg.seed, cpu_offload=cfg.cpu_offload,
     )
     if cfg.init:
@@ -293,7 +297,7 @@ def apply_sdpa_choice(choice: str) -> None:
 ADAMW_IMPLEMENTATIONS = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for-loop": dict(foreach=False)}
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, implementation: str = "fused") -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, weight_decay: float, implementation: str = "fused") -> torch.optim.Optimizer:
     """AdamW β=(0.9, 0.95), as MAE. No weight decay on biases, norm weights (1-D) and the cls/mask
     tokens. The fused kernel on every device (CPU, CUDA/ROCm, CPU-offloaded shards): one pass over each
     parameter instead of a dozen, and with FSDP2 one DTensor dispatch per parameter group instead of
@@ -304,26 +308,26 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, implementation: st
         if param.requires_grad:
             skip = param.ndim <= 1 or name.endswith(("cls_token", "mask_token"))
             (no_decay if skip else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.95), **ADAMW_IMPLEMENTATIONS[implementation])
 
 
-def lr_at(step: int, cfg: TrainConfig, total_steps: int, warmup_steps: int) -> float:
-    """MAE's per-iteration schedule: linear warmup from 0, then a half-cycle cosine to 0."""
+def lr_at(step: int, peak_lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0) -> float:
+    """MAE's per-iteration schedule: linear warmup from 0, then a half-cycle cosine to `min_lr`."""
     if step < warmup_steps:
-        return cfg.lr * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return peak_lr * step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def train_step(model, optimizer, micro_batches, cfg: TrainConfig, step: int, *, mask_generator=None, stats=None):
-    """One optimizer step over the micro-batches of this rank; returns the global-batch mean loss.
+def train_step(model, optimizer, micro_batches, *, lr: float, mask_ratio: float, clip_grad: float | None = None,
+               mask_generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over this rank's micro-batches. Returns (global-batch mean loss, gradient
+    norm before clipping), both still on the device: no host sync.
 
-    The loss stays on the device (no host sync); `stats`, if given, receives the gradient norm
-    (before clipping) as a device tensor. `mask_generator` draws the masking noise, so that it can
-    be checkpointed apart from any other use of the RNG.
+    `mask_generator` draws the masking noise, so that it can be checkpointed apart from any other
+    use of the RNG.
     """
-    lr = lr_at(step, cfg, cfg.steps, cfg.warmup_steps)
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=micro_batches[0].device)
@@ -334,19 +338,17 @@ def train_step(model, optimizer, micro_batches, cfg: TrainConfig, step: int, *, 
         if mask_generator is not None:
             num_patches = fsdp_setup.unwrap(model).cfg.num_patches
             noise = torch.rand(imgs.shape[0], num_patches, generator=mask_generator, device=imgs.device)
-        loss, _, _ = model(imgs, mask_ratio=cfg.mask_ratio, noise=noise)
+        loss, _, _ = model(imgs, mask_ratio=mask_ratio, noise=noise)
         (loss / len(micro_batches)).backward()
         loss_sum += loss.detach()
-    grad_norm = fsdp_setup.clip_grad_norm_(model, cfg.clip_grad if cfg.clip_grad else math.inf)
+    grad_norm = fsdp_setup.clip_grad_norm_(model, clip_grad or math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loss = loss_sum / len(micro_batches)
     if tdist.is_initialized() and tdist.get_world_size() > 1:
         tdist.all_reduce(loss)  # SUM (gloo has no AVG); ranks hold equal-sized batches
         loss = loss / tdist.get_world_size()
-    if stats is not None:
-        stats["grad_norm"] = grad_norm
-    return loss
+    return loss, grad_norm
 
 
 # Dense bf16 TFLOP/s per device (datasheets), matched against the device name, most specific first.
@@ -552,7 +554,7 @@ def train(cfg: TrainConfig, dist: fsdp_setup.Dist) -> int:
 
     # ---- model, optimizer, the per-rank masking RNG ----
     model = build_model(cfg, dist)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg.weight_decay)
     mae = fsdp_setup.unwrap(model)
     mask_generator = torch.Generator(dist.device).manual_seed(cfg.seed * 1_000_003 + dist.rank)
     device_name, peak = peak_tflops(dist.device, cfg.peak_tflops)
@@ -592,11 +594,12 @@ def train(cfg: TrainConfig, dist: fsdp_setup.Dist) -> int:
                 t0 = time.perf_counter()
                 micro_batches = [next(batches).to(dist.device, non_blocking=True) for _ in range(cfg.accum_steps)]
                 interval.data_wait += time.perf_counter() - t0
-                loss = train_step(model, optimizer, micro_batches, cfg, progress.step,
-                                  mask_generator=mask_generator, stats=step_stats)
+                loss, grad_norm = train_step(model, optimizer, micro_batches,
+                                             lr=lr_at(progress.step, cfg.lr, cfg.steps, cfg.warmup_steps),
+                                             mask_ratio=cfg.mask_ratio, clip_grad=cfg.clip_grad, mask_generator=mask_generator)
                 progress.step, progress.epoch_index = progress.step + 1, progress.epoch_index + cfg.batch_size
                 steps_this_run += 1
-                interval.pending.append((progress.step, loss, step_stats["grad_norm"]))
+                interval.pending.append((progress.step, loss, grad_norm))
                 if stop.agreed():
                     exit_reason = "signal"
                 elif progress.step >= cfg.steps:
@@ -678,7 +681,7 @@ class Interval:
         metrics = {
             "step": progress.step, "epoch": round(progress.epoch + progress.epoch_index / samples_per_epoch, 4),
             "loss": sum(losses) / len(losses),  # mean over the interval's steps
-            "lr": lr_at(progress.step - 1, cfg, cfg.steps, cfg.warmup_steps), "grad_norm": self.pending[-1][2].item(),
+            "lr": lr_at(progress.step - 1, cfg.lr, cfg.steps, cfg.warmup_steps), "grad_norm": self.pending[-1][2].item(),
             "img_per_s": round(img_per_s, 2), "tflops_per_gpu": round(tflops_per_gpu, 4),
             "mfu": round(tflops_per_gpu / peak, 4) if peak else None,
             "peak_mem_gib": round(peak_memory_gib(dist.device), 3), "data_wait_frac": round(self.data_wait / elapsed, 4),
@@ -707,7 +710,7 @@ def setup_run(cfg: TrainConfig, dist: fsdp_setup.Dist):
 
     on_every_rank(check_rgb_bands, dist)
     cfg = dataclasses.replace(cfg, in_chans=in_chans, img_size=model_config(cfg).img_size, out=str(out),
-                              mixed_precision=resolve_mixed_precision(cfg.mixed_precision, dist.device), rgb_bands=rgb_bands)
+                              mixed_precision=fsdp_setup.resolve_mixed_precision(cfg.mixed_precision, dist.device), rgb_bands=rgb_bands)
     steps_per_epoch = len(dataset) // dist.world_size // cfg.batch_size
     cfg = on_every_rank(lambda: resolve_schedule(cfg, len(dataset), steps_per_epoch, cfg.batch_size * dist.world_size), dist)
     if dist.is_main:

@@ -61,6 +61,19 @@ def whole(tensor):
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
+def on_call(n, step_fn, action):
+    """train_step that runs `action` at the start of its n-th call (counted in this process), then steps."""
+    calls = []
+
+    def step(*a, **kw):
+        calls.append(1)
+        if len(calls) == n:
+            action()
+        return step_fn(*a, **kw)
+
+    return step
+
+
 def full_checkpoint(folder, tmp_path):
     """Every tensor of a DCP checkpoint, read by torch's own converter (not by checkpoint.py's code)."""
     target = tmp_path / f"full-{os.path.basename(folder)}.pt"
@@ -80,12 +93,13 @@ def reference(chips, tmp_path_factory):
 
 
 def test_lr_schedule_warmup_then_half_cosine():
-    cfg = train.TrainConfig(lr=1.0, steps=110, warmup_steps=10)
-    assert train.lr_at(0, cfg, 110, 10) == 0.0
-    assert train.lr_at(5, cfg, 110, 10) == 0.5
-    assert train.lr_at(10, cfg, 110, 10) == 1.0
-    assert train.lr_at(60, cfg, 110, 10) == pytest.approx(0.5)  # halfway through the cosine
-    assert train.lr_at(110, cfg, 110, 10) == pytest.approx(0.0)
+    assert train.lr_at(0, 1.0, 110, 10) == 0.0
+    assert train.lr_at(5, 1.0, 110, 10) == 0.5
+    assert train.lr_at(10, 1.0, 110, 10) == 1.0
+    assert train.lr_at(60, 1.0, 110, 10) == pytest.approx(0.5)  # halfway through the cosine
+    assert train.lr_at(110, 1.0, 110, 10) == pytest.approx(0.0)
+    assert train.lr_at(60, 1.0, 110, 10, min_lr=0.2) == pytest.approx(0.6)  # cosine from 1.0 down to 0.2
+    assert train.lr_at(500, 1.0, 110, 10, min_lr=0.2) == pytest.approx(0.2)
 
 
 def test_schedule_from_epochs_honours_zero_warmup():
@@ -93,14 +107,14 @@ def test_schedule_from_epochs_honours_zero_warmup():
     cfg = train.TrainConfig(epochs=3, warmup_epochs=0.0, blr=1e-3)
     resolved = train.resolve_schedule(cfg, num_images=1000, steps_per_epoch=10, global_batch=512)
     assert (resolved.steps, resolved.warmup_steps, resolved.lr) == (30, 0, 1e-3 * 512 / 256)
-    assert train.lr_at(0, resolved, 30, 0) == resolved.lr  # full lr from the first step
+    assert train.lr_at(0, resolved.lr, 30, 0) == resolved.lr  # full lr from the first step
     recipe = train.resolve_schedule(train.TrainConfig(), 1000, 10, 512)
     assert (recipe.steps, recipe.warmup_steps, recipe.lr) == (8000, 400, 1.5e-4 * 2)
 
 
 def test_parse_args_demo_defaults_and_alternatives():
     demo = train.parse_args([])
-    assert (demo.model, demo.data, demo.steps) == ("vit_tiny", "demo", train.DEMO_DEFAULTS["steps"])
+    assert demo == train.demo_config() and (demo.model, demo.data, demo.steps) == ("vit_tiny", "demo", 800)
     real = train.parse_args(["--data", "synthetic", "--model", "vit_large"])
     assert (real.model, real.steps, real.lr, real.decoder_embed_dim) == ("vit_large", None, None, 512)
     assert train.parse_args(["--epochs", "3"]).steps is None  # --epochs replaces the demo's --steps
@@ -114,7 +128,7 @@ def test_optimizer_groups_follow_the_mae_recipe():
     from mae import MaskedAutoencoder
 
     model = MaskedAutoencoder(get_config("vit_tiny"), 32, 1, 4)
-    optimizer = train.build_optimizer(model, train.TrainConfig(weight_decay=0.05))
+    optimizer = train.build_optimizer(model, weight_decay=0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     decay, no_decay = ({names[id(p)] for p in g["params"]} for g in optimizer.param_groups)
     assert optimizer.param_groups[0]["weight_decay"] == 0.05 and optimizer.param_groups[1]["weight_decay"] == 0.0
@@ -128,12 +142,11 @@ def test_adamw_implementations_take_the_same_steps():
     """fused (train.py's), foreach and for-loop: the same AdamW, so the same weights after a few steps."""
     from mae import MaskedAutoencoder
 
-    cfg = train.TrainConfig(weight_decay=0.05)
     imgs, noise = torch.randn(4, 3, 32, 32), torch.rand(4, 16)
     weights = {}
     for implementation in train.ADAMW_IMPLEMENTATIONS:
         model = MaskedAutoencoder(get_config("vit_tiny"), 32, 1, 4)
-        optimizer = train.build_optimizer(model, cfg, implementation)
+        optimizer = train.build_optimizer(model, 0.05, implementation)
         for group in optimizer.param_groups:
             group["lr"] = 1e-3
         for _ in range(3):
@@ -259,18 +272,12 @@ def test_resume_is_bit_exact_on_one_rank(chips, reference, tmp_path, layout):
 
 
 def test_sigterm_saves_exits_zero_and_resumes(chips, reference, tmp_path, monkeypatch):
-    real_step = train.train_step
-
-    def step_with_signal(*a, **kw):
-        if a[4] == 3:  # during the 4th step, as SLURM would, at any moment
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(*a, **kw)
-
-    monkeypatch.setattr(train, "train_step", step_with_signal)
+    # During the 4th step, as SLURM would, at any moment.
+    monkeypatch.setattr(train, "train_step", on_call(4, train.train_step, lambda: os.kill(os.getpid(), signal.SIGTERM)))
     assert train.main(args(chips, tmp_path, "--ckpt-every", "100")) == 0
     assert latest(tmp_path) == "step-4" and len(losses(tmp_path)) == 4
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
-    monkeypatch.setattr(train, "train_step", real_step)
+    monkeypatch.undo()
     assert train.main(args(chips, tmp_path, "--resume")) == 0
     assert losses(tmp_path) == losses(reference)
 
@@ -295,8 +302,14 @@ def test_sigterm_to_the_process_group_with_loader_workers(chips, tmp_path):
 
 
 def test_nan_loss_stops_without_a_new_checkpoint(chips, tmp_path, monkeypatch, capsys):
-    real_step = train.train_step
-    monkeypatch.setattr(train, "train_step", lambda *a, **kw: real_step(*a, **kw) * (math.nan if a[4] == 5 else 1))
+    real_step, calls = train.train_step, []
+
+    def nan_at_step_6(*a, **kw):
+        calls.append(1)
+        loss, grad_norm = real_step(*a, **kw)
+        return loss * (math.nan if len(calls) == 6 else 1), grad_norm
+
+    monkeypatch.setattr(train, "train_step", nan_at_step_6)
     code = train.cli(args(chips, tmp_path, "--ckpt-every", "2"))
     assert code == 1
     message = capsys.readouterr().err
@@ -307,14 +320,15 @@ def test_nan_loss_stops_without_a_new_checkpoint(chips, tmp_path, monkeypatch, c
 
 def test_nan_weights_are_never_saved(chips, tmp_path, monkeypatch):
     """An inf gradient poisons the weights one step before the loss shows it: the save checks them."""
-    real_step = train.train_step
+    real_step, calls = train.train_step, []
 
     def poison(model, *a, **kw):
-        loss = real_step(model, *a, **kw)
-        if a[3] == 3:  # the 4th step, whose end is a checkpoint
+        calls.append(1)
+        result = real_step(model, *a, **kw)
+        if len(calls) == 4:  # the 4th step, whose end is a checkpoint
             with torch.no_grad():
                 next(model.parameters()).to_local().fill_(math.inf)
-        return loss
+        return result
 
     monkeypatch.setattr(train, "train_step", poison)
     with pytest.raises(train.TrainingDiverged, match="step 4.*step-2"):
@@ -356,7 +370,7 @@ def test_resume_skips_a_checkpoint_missing_a_rank_file(chips, reference, tmp_pat
     dist = fsdp_setup.init_distributed()
     try:
         model = train.build_model(cfg, dist)
-        optimizer = train.build_optimizer(model, cfg)
+        optimizer = train.build_optimizer(model, cfg.weight_decay)
         with pytest.raises(ValueError, match=f"step-{STEPS} lacks rank-00000.json: the save was interrupted"):
             checkpoint.load_checkpoint(tmp_path / f"step-{STEPS}", model, optimizer, dist, torch.Generator())
     finally:
@@ -450,13 +464,8 @@ def _two_rank_runs(rank, chips, root, ports):
         assert train.main(argv) == 0
     # SIGTERM on rank 0 alone, during the 4th step: the ranks agree one step later, both save step-5.
     real_step = train.train_step
-
-    def step_with_signal(*a, **kw):
-        if rank == 0 and a[4] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(*a, **kw)
-
-    train.train_step = step_with_signal
+    if rank == 0:
+        train.train_step = on_call(4, real_step, lambda: os.kill(os.getpid(), signal.SIGTERM))
     os.environ["MASTER_PORT"] = str(ports[3])
     assert train.main(args(chips, os.path.join(root, "signalled"), *extra)) == 0
     train.train_step = real_step
@@ -487,7 +496,7 @@ def test_two_ranks_resume_bit_exact_and_reshard_to_one(chips, tmp_path, capsys):
     dist = fsdp_setup.init_distributed()
     try:
         model = train.build_model(cfg, dist)
-        optimizer = train.build_optimizer(model, cfg)
+        optimizer = train.build_optimizer(model, cfg.weight_decay)
         state = checkpoint.load_checkpoint(step_folder, model, optimizer, dist, torch.Generator())
         assert state["world_size"] == 2
         model_state, optim_state = get_state_dict(model, optimizer)
@@ -508,14 +517,11 @@ def test_two_ranks_resume_bit_exact_and_reshard_to_one(chips, tmp_path, capsys):
 
 
 def _rank_1_fails_at_step_4(rank, chips, root):
-    real_step = train.train_step
+    def broken_loader():  # as a broken file in rank 1's data loader would, mid-run
+        raise RuntimeError("rank 1's loader broke")
 
-    def step(*a, **kw):
-        if rank == 1 and a[4] == 3:  # as a broken file in rank 1's data loader would, mid-run
-            raise RuntimeError("rank 1's loader broke")
-        return real_step(*a, **kw)
-
-    train.train_step = step
+    if rank == 1:
+        train.train_step = on_call(4, train.train_step, broken_loader)
     sys.exit(train.cli(args(chips, root)))
 
 

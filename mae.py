@@ -184,8 +184,8 @@ class MaskedAutoencoder(VisionTransformer):
 def mae_forward_flops(cfg: ViTConfig, mask_ratio: float = 0.75, decoder_embed_dim: int = 512, decoder_depth: int = 8) -> int:
     """Forward FLOPs of one MAE image: encoder on 1 + K visible tokens, decoder on 1 + L tokens.
 
-    A training step costs 3x this (backward = 2x forward). This is the MFU convention of
-    ../shared/ANCHORS.md, used by train.py and bench.py alike.
+    A training step costs 3x this (backward = 2x forward). The same convention as the reference MFU
+    numbers of the official MAE code in docs/paper.md (section 11); train.py and bench.py both use it.
     """
     L = cfg.num_patches
     K = int(L * (1 - mask_ratio))

@@ -62,7 +62,7 @@ class ViTConfig:
         return self.grid_size**2
 
 
-# The paper's model table (Tsaris et al. 2024, Table 1; ../shared/ANCHORS.md). Patch 14 from Huge up.
+# The paper's model table (Tsaris et al. 2024, arXiv 2404.11706; docs/paper.md). Patch 14 from Huge up.
 CONFIGS: dict[str, ViTConfig] = {
     "vit_tiny": ViTConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_dim=128),  # tests, CPU demo
     "vit_small": ViTConfig(embed_dim=384, depth=12, num_heads=6, mlp_dim=1536),
@@ -71,7 +71,7 @@ CONFIGS: dict[str, ViTConfig] = {
     "vit_huge": ViTConfig(patch_size=14, embed_dim=1280, depth=32, num_heads=16, mlp_dim=5120),  # 631M
     "vit_1b": ViTConfig(patch_size=14, embed_dim=1536, depth=32, num_heads=16, mlp_dim=6144),  # 908M
     "vit_3b": ViTConfig(patch_size=14, embed_dim=2816, depth=32, num_heads=32, mlp_dim=11264),  # 3.05B
-    # ViT-5B: the paper's table lists width 1792, depth 56, MLP 15360, 16 heads (Zhai et al.'s ViT-e),
+    # ViT-5B: the paper's table lists width 1792, depth 56, MLP 15360, 16 heads (ViT-e, PaLI's encoder),
     # which counts only 3.8B parameters, while it reports 5,349M. Width 2816 at depth 56 (the 3B model
     # made deeper) counts 5.33B, matching the reported size and the paper's memory measurements, so
     # that is what `vit_5b` is. The listed dims remain available as `vit_e`.

@@ -7,7 +7,7 @@ GDAL as tiled or striped GeoTIFFs. geotiff.py reads them (tifffile + imagecodecs
 decoding only the tiles a window touches; this file decides which windows to read and turns
 them into normalised crops, and reads JPEG and PNG through Pillow.
 
-    read_image                              GeoTIFF, JPEG or PNG, always (bands, height, width)
+    open_image, read_image                  GeoTIFF, JPEG or PNG, always (bands, height, width)
     PretrainDataset                         random crops of chips or huge scenes, for MAE
     SceneDataset, scene_splits              labelled scenes (UC Merced, AID, NWPU-RESISC45)
     SyntheticDataset                        deterministic random tensors, for benchmarks
@@ -74,30 +74,67 @@ DEFAULT_TRAIN_RATIO = 0.8  # scene_splits without split files or an explicit rat
 # Reading any image
 
 
-def read_image(path) -> np.ndarray:
-    """Any supported image as (bands, height, width): GeoTIFF via geotiff.py, JPEG/PNG via Pillow."""
-    return read_image_and_nodata(path)[0]
+class ImageInfo:
+    """What GeoTiffInfo says of a GeoTIFF, for a JPEG or PNG: size, bands, dtype; never nodata."""
+
+    def __init__(self, path, pixels: np.ndarray):
+        self.path, self.dtype, self.nodata = path, pixels.dtype, None
+        self.bands, self.height, self.width = pixels.shape
 
 
-def read_image_and_nodata(path) -> tuple[np.ndarray, float | None]:
+class PillowImage:
+    """A JPEG or PNG, decoded whole when opened (they are small), read like a GeoTiff."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        try:
+            with Image.open(self.path) as img:
+                img.load()
+                if img.mode in ("P", "1"):
+                    img = img.convert("RGBA" if "transparency" in img.info else "RGB" if img.mode == "P" else "L")
+                pixels = np.asarray(img)
+        except Image.DecompressionBombError as err:
+            raise DataError(f"{self.path}: {err} Convert big scenes to tiled GeoTIFF (`gdal_translate -co TILED=YES "
+                            "-co COMPRESS=DEFLATE`) so they are read in windows") from err
+        except (OSError, SyntaxError, ValueError) as err:
+            raise CorruptImageError(f"{self.path}: Pillow could not decode it ({err}); "
+                                    "the file is truncated or corrupt") from err
+        # A copy: Pillow's arrays are read-only, and (height, width, bands) is not our order.
+        self._pixels = np.array(pixels[None]) if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
+        self.info = ImageInfo(self.path, self._pixels)
+
+    # The same checks, and messages, as GeoTiff's: they read only self.path and self.info.
+    _check_window, _check_bands = GeoTiff._check_window, GeoTiff._check_bands
+
+    def read(self, window=None, bands=None) -> np.ndarray:
+        """Pixels of `window` = (row, col, height, width) for `bands`, as (bands, height, width)."""
+        row, col, height, width = self._check_window(window)
+        pixels = self._pixels if bands is None else self._pixels[self._check_bands(bands)]
+        return pixels[:, row:row + height, col:col + width]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def open_image(path) -> GeoTiff | PillowImage:
+    """Any supported image, opened for reads: a GeoTiff (decodes only the tiles a window touches)
+    or a PillowImage (JPEG, PNG). Both have .info (height, width, bands, dtype, nodata) and
+    .read(window, bands); use it as a context manager. The file's first bytes decide, not its name."""
     path = str(path)
-    if sniff(path) == "tiff":
-        with GeoTiff(path) as tif:
-            return tif.read(), tif.info.nodata
     try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("P", "1"):
-                img = img.convert("RGBA" if "transparency" in img.info else "RGB" if img.mode == "P" else "L")
-            pixels = np.asarray(img)
-    except Image.DecompressionBombError as err:
-        raise DataError(f"{path}: {err} Convert big scenes to tiled GeoTIFF "
-                        "(`gdal_translate -co TILED=YES -co COMPRESS=DEFLATE`) so they are read in windows") from err
-    except (OSError, SyntaxError, ValueError) as err:
-        raise CorruptImageError(f"{path}: Pillow could not decode it ({err}); "
-                                "the file is truncated or corrupt") from err
-    # Copies: Pillow's arrays are read-only, and (H, W, bands) is not our order.
-    return (np.array(pixels[None]) if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))), None
+        kind = sniff(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file; fix the path or remove it from the folder or manifest") from None
+    return GeoTiff(path) if kind == "tiff" else PillowImage(path)
+
+
+def read_image(path, window=None, bands=None) -> np.ndarray:
+    """Any supported image as (bands, height, width) in the file's dtype; window = (row, col, height, width)."""
+    with open_image(path) as image:
+        return image.read(window, bands)
 
 
 def list_images(source) -> list[str]:
@@ -137,15 +174,11 @@ def compute_stats(source, max_files=500, sample_size=512, seed=0, progress=True)
     count = mean = m2 = low = high = None
     first = None
     for i, path in enumerate(paths):
-        if sniff(path) == "tiff":
-            with GeoTiff(path) as tif:
-                info = tif.info
-                height, width = min(info.height, sample_size), min(info.width, sample_size)
-                window = (rng.integers(info.height - height + 1), rng.integers(info.width - width + 1), height, width)
-                pixels, dtype, nodata = tif.read(window), info.dtype, info.nodata
-        else:
-            pixels, nodata = read_image_and_nodata(path)
-            dtype = pixels.dtype
+        with open_image(path) as image:
+            info = image.info
+            height, width = min(info.height, sample_size), min(info.width, sample_size)
+            window = (rng.integers(info.height - height + 1), rng.integers(info.width - width + 1), height, width)
+            pixels, dtype, nodata = image.read(window), info.dtype, info.nodata
         if first is None:
             first = (path, pixels.shape[0], dtype, nodata)
             count, mean, m2 = (np.zeros(pixels.shape[0]) for _ in range(3))
@@ -386,17 +419,10 @@ class PretrainDataset(_EpochSeededDataset):
 
     def load(self, path, rng) -> torch.Tensor:
         cfg = self.cfg
-        if sniff(path) == "tiff":
-            with GeoTiff(path) as tif:
-                file_bands, nodata = tif.info.bands, tif.info.nodata
-                check_band_count(path, file_bands, cfg.bands, cfg.in_chans)
-                pixels = tif.read(self._pick_box(rng, tif.info.height, tif.info.width), cfg.bands)
-        else:
-            image, nodata = read_image_and_nodata(path)
-            file_bands = image.shape[0]
+        with open_image(path) as image:  # a big GeoTIFF decodes only the tiles of the box
+            file_bands, nodata = image.info.bands, image.info.nodata
             check_band_count(path, file_bands, cfg.bands, cfg.in_chans)
-            top, left, h, w = self._pick_box(rng, *image.shape[1:])
-            pixels = image[cfg.bands if cfg.bands is not None else slice(None), top:top + h, left:left + w]
+            pixels = image.read(self._pick_box(rng, image.info.height, image.info.width), cfg.bands)
         if pixels.dtype == np.uint8 and nodata_pixel(nodata, np.uint8) is None:  # no pixel can be nodata
             # 8-bit images (JPEG, PNG, RGB GeoTIFF) are resized first, like torchvision's pipeline,
             # on torch's channels-last uint8 kernel (several times cheaper than in float), and
@@ -585,11 +611,10 @@ class SceneDataset(_EpochSeededDataset):
 
     def __getitem__(self, index) -> tuple[torch.Tensor, int]:
         path, label = self.items[index]
-        image, nodata = read_image_and_nodata(path)  # scenes are small; read whole
-        file_bands = image.shape[0]
-        check_band_count(path, file_bands, self.bands, self.in_chans)
-        if self.bands is not None:
-            image = image[list(self.bands)]  # a tuple would index rows and columns, not bands
+        with open_image(path) as file:  # scenes are small; read whole
+            file_bands, nodata = file.info.bands, file.info.nodata
+            check_band_count(path, file_bands, self.bands, self.in_chans)
+            image = file.read(bands=self.bands)
         if not self.train:
             x = self.normalize(image, path, file_bands, self.bands, nodata)
             return eval_transform(x, self.img_size), int(label)

@@ -39,6 +39,23 @@ def test_read_image_jpeg_png_and_tiff(tmp_path):
     np.testing.assert_array_equal(data.read_image(FIXTURES / "u16_13b_tiled_deflate_band.tif"), ARRAYS["u16_13b"])
 
 
+def test_one_reader_for_png_and_geotiff_windows_and_bands(tmp_path):
+    # The same pixels as PNG and as GeoTIFF: the same info, windows and band selections.
+    Image.fromarray(ARRAYS["u8_3b"].transpose(1, 2, 0)).save(tmp_path / "a.png")
+    tifffile.imwrite(tmp_path / "a.tif", ARRAYS["u8_3b"], photometric="rgb", planarconfig="separate")
+    for name in ("a.png", "a.tif"):
+        with data.open_image(tmp_path / name) as image:
+            info = image.info
+            assert (info.bands, info.height, info.width, info.dtype, info.nodata) == (3, 48, 64, np.uint8, None)
+            np.testing.assert_array_equal(image.read((5, 7, 10, 20), [2, 0]), ARRAYS["u8_3b"][[2, 0], 5:15, 7:27])
+            with pytest.raises(data.DataError, match=f"{name}: window .* is not inside the 48x64 image"):
+                image.read((40, 0, 10, 10))
+            with pytest.raises(data.DataError, match=f"{name}: band indices \\[3\\] out of range"):
+                image.read(bands=[3])
+    with pytest.raises(data.DataError, match="missing.png: no such file"):
+        data.read_image(tmp_path / "missing.png")
+
+
 def test_read_image_bad_input_names_the_file(tmp_path):
     text = tmp_path / "notes.tif"
     text.write_text("not an image at all\n")
@@ -81,7 +98,7 @@ def test_stats_and_normalizer_agree_on_float_nodata(tmp_path):
     tifffile.imwrite(tmp_path / "f.tif", pixels, extratags=[(geotiff.GDAL_NODATA_TAG, "s", 0, "0.1", True)])
     stats = data.compute_stats([str(tmp_path / "f.tif")], progress=False)
     assert stats["pixels"] == [2] and stats["mean"] == [2.0] and stats["min"] == [1.0]
-    image, nodata = data.read_image_and_nodata(tmp_path / "f.tif")
+    image, nodata = data.read_image(tmp_path / "f.tif"), data.geotiff_info(tmp_path / "f.tif").nodata
     normalized = data.Normalizer(write_stats(tmp_path / "s.json", [2.0], [1.0]))(image, "f.tif", 1, None, nodata)
     assert normalized.tolist() == [[[0.0, -1.0, 1.0]]]
 
@@ -214,7 +231,7 @@ def test_nodata_no_pixel_can_hold_marks_nothing_in_stats_normalizer_and_dataset(
     tifffile.imwrite(tmp_path / "u16.tif", pixels, extratags=[(geotiff.GDAL_NODATA_TAG, "s", 0, "-9999", True)])
     stats = data.compute_stats([str(tmp_path / "u16.tif")], progress=False)
     assert stats["pixels"] == [4] and stats["nodata"] == -9999 and stats["min"] == [0.0]
-    image, nodata = data.read_image_and_nodata(tmp_path / "u16.tif")
+    image, nodata = data.read_image(tmp_path / "u16.tif"), data.geotiff_info(tmp_path / "u16.tif").nodata
     normalized = data.Normalizer(write_stats(tmp_path / "s.json", [0.0], [1.0]))(image, "u16.tif", 1, None, nodata)
     assert normalized.tolist() == [[[0.0, 55537.0, 100.0, 65535.0]]]
     with warnings.catch_warnings():

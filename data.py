@@ -23,7 +23,7 @@ the reader's read_geotiff, geotiff_info, GeoTiff and GeoTiffInfo are importable 
     python data.py demo <folder>                             write the built-in sample
 
 A source of images is a folder (searched recursively for .tif/.tiff/.jpg/.jpeg/.png), a
-manifest file (one path per line, relative to the manifest; '#' starts a comment) or a list.
+manifest file (one path per line, relative to the manifest; a line starting with '#' is a comment) or a list.
 
 The statistics file, written by `python data.py stats` and read by load_stats, holds one entry
 per band of the files (before any band selection):
@@ -35,6 +35,7 @@ per band of the files (before any band selection):
 Normalisation is (x - mean) / std per band. Pixels equal to the file's nodata value (the
 GDAL_NODATA tag), and NaN or infinite ones, become 0 after normalisation, i.e. the band mean.
 A tag no pixel of the file's dtype can hold (-9999 in uint16) marks no pixel, as in GDAL.
+A file of another dtype than the statistics' is normalised with them, after a warning.
 Without a statistics file, uint8 images with 3 bands use the ImageNet mean/std of the MAE
 recipe; anything else is an error asking for `python data.py stats`, because any guessed
 scale for 16-bit or float bands would be silently wrong.
@@ -48,6 +49,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -149,8 +151,9 @@ def list_images(source) -> list[str]:
             return [str(source)]
         base = os.path.dirname(os.path.abspath(source))
         with open(source) as f:
-            lines = [line.split("#", 1)[0].strip() for line in f]
-        paths = [os.path.join(base, line) for line in lines if line]
+            lines = [line.strip() for line in f]
+        # Only whole lines are comments: '#' is a legal character in a path.
+        paths = [os.path.join(base, line) for line in lines if line and not line.startswith("#")]
     else:
         raise DataError(f"{source}: no such folder or manifest file")
     if not paths:
@@ -221,18 +224,34 @@ def load_stats(path) -> tuple[list[float], list[float]]:
                         "`python data.py stats <folder> --out stats.json`") from err
     if len(mean) != len(std) or not mean:
         raise DataError(f"{path}: 'mean' and 'std' must be non-empty lists of the same length")
-    if min(std) <= 0:
-        raise DataError(f"{path}: band(s) {[b for b, s in enumerate(std) if s <= 0]} have zero std (constant); "
-                        "drop them with `bands=[...]`")
+    for band, (m, s) in enumerate(zip(mean, std)):
+        # Caught here, not many steps later as "loss is not finite". `not s > 0` is also true for NaN.
+        if not (math.isfinite(m) and math.isfinite(s) and s > 0):
+            what = f"mean {m}" if not math.isfinite(m) else f"std {s}"
+            raise DataError(f"{path}: band {band} has {what}; normalising needs a finite mean and a positive std per "
+                            "band. Recompute it with `python data.py stats <folder> --out stats.json`, and leave a "
+                            "constant band (std 0) out with `bands=[...]`")
     return mean, std
 
 
 class Normalizer:
-    """Per-band (x - mean) / std, with nodata and NaN set to 0, from a stats file or ImageNet."""
+    """Per-band (x - mean) / std, with nodata and NaN set to 0, from a stats file or ImageNet.
+
+    A file of another dtype than the statistics were computed on (a uint8 quicklook among uint16
+    scenes) is normalised anyway, with a warning naming the file and both dtypes, once per dtype
+    and process (each DataLoader worker warns once): int16 and uint16 files of one sensor share a
+    scale, so refusing would stop mixes that are fine, while an 8-bit file among 16-bit ones is
+    almost certainly a mistake that should not pass unseen.
+    """
 
     def __init__(self, stats_path=None):
         self.stats_path = stats_path
         self.mean, self.std = load_stats(stats_path) if stats_path else (None, None)
+        self.stats_dtype = None  # the dtype the statistics were computed on, where the file says
+        if stats_path:
+            with open(stats_path) as f:
+                self.stats_dtype = json.load(f).get("dtype")
+        self._dtypes_seen = {self.stats_dtype}
         self._cache = {}  # (file bands, selection, dtype) -> float32 (mean, 1/std) columns
 
     def band_stats(self, path, file_bands, bands, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -254,6 +273,11 @@ class Normalizer:
         """(mean, 1 / std) of the selected bands as float32 (C, 1, 1) tensors, cached."""
         key = (file_bands, None if bands is None else tuple(bands), np.dtype(dtype))
         if key not in self._cache:
+            if self.stats_dtype is not None and np.dtype(dtype).name not in self._dtypes_seen:
+                self._dtypes_seen.add(np.dtype(dtype).name)
+                warnings.warn(f"{path} is {np.dtype(dtype).name} but the statistics in {self.stats_path} are of "
+                              f"{self.stats_dtype} files; normalising it with them anyway. If its values have another "
+                              "scale, convert it or keep it apart, with statistics of its own", stacklevel=2)
             mean, std = self.band_stats(path, file_bands, bands, dtype)
             self._cache[key] = tuple(torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (mean, 1 / std))
         return self._cache[key]

@@ -91,6 +91,14 @@ def test_stats_are_nodata_aware_and_cli_writes_them(tmp_path, capsys):
     assert stats["nodata"] == -9999 and data.load_stats(tmp_path / "stats.json") == (stats["mean"], stats["std"])
 
 
+def test_manifest_comments_are_whole_lines_and_paths_may_hold_hashes(tmp_path):
+    (tmp_path / "run #2").mkdir()
+    Image.new("L", (4, 4)).save(tmp_path / "run #2" / "a#1.png")
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("# the chips\n   # indented comment\n\nrun #2/a#1.png\n")
+    assert data.list_images(manifest) == [str(tmp_path / "run #2" / "a#1.png")]
+
+
 def test_stats_and_normalizer_agree_on_float_nodata(tmp_path):
     # GDAL writes the nodata tag as decimal text; 0.1 is not exactly a float32, so the pixels
     # equal to it must be compared in the file's dtype, as the Normalizer does.
@@ -104,9 +112,13 @@ def test_stats_and_normalizer_agree_on_float_nodata(tmp_path):
 
 
 def test_load_stats_rejects_bad_files(tmp_path):
-    (tmp_path / "zero.json").write_text(json.dumps({"mean": [1.0, 2.0], "std": [1.0, 0.0]}))
-    with pytest.raises(data.DataError, match="zero.json: band\\(s\\) \\[1\\] have zero std"):
-        data.load_stats(tmp_path / "zero.json")
+    for name, mean, std, bad in [("zero", [1.0, 2.0], [1.0, 0.0], "band 1 has std 0.0"),
+                                 ("negative", [1.0, 2.0], [-1.0, 3.0], "band 0 has std -1.0"),
+                                 ("nan_std", [1.0, 2.0], [1.0, float("nan")], "band 1 has std nan"),
+                                 ("inf_mean", [float("inf"), 2.0], [1.0, 1.0], "band 0 has mean inf")]:
+        (tmp_path / f"{name}.json").write_text(json.dumps({"mean": mean, "std": std}))  # NaN written as JSON's NaN
+        with pytest.raises(ValueError, match=f"{name}.json: {bad}.*python data.py stats"):
+            data.load_stats(tmp_path / f"{name}.json")
     (tmp_path / "junk.json").write_text("{")
     with pytest.raises(data.DataError, match="junk.json: not a statistics file.*python data.py stats"):
         data.load_stats(tmp_path / "junk.json")
@@ -131,6 +143,23 @@ def test_normalisation_nodata_nan_and_imagenet_fallback(tmp_path):
     with pytest.raises(data.DataError, match="b.tif: uint16 with 4 bands needs per-band statistics.*python data.py stats"):
         data.Normalizer()(np.zeros((4, 1, 1), np.uint16), "b.tif", 4, None, None)
     assert normalize.band_stats("a.tif", 3, [2], np.int16)[0].tolist() == [30.0]  # stats index the file's bands
+
+
+def test_a_file_of_another_dtype_than_the_stats_warns_once_per_dtype(tmp_path):
+    for i in range(2):
+        tifffile.imwrite(tmp_path / f"u16_{i}.tif", np.full((1, 8, 8), 1000 + i, np.uint16))
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps(data.compute_stats(str(tmp_path), progress=False)))
+    for i in range(2):  # 8-bit quicklooks among the 16-bit scenes
+        tifffile.imwrite(tmp_path / f"u8_{i}.tif", np.full((1, 8, 8), 200, np.uint8))
+    dataset = data.PretrainDataset(sorted(map(str, tmp_path.glob("*.tif"))), data.PretrainDataConfig(img_size=8, stats=str(stats)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(len(dataset)):
+            dataset[i]
+    assert [str(w.message) for w in caught] == [f"{tmp_path / 'u8_0.tif'} is uint8 but the statistics in {stats} are of "
+                                                "uint16 files; normalising it with them anyway. If its values have "
+                                                "another scale, convert it or keep it apart, with statistics of its own"]
 
 
 # --- pretraining dataset -----------------------------------------------------------------------

@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.distributed as dist
 import pytest
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.overrides import TorchFunctionMode
 
 import fsdp_setup
@@ -138,6 +138,41 @@ def full_grads(model) -> dict[str, torch.Tensor]:
     return {k: full(p.grad) for k, p in fsdp_setup.unwrap(model).named_parameters()}
 
 
+def layout_of(model) -> dict:
+    """Each parameter's layout through the public DTensor API, None for a plain tensor:
+    (placements, mesh shape, mesh dim names, local shape, global shape)."""
+    return {name: (p.placements, tuple(p.device_mesh.shape), p.device_mesh.mesh_dim_names,
+                   tuple(p.to_local().shape), tuple(p.shape)) if isinstance(p, DTensor) else None
+            for name, p in fsdp_setup.unwrap(model).named_parameters()}
+
+
+def sharded_per_block(model) -> list[bool]:
+    """Per Block: are its registered parameters the sharded DTensors? While a unit is gathered, FSDP2
+    registers the full plain tensors on the module instead, and puts the shards back when it reshards."""
+    from vit import Block
+
+    return [all(isinstance(p, DTensor) for p in b.parameters()) for b in model.modules() if isinstance(b, Block)]
+
+
+def blocks_run_per_step(model, imgs, noise) -> list[int]:
+    """How often each Block's forward ran in one forward + backward: 2 for a recomputed (checkpointed) Block."""
+    from vit import Block
+
+    blocks = [b for b in model.modules() if isinstance(b, Block)]
+    runs = [0] * len(blocks)
+
+    def counter(i):
+        def count(module, args):
+            runs[i] += 1
+        return count
+
+    hooks = [b.norm1.register_forward_pre_hook(counter(i)) for i, b in enumerate(blocks)]  # norm1: a Block's first op
+    model(imgs, 0.75, noise)[0].backward()
+    for hook in hooks:
+        hook.remove()
+    return runs
+
+
 def _worker(rank: int, out_dir: str) -> None:
     """Every multi-rank scenario, in one process group. Runs on each rank."""
     from vit import Block
@@ -158,14 +193,18 @@ def _worker(rank: int, out_dir: str) -> None:
     dist.barrier()
     seen["errors"] = errors
 
-    # Meta build, sharded, materialised per shard.
-    seen["meta"], seen["reshard"] = {}, {}
+    # Meta build, sharded, materialised per shard; each parameter's DTensor layout; then which Blocks
+    # are sharded again right after forward (resharded) and after backward.
+    seen["meta"], seen["layout"], seen["reshard"] = {}, {}, {}
     for name, (strategy, k) in LAYOUTS.items():
         model = fsdp_setup.parallelize(build(), strategy, k, mixed_precision="fp32")
         seen["meta"][name] = full_state(model)
-        if strategy != "ddp":  # which Blocks free their gathered params after forward (FSDP2 internals)
-            seen["reshard"][name] = [b._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info is not None
-                                     for b in model.modules() if isinstance(b, Block)]
+        seen["layout"][name] = layout_of(model)
+        if strategy != "ddp":
+            loss = model(imgs, 0.75, noise)[0]
+            after_forward = sharded_per_block(model)
+            loss.backward()
+            seen["reshard"][name] = dict(after_forward=after_forward, after_backward=sharded_per_block(model))
     # seed is honoured on the meta path; a model with real weights keeps them (seed ignored).
     seen["meta_seed_1"] = full_state(fsdp_setup.parallelize(build(), "full_shard", mixed_precision="fp32", seed=1))
     seen["normal_build_kept"] = full_state(fsdp_setup.parallelize(build(meta=False), "hybrid_shard", 2, mixed_precision="fp32", seed=1))
@@ -181,14 +220,25 @@ def _worker(rank: int, out_dir: str) -> None:
     # the code path (policy on every unit, per-shard init into host memory, the same training);
     # gpu_check.sh checks the real host <-> GPU traffic.
     seen["offload"] = {}
+    real_fully_shard = fsdp_setup.fully_shard
     for name in OFFLOAD_LAYOUTS:
         strategy, k = LAYOUTS[name]
         init = full_state(fsdp_setup.parallelize(build(), strategy, k, mixed_precision="fp32", cpu_offload=True))
-        model = fsdp_setup.parallelize(build(), strategy, k, mixed_precision="fp32", cpu_offload=True)
-        policies = {type(m._get_fsdp_state()._fsdp_param_group.offload_policy).__name__
-                    for m in model.modules() if isinstance(m, fsdp_setup.FSDPModule)}
+        policies = []  # the offload policy handed to each fully_shard call (one per FSDP unit)
+
+        def recording_fully_shard(module, **kwargs):
+            policies.append(type(kwargs["offload_policy"]).__name__)
+            return real_fully_shard(module, **kwargs)
+
+        fsdp_setup.fully_shard = recording_fully_shard
+        try:
+            model = fsdp_setup.parallelize(build(), strategy, k, mixed_precision="fp32", cpu_offload=True)
+        finally:
+            fsdp_setup.fully_shard = real_fully_shard
+        shard_devices = {p.to_local().device.type for p in model.parameters()}
         losses, norms = train(model, imgs, noise, distributed=True)
-        seen["offload"][name] = dict(init=init, losses=losses, norms=norms, state=full_state(model), policies=policies)
+        seen["offload"][name] = dict(init=init, losses=losses, norms=norms, state=full_state(model), policies=policies,
+                                     shard_devices=shard_devices)
 
     seen["bf16"] = {}
     for name, (strategy, k, precision) in BF16_RUNS.items():
@@ -203,8 +253,10 @@ def _worker(rank: int, out_dir: str) -> None:
         torch.manual_seed(1234)
         loss = model(imgs, 0.75, noise)[0]
         loss.backward()
-        checkpointed = sum("forward" in vars(b) for b in model.modules() if isinstance(b, Block))  # replaced in place
-        seen["ac"][ac] = dict(loss=loss.item(), grads=full_grads(model), keys=list(model.state_dict()), checkpointed=checkpointed)
+        grads = full_grads(model)
+        model.zero_grad(set_to_none=True)
+        seen["ac"][ac] = dict(loss=loss.item(), grads=grads, keys=list(model.state_dict()),
+                              block_runs=blocks_run_per_step(model, imgs, noise))
     torch.manual_seed(4321)  # control: a different drop-path draw must change the loss
     seen["ac_other_seed_loss"] = model(imgs, 0.75, noise)[0].item()
 
@@ -231,15 +283,22 @@ def _worker(rank: int, out_dir: str) -> None:
         model = fsdp_setup.parallelize(build(), strategy, k, mixed_precision="fp32")
         model(imgs, 0.75, noise)[0].backward()
         seen["norm_only"][name] = norm_only(model)
-        if name == "ddp":  # gradient_as_bucket_view: each grad a view into DDP's buckets (the planner counts no copy)
-            seen["ddp_grads_are_bucket_views"] = all(p.grad._base is not None for p in model.parameters())
+        if name == "ddp":  # gradient_as_bucket_view: the grads are views into a few DDP buckets (the planner counts no copy)
+            grads = [p.grad for p in model.parameters()]
+            seen["ddp_grad_storages"] = (len(grads), len({g.untyped_storage().data_ptr() for g in grads}))
 
     # compile=True with AC and a 2-D mesh. aot_eager instead of inductor: it traces the blocks
     # through dynamo and AOT autograd like inductor does, in seconds instead of ~50 s of C++ codegen
     # on this CPU (inductor itself is exercised by the GPU benchmark).
     eager = fsdp_setup.parallelize(build(), "hybrid_shard", 2, mixed_precision="fp32", activation_checkpointing="full")
     original_compile = torch.nn.Module.compile
-    torch.nn.Module.compile = lambda self, *a, **kw: original_compile(self, backend="aot_eager")
+    compiled_modules = []
+
+    def compile_aot_eager(self, *args, **kwargs):
+        compiled_modules.append(self)
+        return original_compile(self, backend="aot_eager")
+
+    torch.nn.Module.compile = compile_aot_eager
     try:
         compiled = fsdp_setup.parallelize(build(), "hybrid_shard", 2, mixed_precision="fp32", activation_checkpointing="full", compile=True)
     finally:
@@ -247,7 +306,7 @@ def _worker(rank: int, out_dir: str) -> None:
     seen["compile"] = dict(
         eager=train(eager, imgs, noise, steps=2, distributed=True)[0],
         compiled=train(compiled, imgs, noise, steps=2, distributed=True)[0],
-        compiled_blocks=sum(b._compiled_call_impl is not None for b in compiled.modules() if isinstance(b, Block)),
+        compiled_blocks=sum(any(m is b for m in compiled_modules) for b in compiled.modules() if isinstance(b, Block)),
         keys=list(compiled.state_dict()),
     )
 
@@ -334,13 +393,46 @@ def test_meta_build_sharded_equals_normal_build(ranks, layout):
             assert torch.equal(state[key], value), f"{layout}: {key}"
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_parameters_are_dtensors_on_the_layouts_mesh(ranks, layout):
+    """Placements and mesh per layout, and each rank's shard: halves on a shard dimension of 2, whole on 1."""
+    strategy, k = LAYOUTS[layout]
+    names = list(build(meta=False).state_dict())
+    for seen in ranks:
+        params = seen["layout"][layout]
+        assert set(params) <= set(names) and "blocks.0.attn.qkv.weight" in params
+        if strategy == "ddp":
+            assert all(p is None for p in params.values())
+            continue
+        expected = {  # (placements, mesh shape, mesh dim names) on 2 ranks
+            "full_shard": ((Shard(0),), (2,), ("shard",)),
+            "shard_grad_op": ((Shard(0),), (2,), ("shard",)),
+            "hybrid_1": ((Replicate(), Shard(0)), (2, 1), ("replicate", "shard")),
+            "hybrid_2": ((Replicate(), Shard(0)), (1, 2), ("replicate", "shard")),
+            "no_shard": ((Replicate(), Shard(0)), (2, 1), ("replicate", "shard")),
+        }[layout]
+        for name, param in params.items():
+            assert param is not None and param[:3] == expected, (layout, name, param)
+    shard_size = 2 if layout in ("full_shard", "shard_grad_op", "hybrid_2") else 1
+    if strategy != "ddp":
+        for name, (*_, local0, global_shape) in ranks[0]["layout"][layout].items():
+            local1 = ranks[1]["layout"][layout][name][3]
+            if shard_size == 1:
+                assert local0 == local1 == global_shape, (layout, name)
+            else:  # dim 0 split in two (the first rank takes the larger half), the rest whole
+                assert local0[0] == -(-global_shape[0] // 2) and local0[0] + local1[0] == global_shape[0], (layout, name)
+                assert local0[1:] == local1[1:] == global_shape[1:], (layout, name)
+
+
 def test_every_block_but_the_last_reshards_after_forward_when_the_layout_does(ranks):
     for seen in ranks:
         blocks = 4  # 2 encoder + 2 decoder Blocks
         for name in ("full_shard", "hybrid_1", "hybrid_2"):
-            assert seen["reshard"][name] == [True] * (blocks - 1) + [False], name
+            assert seen["reshard"][name]["after_forward"] == [True] * (blocks - 1) + [False], name
         for name in ("shard_grad_op", "no_shard"):
-            assert seen["reshard"][name] == [False] * blocks, name
+            assert seen["reshard"][name]["after_forward"] == [False] * blocks, name
+        for name, reshard in seen["reshard"].items():  # every layout reshards after backward
+            assert reshard["after_backward"] == [True] * blocks, name
 
 
 def test_seed_and_existing_weights(ranks):
@@ -360,7 +452,9 @@ def test_cpu_offload_trains_like_one_process(ranks, reference, layout):
     normal = build(meta=False).state_dict()
     for seen in ranks:
         run = seen["offload"][layout]
-        assert run["policies"] == {"CPUOffloadPolicy"}, run["policies"]  # on every FSDP unit, the root included
+        # on every FSDP unit: 4 Blocks, patch_embed, the root
+        assert run["policies"] == ["CPUOffloadPolicy"] * 6, run["policies"]
+        assert run["shard_devices"] == {"cpu"}
         for key, value in normal.items():
             assert torch.equal(run["init"][key], value), f"{layout} offload init: {key}"
         assert max(abs(a - b) for a, b in zip(run["losses"], reference["losses"])) < 1e-5, (run["losses"], reference["losses"])
@@ -380,7 +474,8 @@ def test_bf16_close_to_fp32(ranks, reference):
 def test_activation_checkpointing_gives_same_gradients(ranks):
     for seen in ranks:
         ac = seen["ac"]
-        assert [ac[k]["checkpointed"] for k in ("none", "full", 2)] == [0, 4, 2]
+        # forward runs per Block (encoder 0, 1, decoder 2, 3) in one step: checkpointed ones run again in backward
+        assert [ac[k]["block_runs"] for k in ("none", "full", 2)] == [[1, 1, 1, 1], [2, 2, 2, 2], [1, 2, 1, 2]]
         assert seen["ac_other_seed_loss"] != ac["none"]["loss"]  # drop path is really random here
         for mode in ("full", 2):
             assert ac[mode]["keys"] == ac["none"]["keys"]
@@ -434,7 +529,10 @@ def test_compile_applied_and_matches_eager(ranks):
 
 
 def test_ddp_grads_are_bucket_views(ranks):
-    assert all(seen["ddp_grads_are_bucket_views"] for seen in ranks)
+    """Separate gradient tensors would have one storage each; views into DDP's buckets share a few."""
+    for seen in ranks:
+        num_grads, num_storages = seen["ddp_grad_storages"]
+        assert num_storages < num_grads / 4, seen["ddp_grad_storages"]
 
 
 def test_impossible_layouts_raise_on_every_rank(ranks):

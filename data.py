@@ -9,7 +9,6 @@ them into normalised crops, and reads JPEG and PNG through Pillow.
 
     open_image, read_image                  GeoTIFF, JPEG or PNG, always (bands, height, width)
     PretrainDataset                         random crops of chips or huge scenes, for MAE
-    SceneDataset, scene_splits              labelled scenes (UC Merced, AID, NWPU-RESISC45)
     SyntheticDataset                        deterministic random tensors, for benchmarks
     ResumableDistributedSampler, make_loader
     make_demo_chips                         a tiny built-in multi-band sample for the demo
@@ -68,8 +67,6 @@ from geotiff import (CorruptImageError, DataError, GeoTiff, GeoTiffInfo,  # noqa
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-EVAL_CROP_FRACTION = 0.875  # eval resizes to img_size / 0.875, then centre-crops img_size
-DEFAULT_TRAIN_RATIO = 0.8  # scene_splits without split files or an explicit ratio
 
 
 # -----------------------------------------------------------------------------
@@ -364,21 +361,11 @@ def resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(batch, size=(height, width), mode="bilinear", align_corners=False, antialias=shrink)[0]
 
 
-def eval_transform(x: torch.Tensor, img_size: int) -> torch.Tensor:
-    """Resize the shorter side to img_size / 0.875, then centre-crop img_size."""
-    short = round(img_size / EVAL_CROP_FRACTION)
-    height, width = x.shape[-2:]
-    scale = short / min(height, width)
-    x = resize(x, max(short, round(height * scale)), max(short, round(width * scale)))
-    top, left = (x.shape[-2] - img_size) // 2, (x.shape[-1] - img_size) // 2
-    return x[:, top:top + img_size, left:left + img_size].contiguous()
-
-
 # -----------------------------------------------------------------------------
 # Datasets
 
 
-class _EpochSeededDataset(Dataset):
+class EpochSeededDataset(Dataset):
     """Per-item randomness from (seed, epoch, index) alone, so a resumed run sees exactly
     the augmentations of an uninterrupted one, whichever worker loads the item."""
 
@@ -407,7 +394,7 @@ class PretrainDataConfig:
     skip_corrupt: bool = False  # skip and count corrupt files instead of stopping with an error
 
 
-class PretrainDataset(_EpochSeededDataset):
+class PretrainDataset(EpochSeededDataset):
     """Random crops for MAE: float32 (C, img_size, img_size), normalised per band.
 
     Chips up to crop_size get RandomResizedCrop over the whole image, as in MAE. Bigger
@@ -501,158 +488,6 @@ class SyntheticDataset(Dataset):
 
     def set_epoch(self, epoch: int):
         """Nothing to do: item i is the same every epoch. Here so every dataset has set_epoch."""
-
-
-# -----------------------------------------------------------------------------
-# Scene classification (linear probing / fine-tuning evaluation)
-
-
-def _read_list_file(list_file, root) -> list[tuple[str, str]]:
-    rows = []
-    with open(list_file) as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.rsplit(None, 1)  # paths may contain spaces, labels don't
-            if len(parts) != 2:
-                raise DataError(f"{list_file}:{number}: expected 'relative/path label', got {line!r}")
-            path = os.path.join(root, parts[0])
-            if not os.path.isfile(path):
-                raise DataError(f"{list_file}:{number}: {path} does not exist")
-            rows.append((path, parts[1]))
-    return rows
-
-
-def _find_class_folder(root) -> tuple[str, list[str]]:
-    """Breadth-first, the shallowest folder with a subfolder holding images: the class folder
-    of root/<class>/*, root/Images/<class>/* (UC Merced) or root/AID/<class>/*."""
-    queue = [root]
-    while queue:
-        folder = queue.pop(0)
-        subfolders = sorted(name for name in os.listdir(folder) if os.path.isdir(os.path.join(folder, name))
-                            and not name.startswith((".", "__")))
-        for name in subfolders:
-            if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(os.path.join(folder, name))):
-                return folder, subfolders
-        queue += [os.path.join(folder, name) for name in subfolders]
-    raise DataError(f"{root}: no classes found; expected <class>/ subfolders of images "
-                    "(e.g. Images/<class>/*.tif) or train.txt and val.txt with 'relative/path label' lines")
-
-
-def default_train_ratio(root, train_ratio=None) -> float | None:
-    """The training fraction `scene_splits(root, train_ratio)` splits by: train_ratio if given,
-    None where train.txt/val.txt are the split, else DEFAULT_TRAIN_RATIO (eval.py records it)."""
-    if train_ratio is not None:
-        return train_ratio
-    root = str(root)
-    return None if os.path.isfile(root if os.path.isfile(root) else os.path.join(root, "train.txt")) else DEFAULT_TRAIN_RATIO
-
-
-def scene_splits(root, train_ratio=None, seed=0) -> tuple[list, list, list[str]]:
-    """(train_items, test_items, class_names), items being (path, label) lists.
-
-    root is a folder with train.txt and val.txt (or test.txt) of 'relative/path label'
-    lines (labels ints or class names), or such a train.txt itself; without train_ratio
-    those lists are the split. Otherwise classes are subfolders (found at any depth). With
-    train_ratio (default 0.8 for folders), every class is split train_ratio : 1 - train_ratio
-    by a permutation fixed by `seed`, so the split is stratified and reproducible.
-    """
-    root = str(root)
-    list_file = root if os.path.isfile(root) else os.path.join(root, "train.txt")
-    root = os.path.dirname(root) if os.path.isfile(root) else root
-    if not os.path.isdir(root):
-        raise DataError(f"{root}: not a folder")
-    if os.path.isfile(list_file):
-        test_file = next((os.path.join(root, name) for name in ("val.txt", "test.txt")
-                          if os.path.isfile(os.path.join(root, name))), None)
-        if test_file is None:
-            raise DataError(f"{list_file}: no val.txt or test.txt next to it for the test split")
-        train_rows, test_rows = _read_list_file(list_file, root), _read_list_file(test_file, root)
-        labels = [label for _, label in train_rows + test_rows]
-        if all(label.isdecimal() for label in labels):  # "07" and "7" are one class
-            to_int = {label: int(label) for label in labels}
-            class_names = [str(i) for i in range(max(to_int.values()) + 1)]
-        else:
-            class_names = sorted(set(labels))
-            to_int = {name: i for i, name in enumerate(class_names)}
-        if len(set(to_int.values())) < 2:
-            raise DataError(f"{list_file}: only one class ({labels[0]!r}); classification needs two or more")
-        train, test = [(p, to_int[label]) for p, label in train_rows], [(p, to_int[label]) for p, label in test_rows]
-        if train_ratio is None:
-            return train, test, class_names
-        files_per_class = [sorted(p for p, label in train + test if label == c) for c in range(len(class_names))]
-    else:
-        class_folder, class_names = _find_class_folder(root)
-        if len(class_names) < 2:
-            raise DataError(f"{class_folder}: only one class folder ({class_names[0]}); "
-                            "classification needs two or more")
-        files_per_class = []
-        for name in class_names:
-            try:
-                files_per_class.append(list_images(os.path.join(class_folder, name)))
-            except DataError:
-                raise DataError(f"{os.path.join(class_folder, name)}: class {name!r} has no images; "
-                                "remove the folder or add images") from None
-    ratio = default_train_ratio(root, train_ratio)  # not None here: no list files, or a ratio given
-    if not 0 < ratio < 1:
-        raise DataError(f"train_ratio must be between 0 and 1, got {ratio}")
-    rng = np.random.default_rng(seed)
-    train, test = [], []
-    for label, files in enumerate(files_per_class):
-        order = rng.permutation(len(files))
-        n_train = min(max(round(ratio * len(files)), 1), max(len(files) - 1, 1))  # both sides get some
-        train += [(files[i], label) for i in order[:n_train]]
-        test += [(files[i], label) for i in order[n_train:]]
-    return train, test, class_names
-
-
-@dataclass
-class SceneDataConfig:
-    root: str
-    img_size: int = 224
-    train_ratio: float | None = None  # None: train.txt/val.txt if present, else 0.8 per class
-    seed: int = 0
-    stats: str | None = None  # None: ImageNet mean/std for 3-band uint8 (UC Merced, AID, NWPU)
-    bands: list[int] | None = None
-    in_chans: int | None = None
-
-
-class SceneDataset(_EpochSeededDataset):
-    """(float32 (C, img_size, img_size) normalised, label). train=True: RandomResizedCrop,
-    flips and 90-degree rotations; train=False: resize to img_size/0.875, centre crop."""
-
-    def __init__(self, items, img_size=224, train=False, stats=None, bands=None, in_chans=None,
-                 seed=0, scale=(0.08, 1.0)):
-        super().__init__(seed)
-        check_bands(bands)
-        self.items, self.img_size, self.train = list(items), img_size, train
-        self.bands, self.in_chans, self.scale = bands, in_chans, scale
-        self.normalize = Normalizer(stats)
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, index) -> tuple[torch.Tensor, int]:
-        path, label = self.items[index]
-        with open_image(path) as file:  # scenes are small; read whole
-            file_bands, nodata = file.info.bands, file.info.nodata
-            check_band_count(path, file_bands, self.bands, self.in_chans)
-            image = file.read(bands=self.bands)
-        if not self.train:
-            x = self.normalize(image, path, file_bands, self.bands, nodata)
-            return eval_transform(x, self.img_size), int(label)
-        rng = self.rng(index)
-        top, left, h, w = random_resized_box(rng, *image.shape[1:], self.scale)
-        box = random_dihedral(image[:, top:top + h, left:left + w], rng)
-        x = self.normalize(box, path, file_bands, self.bands, nodata)
-        return resize(x, self.img_size, self.img_size), int(label)
-
-
-def make_scene_datasets(cfg: SceneDataConfig) -> tuple[SceneDataset, SceneDataset, list[str]]:
-    train_items, test_items, class_names = scene_splits(cfg.root, cfg.train_ratio, cfg.seed)
-    kwargs = dict(img_size=cfg.img_size, stats=cfg.stats, bands=cfg.bands, in_chans=cfg.in_chans, seed=cfg.seed)
-    return SceneDataset(train_items, train=True, **kwargs), SceneDataset(test_items, train=False, **kwargs), class_names
 
 
 # -----------------------------------------------------------------------------

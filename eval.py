@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -56,7 +57,7 @@ MODES = ("linprobe", "knn", "finetune")
 class EvalConfig:
     mode: str = "linprobe"  # linprobe | knn | finetune
     encoder: str = ""  # encoder .pt, training run folder, or "random"
-    data: str = ""  # class-per-subfolder root, or a folder/list file with train.txt + val.txt (data.scene_splits)
+    data: str = ""  # class-per-subfolder root, or a folder/list file with train.txt + val.txt (scene_splits)
     train_ratio: float | None = None  # training fraction per class; None: the list files' split, else 0.8
     seeds: list[int] = field(default_factory=lambda: [0])  # one run each (split + head init); mean ± std
     out: str = "runs/eval"  # results.json, confusion matrices, cached features
@@ -87,6 +88,158 @@ class EvalConfig:
     strategy: str = "ddp"  # fsdp_setup layout: ddp | no_shard | full_shard | shard_grad_op | hybrid_shard
     shard_group_size: int | None = None  # hybrid_shard only
     mixed_precision: str | None = None  # bf16 | bf16-reduce | fp32; None: bf16 on GPU, fp32 on CPU
+
+
+# ---- scene datasets ----
+
+DEFAULT_TRAIN_RATIO = 0.8  # folders of classes without --train-ratio
+EVAL_CROP_FRACTION = 0.875  # test images: resize to img_size / 0.875, then centre-crop img_size
+
+
+def _read_list_file(list_file, root) -> list[tuple[str, str]]:
+    rows = []
+    with open(list_file) as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.rsplit(None, 1)  # paths may contain spaces, labels don't
+            if len(parts) != 2:
+                raise data.DataError(f"{list_file}:{number}: expected 'relative/path label', got {line!r}")
+            path = os.path.join(root, parts[0])
+            if not os.path.isfile(path):
+                raise data.DataError(f"{list_file}:{number}: {path} does not exist")
+            rows.append((path, parts[1]))
+    return rows
+
+
+def _find_class_folder(root) -> tuple[str, list[str]]:
+    """Breadth-first, the shallowest folder with a subfolder holding images: the class folder
+    of root/<class>/*, root/Images/<class>/* (UC Merced) or root/AID/<class>/*."""
+    queue = [root]
+    while queue:
+        folder = queue.pop(0)
+        subfolders = sorted(name for name in os.listdir(folder) if os.path.isdir(os.path.join(folder, name))
+                            and not name.startswith((".", "__")))
+        for name in subfolders:
+            if any(f.lower().endswith(data.IMAGE_EXTENSIONS) for f in os.listdir(os.path.join(folder, name))):
+                return folder, subfolders
+        queue += [os.path.join(folder, name) for name in subfolders]
+    raise data.DataError(f"{root}: no classes found; expected <class>/ subfolders of images "
+                         "(e.g. Images/<class>/*.tif) or train.txt and val.txt with 'relative/path label' lines")
+
+
+def default_train_ratio(root, train_ratio=None) -> float | None:
+    """The training fraction `scene_splits(root, train_ratio)` splits by: train_ratio if given,
+    None where train.txt/val.txt are the split, else DEFAULT_TRAIN_RATIO."""
+    if train_ratio is not None:
+        return train_ratio
+    root = str(root)
+    return None if os.path.isfile(root if os.path.isfile(root) else os.path.join(root, "train.txt")) else DEFAULT_TRAIN_RATIO
+
+
+def scene_splits(root, train_ratio=None, seed=0) -> tuple[list, list, list[str]]:
+    """(train_items, test_items, class_names), items being (path, label) lists.
+
+    root is a folder with train.txt and val.txt (or test.txt) of 'relative/path label'
+    lines (labels ints or class names), or such a train.txt itself; without train_ratio
+    those lists are the split. Otherwise classes are subfolders (found at any depth). With
+    train_ratio (default 0.8 for folders), every class is split train_ratio : 1 - train_ratio
+    by a permutation fixed by `seed`, so the split is stratified and reproducible.
+    """
+    root = str(root)
+    list_file = root if os.path.isfile(root) else os.path.join(root, "train.txt")
+    root = os.path.dirname(root) if os.path.isfile(root) else root
+    if not os.path.isdir(root):
+        raise data.DataError(f"--data {root}: no such folder")
+    if os.path.isfile(list_file):
+        test_file = next((os.path.join(root, name) for name in ("val.txt", "test.txt")
+                          if os.path.isfile(os.path.join(root, name))), None)
+        if test_file is None:
+            raise data.DataError(f"{list_file}: no val.txt or test.txt next to it for the test split")
+        train_rows, test_rows = _read_list_file(list_file, root), _read_list_file(test_file, root)
+        labels = [label for _, label in train_rows + test_rows]
+        if not labels:
+            raise data.DataError(f"{list_file} and {test_file} list no images; add 'relative/path label' lines")
+        if all(label.isdecimal() for label in labels):  # "07" and "7" are one class
+            to_int = {label: int(label) for label in labels}
+            class_names = [str(i) for i in range(max(to_int.values()) + 1)]
+        else:
+            class_names = sorted(set(labels))
+            to_int = {name: i for i, name in enumerate(class_names)}
+        if len(set(to_int.values())) < 2:
+            raise data.DataError(f"{list_file}: only one class ({labels[0]!r}); classification needs two or more")
+        train, test = [(p, to_int[label]) for p, label in train_rows], [(p, to_int[label]) for p, label in test_rows]
+        if train_ratio is None:
+            return train, test, class_names
+        files_per_class = [sorted(p for p, label in train + test if label == c) for c in range(len(class_names))]
+    else:
+        class_folder, class_names = _find_class_folder(root)
+        if len(class_names) < 2:
+            raise data.DataError(f"{class_folder}: only one class folder ({class_names[0]}); "
+                                 "classification needs two or more")
+        files_per_class = []
+        for name in class_names:
+            try:
+                files_per_class.append(data.list_images(os.path.join(class_folder, name)))
+            except data.DataError:
+                raise data.DataError(f"{os.path.join(class_folder, name)}: class {name!r} has no images; "
+                                     "remove the folder or add images") from None
+    ratio = default_train_ratio(root, train_ratio)  # not None here: no list files, or a ratio given
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for label, files in enumerate(files_per_class):
+        order = rng.permutation(len(files))
+        n_train = min(max(round(ratio * len(files)), 1), max(len(files) - 1, 1))  # both sides get some
+        train += [(files[i], label) for i in order[:n_train]]
+        test += [(files[i], label) for i in order[n_train:]]
+    return train, test, class_names
+
+
+def eval_transform(x: torch.Tensor, img_size: int) -> torch.Tensor:
+    """Resize the shorter side to img_size / 0.875, then centre-crop img_size."""
+    short = round(img_size / EVAL_CROP_FRACTION)
+    height, width = x.shape[-2:]
+    scale = short / min(height, width)
+    x = data.resize(x, max(short, round(height * scale)), max(short, round(width * scale)))
+    top, left = (x.shape[-2] - img_size) // 2, (x.shape[-1] - img_size) // 2
+    return x[:, top:top + img_size, left:left + img_size].contiguous()
+
+
+class SceneDataset(data.EpochSeededDataset):
+    """(float32 (C, img_size, img_size) normalised, label). train=True: RandomResizedCrop,
+    flips and 90-degree rotations; train=False: resize to img_size/0.875, centre crop."""
+
+    def __init__(self, items, img_size=224, train=False, stats=None, bands=None, in_chans=None,
+                 seed=0, scale=(0.08, 1.0)):
+        super().__init__(seed)
+        data.check_bands(bands)
+        self.items, self.img_size, self.train = list(items), img_size, train
+        self.bands, self.in_chans, self.scale = bands, in_chans, scale
+        self.normalize = data.Normalizer(stats)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index) -> tuple[torch.Tensor, int]:
+        path, label = self.items[index]
+        with data.open_image(path) as file:  # scenes are small; read whole
+            file_bands, nodata = file.info.bands, file.info.nodata
+            data.check_band_count(path, file_bands, self.bands, self.in_chans)
+            image = file.read(bands=self.bands)
+        if not self.train:
+            x = self.normalize(image, path, file_bands, self.bands, nodata)
+            return eval_transform(x, self.img_size), int(label)
+        rng = self.rng(index)
+        top, left, h, w = data.random_resized_box(rng, *image.shape[1:], self.scale)
+        box = data.random_dihedral(image[:, top:top + h, left:left + w], rng)
+        x = self.normalize(box, path, file_bands, self.bands, nodata)
+        return data.resize(x, self.img_size, self.img_size), int(label)
+
+
+def scene_dataset(items, vit_cfg: ViTConfig, cfg: EvalConfig, train: bool, seed: int = 0) -> SceneDataset:
+    return SceneDataset(items, img_size=vit_cfg.img_size, train=train, stats=cfg.stats, bands=cfg.bands,
+                        in_chans=vit_cfg.in_chans, seed=seed)
 
 
 # ---- encoder ----
@@ -431,7 +584,7 @@ def finetune_param_groups(model: nn.Module, weight_decay: float, layer_decay: fl
 def finetune(model: nn.Module, train_dataset, cfg: EvalConfig, recipe: dict, seed: int, device: torch.device,
              rank: int = 0, world_size: int = 1, log=print) -> nn.Module:
     """Full fine-tuning of a parallelized ViTClassifier. The recipe without mixup/cutmix/RandAugment:
-    the augmentation is data.SceneDataset's (random resized crop, flips, 90° rotations)."""
+    the augmentation is SceneDataset's (random resized crop, flips, 90° rotations)."""
     torch.manual_seed(seed + rank)  # drop path draws from the global generator
     sampler = torch.utils.data.DistributedSampler(train_dataset, world_size, rank, shuffle=True, seed=seed, drop_last=True)
     loader = torch.utils.data.DataLoader(train_dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
@@ -538,11 +691,6 @@ def report(results: dict, log=print) -> None:
 # ---- the three protocols ----
 
 
-def scene_dataset(items, vit_cfg: ViTConfig, cfg: EvalConfig, train: bool, seed: int = 0):
-    return data.SceneDataset(items, img_size=vit_cfg.img_size, train=train, stats=cfg.stats, bands=cfg.bands,
-                             in_chans=vit_cfg.in_chans, seed=seed)
-
-
 def check_scene_data(splits: dict, vit_cfg: ViTConfig, cfg: EvalConfig, source: str, log=print) -> None:
     """The data mistakes that would otherwise surface deep inside a run, with the eval.py flags that fix them."""
     for seed, (train_items, test_items, class_names) in splits.items():
@@ -644,7 +792,7 @@ def run(cfg: EvalConfig, log=print) -> dict:
         if cfg.mode == "finetune":
             fsdp_setup.validate_layout(cfg.strategy, cfg.shard_group_size, world_size, cfg.mixed_precision, device=device)
         vit_cfg, state, source = load_encoder(cfg.encoder, cfg.model, cfg.in_chans, cfg.img_size)
-        splits = {seed: data.scene_splits(cfg.data, cfg.train_ratio, seed) for seed in cfg.seeds}
+        splits = {seed: scene_splits(cfg.data, cfg.train_ratio, seed) for seed in cfg.seeds}
         class_names = next(iter(splits.values()))[2]
         check_scene_data(splits, vit_cfg, cfg, source, log)
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
@@ -654,7 +802,7 @@ def run(cfg: EvalConfig, log=print) -> dict:
         # train_ratio: the one the split used (0.8 for folders without --train-ratio; None: the list
         # files' split). top5_k: below 5 classes "top-5" is top-C, 100% by construction.
         results = {"mode": cfg.mode, "encoder": source, "data": cfg.data,
-                   "train_ratio": data.default_train_ratio(cfg.data, cfg.train_ratio),
+                   "train_ratio": default_train_ratio(cfg.data, cfg.train_ratio),
                    **summarize(runs), "top5_k": min(5, len(class_names)), "num_train": runs[0]["num_train"], "num_test": runs[0]["num_test"],
                    "seeds": cfg.seeds, "class_names": class_names, "vit_config": asdict(vit_cfg), "runs": runs,
                    "config": asdict(cfg)}

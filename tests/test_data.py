@@ -235,8 +235,6 @@ def test_band_selection_errors_name_the_setting(demo, tmp_path):
             data.check_band_count("a.tif", 4, bands, None)
         with pytest.raises(data.DataError, match=r"bands=\[\] selects no bands"):  # before any file is read
             data.PretrainDataset(folder, data.PretrainDataConfig(img_size=16, stats=stats, bands=bands))
-        with pytest.raises(data.DataError, match=r"bands=\[\] selects no bands"):
-            data.SceneDataset([("a.png", 0)], bands=bands)
     with pytest.raises(data.DataError, match=r"bands=\[2, -1\]: .*0-based, the first band is 0.*negative"):
         data.check_band_count("a.tif", 4, [2, -1], None)
     for bands in ("3,2,1", [1.5], 3, [True], {2, 1}):
@@ -398,88 +396,6 @@ def test_sampler_epochs_and_exact_resume():
     assert list(again) == full[7:]
     with pytest.raises(ValueError, match="index 26"):
         again.load_state_dict({"epoch": 4, "index": 26})
-
-
-# --- scene classification ----------------------------------------------------------------------
-
-
-def make_scenes(root, classes, per_class=5, size=(40, 48), subfolder="Images"):
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(classes):
-        (root / subfolder / name).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
-            tifffile.imwrite(root / subfolder / name / f"{name}{i:02d}.tif", pixels, photometric="rgb")
-    return root
-
-
-def test_scene_splits_class_folders_are_stratified_and_deterministic(tmp_path):
-    root = make_scenes(tmp_path / "UCMerced_LandUse", ["beach", "forest", "harbor"], per_class=10)
-    train, test, names = data.scene_splits(root, train_ratio=0.8, seed=1)
-    assert names == ["beach", "forest", "harbor"]
-    assert [sum(label == c for _, label in train) for c in range(3)] == [8, 8, 8]
-    assert [sum(label == c for _, label in test) for c in range(3)] == [2, 2, 2]
-    assert not {p for p, _ in train} & {p for p, _ in test}
-    assert all(Path(p).parent.name == names[label] for p, label in train + test)
-    assert data.scene_splits(root, 0.8, seed=1) == (train, test, names)
-    assert data.scene_splits(root, 0.8, seed=2)[0] != train
-
-
-def test_scene_splits_list_files(tmp_path):
-    root = make_scenes(tmp_path, ["a", "b"], per_class=3, subfolder="img")
-    (root / "train.txt").write_text("img/a/a00.tif 0\nimg/a/a01.tif 0\nimg/b/b00.tif 1\n")
-    (root / "val.txt").write_text("img/b/b01.tif 1\n\nimg/a/a02.tif 0\n")
-    train, test, names = data.scene_splits(root)
-    assert names == ["0", "1"] and [label for _, label in train] == [0, 0, 1] and test[0] == (str(root / "img/b/b01.tif"), 1)
-    (root / "val.txt").write_text("img/b/b01.tif b\n")
-    (root / "train.txt").write_text("img/a/a00.tif a\nimg/b/b00.tif b\n")
-    assert data.scene_splits(root / "train.txt") == ([(str(root / "img/a/a00.tif"), 0), (str(root / "img/b/b00.tif"), 1)],
-                                                     [(str(root / "img/b/b01.tif"), 1)], ["a", "b"])
-    (root / "train.txt").write_text("img/a/a00.tif 00\nimg/b/b00.tif 01\n")  # zero-padded numeric labels
-    (root / "val.txt").write_text("img/b/b01.tif 1\n")
-    assert data.scene_splits(root) == ([(str(root / "img/a/a00.tif"), 0), (str(root / "img/b/b00.tif"), 1)],
-                                       [(str(root / "img/b/b01.tif"), 1)], ["0", "1"])
-    (root / "train.txt").write_text("img/a/missing.tif a\n")
-    with pytest.raises(data.DataError, match="train.txt:1: .*missing.tif does not exist"):
-        data.scene_splits(root)
-
-
-def test_scene_splits_errors(tmp_path):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(data.DataError, match="no classes found"):
-        data.scene_splits(tmp_path / "empty")
-    make_scenes(tmp_path / "one", ["only"])
-    with pytest.raises(data.DataError, match="only one class"):
-        data.scene_splits(tmp_path / "one")
-    make_scenes(tmp_path / "gap", ["a", "b"])
-    (tmp_path / "gap" / "Images" / "c").mkdir()
-    with pytest.raises(data.DataError, match="class 'c' has no images"):
-        data.scene_splits(tmp_path / "gap")
-
-
-def test_scene_dataset_transforms(tmp_path):
-    root = make_scenes(tmp_path, ["x", "y"], per_class=2, size=(40, 60))
-    train_items, test_items, _ = data.scene_splits(root, 0.5)
-    evaluation = data.SceneDataset(test_items, img_size=16)
-    x, label = evaluation[0]
-    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and label == test_items[0][1]
-    # eval = shorter side to 16 / 0.875 = 18 (40x60 -> 18x27), then the centre 16x16
-    image = torch.from_numpy(data.read_image(test_items[0][0]).astype(np.float32))
-    mean, std = (torch.tensor(v).view(3, 1, 1) * 255 for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
-    resized = torch.nn.functional.interpolate(((image - mean) / std)[None], size=(18, 27), mode="bilinear", antialias=True)[0]
-    torch.testing.assert_close(x, resized[:, 1:17, 5:21])
-    training = data.SceneDataset(train_items, img_size=16, train=True, seed=4)
-    assert training[1][0].shape == (3, 16, 16) and torch.equal(training[1][0], training[1][0])
-    with pytest.raises(data.DataError, match=f"{test_items[0][0]} has 3 bands .* in_chans=4"):
-        data.SceneDataset(test_items, img_size=16, in_chans=4)[0]
-    stats = write_stats(tmp_path / "s.json", [10.0, 20.0, 30.0], [2.0, 4.0, 8.0])  # of all 3 bands; select 2
-    x, _ = data.SceneDataset(test_items, img_size=16, stats=stats, bands=[2, 0], in_chans=2)[0]
-    selected = torch.from_numpy(data.read_image(test_items[0][0])[[2, 0]].astype(np.float32))
-    expected = (selected - torch.tensor([30.0, 10.0]).view(2, 1, 1)) / torch.tensor([8.0, 2.0]).view(2, 1, 1)
-    torch.testing.assert_close(x, data.eval_transform(expected, 16))
-    assert torch.equal(data.SceneDataset(test_items, img_size=16, stats=stats, bands=(2, 0), in_chans=2)[0][0], x)
-    train_ds, test_ds, names = data.make_scene_datasets(data.SceneDataConfig(root=str(root), img_size=16, train_ratio=0.5))
-    assert train_ds.train and not test_ds.train and names == ["x", "y"] and len(train_ds) + len(test_ds) == 4
 
 
 def test_bench_cli_also_answers_to_dash_dash_bench(capsys):

@@ -79,8 +79,8 @@ def scenes(tmp_path_factory):
     """The folder dataset and a tiny MAE pretrained on its training images for 40 steps."""
     tmp = tmp_path_factory.mktemp("eval")
     root = make_folder_dataset(tmp / "ucm")
-    train_items, _, _ = data.scene_splits(root, 0.5, seed=0)
-    imgs = torch.stack([data.SceneDataset(train_items, img_size=32, train=True)[i][0] for i in range(len(train_items))])
+    train_items, _, _ = ev.scene_splits(root, 0.5, seed=0)
+    imgs = torch.stack([ev.SceneDataset(train_items, img_size=32, train=True)[i][0] for i in range(len(train_items))])
     torch.manual_seed(0)
     mae = MaskedAutoencoder(TINY, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
     opt = torch.optim.AdamW(mae.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05)
@@ -168,6 +168,89 @@ def test_classifier_is_mean_pooled_prenorm_tokens():
         assert torch.allclose(model(x), expected, atol=1e-5)
 
 
+# ---- scene datasets ----
+
+
+def make_scenes(root, classes, per_class=5, size=(40, 48), subfolder="Images"):
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        (root / subfolder / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
+            tifffile.imwrite(root / subfolder / name / f"{name}{i:02d}.tif", pixels, photometric="rgb")
+    return root
+
+
+def test_scene_splits_class_folders_are_stratified_and_deterministic(tmp_path):
+    root = make_scenes(tmp_path / "UCMerced_LandUse", ["beach", "forest", "harbor"], per_class=10)
+    train, test, names = ev.scene_splits(root, train_ratio=0.8, seed=1)
+    assert names == ["beach", "forest", "harbor"]
+    assert [sum(label == c for _, label in train) for c in range(3)] == [8, 8, 8]
+    assert [sum(label == c for _, label in test) for c in range(3)] == [2, 2, 2]
+    assert not {p for p, _ in train} & {p for p, _ in test}
+    assert all(Path(p).parent.name == names[label] for p, label in train + test)
+    assert ev.scene_splits(root, 0.8, seed=1) == (train, test, names)
+    assert ev.scene_splits(root, 0.8, seed=2)[0] != train
+
+
+def test_scene_splits_list_files(tmp_path):
+    root = make_scenes(tmp_path, ["a", "b"], per_class=3, subfolder="img")
+    (root / "train.txt").write_text("img/a/a00.tif 0\nimg/a/a01.tif 0\nimg/b/b00.tif 1\n")
+    (root / "val.txt").write_text("img/b/b01.tif 1\n\nimg/a/a02.tif 0\n")
+    train, test, names = ev.scene_splits(root)
+    assert names == ["0", "1"] and [label for _, label in train] == [0, 0, 1] and test[0] == (str(root / "img/b/b01.tif"), 1)
+    (root / "val.txt").write_text("img/b/b01.tif b\n")
+    (root / "train.txt").write_text("img/a/a00.tif a\nimg/b/b00.tif b\n")
+    assert ev.scene_splits(root / "train.txt") == ([(str(root / "img/a/a00.tif"), 0), (str(root / "img/b/b00.tif"), 1)],
+                                                     [(str(root / "img/b/b01.tif"), 1)], ["a", "b"])
+    (root / "train.txt").write_text("img/a/a00.tif 00\nimg/b/b00.tif 01\n")  # zero-padded numeric labels
+    (root / "val.txt").write_text("img/b/b01.tif 1\n")
+    assert ev.scene_splits(root) == ([(str(root / "img/a/a00.tif"), 0), (str(root / "img/b/b00.tif"), 1)],
+                                       [(str(root / "img/b/b01.tif"), 1)], ["0", "1"])
+    (root / "train.txt").write_text("img/a/missing.tif a\n")
+    with pytest.raises(data.DataError, match="train.txt:1: .*missing.tif does not exist"):
+        ev.scene_splits(root)
+
+
+def test_scene_splits_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataError, match="no classes found"):
+        ev.scene_splits(tmp_path / "empty")
+    make_scenes(tmp_path / "one", ["only"])
+    with pytest.raises(data.DataError, match="only one class"):
+        ev.scene_splits(tmp_path / "one")
+    make_scenes(tmp_path / "gap", ["a", "b"])
+    (tmp_path / "gap" / "Images" / "c").mkdir()
+    with pytest.raises(data.DataError, match="class 'c' has no images"):
+        ev.scene_splits(tmp_path / "gap")
+
+
+def test_scene_dataset_transforms(tmp_path):
+    root = make_scenes(tmp_path, ["x", "y"], per_class=2, size=(40, 60))
+    train_items, test_items, _ = ev.scene_splits(root, 0.5)
+    evaluation = ev.SceneDataset(test_items, img_size=16)
+    x, label = evaluation[0]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and label == test_items[0][1]
+    # eval = shorter side to 16 / 0.875 = 18 (40x60 -> 18x27), then the centre 16x16
+    image = torch.from_numpy(data.read_image(test_items[0][0]).astype(np.float32))
+    mean, std = (torch.tensor(v).view(3, 1, 1) * 255 for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
+    resized = torch.nn.functional.interpolate(((image - mean) / std)[None], size=(18, 27), mode="bilinear", antialias=True)[0]
+    torch.testing.assert_close(x, resized[:, 1:17, 5:21])
+    training = ev.SceneDataset(train_items, img_size=16, train=True, seed=4)
+    assert training[1][0].shape == (3, 16, 16) and torch.equal(training[1][0], training[1][0])
+    with pytest.raises(data.DataError, match=f"{test_items[0][0]} has 3 bands .* in_chans=4"):
+        ev.SceneDataset(test_items, img_size=16, in_chans=4)[0]
+    stats = tmp_path / "s.json"  # of all 3 bands; select 2
+    stats.write_text(json.dumps({"mean": [10.0, 20.0, 30.0], "std": [2.0, 4.0, 8.0]}))
+    x, _ = ev.SceneDataset(test_items, img_size=16, stats=stats, bands=[2, 0], in_chans=2)[0]
+    selected = torch.from_numpy(data.read_image(test_items[0][0])[[2, 0]].astype(np.float32))
+    expected = (selected - torch.tensor([30.0, 10.0]).view(2, 1, 1)) / torch.tensor([8.0, 2.0]).view(2, 1, 1)
+    torch.testing.assert_close(x, ev.eval_transform(expected, 16))
+    assert torch.equal(ev.SceneDataset(test_items, img_size=16, stats=stats, bands=(2, 0), in_chans=2)[0][0], x)
+    with pytest.raises(data.DataError, match=r"bands=\[\] selects no bands"):  # before any file is read
+        ev.SceneDataset([("a.png", 0)], bands=[])
+
+
 # ---- encoder files ----
 
 
@@ -220,8 +303,8 @@ def test_training_run_folder_is_an_encoder(scenes, tmp_path, capsys):
 
 
 def test_cached_probe_equals_per_epoch_probe(scenes):
-    train_items, _, _ = data.scene_splits(scenes["root"], 0.5, seed=0)
-    dataset = data.SceneDataset(train_items[::2], img_size=32)
+    train_items, _, _ = ev.scene_splits(scenes["root"], 0.5, seed=0)
+    dataset = ev.SceneDataset(train_items[::2], img_size=32)
     cfg, state, _ = ev.load_encoder(scenes["encoder"])
     encoder = ev.build_encoder(cfg, state)
     probe_cfg = ev.EvalConfig(probe_batch_size=5)  # 16 images: 3 steps per epoch, a remainder dropped
@@ -270,8 +353,8 @@ def test_results_record_the_split_ratio_used_and_top5_k(scenes, tmp_path):
     tells that top-5 of a 4-class dataset is top-4 (100% by construction below 5 classes)."""
     evaluate(scenes, "knn", tmp_path / "r", train_ratio=None)
     saved = json.loads((tmp_path / "r" / "results.json").read_text())
-    assert saved["train_ratio"] == data.DEFAULT_TRAIN_RATIO and saved["top5_k"] == min(5, len(CLASSES))
-    assert data.default_train_ratio(scenes["root"], 0.5) == 0.5
+    assert saved["train_ratio"] == ev.DEFAULT_TRAIN_RATIO and saved["top5_k"] == min(5, len(CLASSES))
+    assert ev.default_train_ratio(scenes["root"], 0.5) == 0.5
 
 
 def test_feature_cache_is_invalidated_by_new_stats(tmp_path, monkeypatch):
@@ -341,9 +424,9 @@ def _on_ranks(rank, root, encoder, out, world_size):
     quiet = lambda *a: None  # noqa: E731
     dist_info = fsdp_setup.init_distributed()
     vit_cfg, state, _ = ev.load_encoder(encoder)
-    train_items, test_items, names = data.scene_splits(root, 0.5, seed=0)
+    train_items, test_items, names = ev.scene_splits(root, 0.5, seed=0)
     frozen = ev.build_encoder(vit_cfg, state)
-    odd = data.SceneDataset(train_items + test_items[:-1], img_size=32)  # 63 images: the last block is padded
+    odd = ev.SceneDataset(train_items + test_items[:-1], img_size=32)  # 63 images: the last block is padded
     feats, labels = ev.extract_features(frozen, odd, 5, 0, dist_info.device, False, rank, world_size, quiet)
     alone, alone_labels = ev.extract_features(frozen, odd, 5, 0, dist_info.device, log=quiet)
     assert torch.allclose(feats, alone, atol=1e-5) and torch.equal(labels, alone_labels) and len(feats) == 63

@@ -18,7 +18,7 @@ DataError and CorruptImageError (defined in geotiff.py) are the errors of all of
 the reader's read_geotiff, geotiff_info, GeoTiff and GeoTiffInfo are importable from here too.
 
     python data.py stats <folder|manifest> --out stats.json   per-band statistics
-    python data.py bench [folder] [--workers N]              loader speed vs bare decode (or --bench)
+    python tools/bench.py data [folder] [--workers N]        loader speed vs bare decode
     python data.py demo <folder>                             write the built-in sample
 
 A source of images is a folder (searched recursively for .tif/.tiff/.jpg/.jpeg/.png), a
@@ -44,10 +44,7 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
-import tempfile
-import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -610,107 +607,8 @@ def make_demo_chips(folder, n=64, size=64, bands=4, seed=0) -> str:
     return stats_path
 
 
-def _median_seconds(fn, repeats) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def bench(folder=None, workers=0, repeats=5, scene_size=10000, chip_size=256):
-    """Print chips/s per worker of our reader and of PretrainDataset against tifffile's bare
-    decode of the same files and, without a folder, how much faster a 512x512 window of a
-    tiled DEFLATE scene is than the whole scene. All times are medians over `repeats`."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a DataLoader worker uses one thread; measure the same
-    try:
-        _bench(folder, workers, repeats, scene_size, chip_size)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _bench(folder, workers, repeats, scene_size, chip_size):
-    with tempfile.TemporaryDirectory() as tmp:
-        stats = os.path.join(folder, "stats.json") if folder else None
-        if folder is None:
-            folder = os.path.join(tmp, "chips")
-            stats = make_demo_chips(folder, n=64, size=chip_size, bands=4)
-        elif not os.path.isfile(stats):
-            stats = os.path.join(tmp, "stats.json")
-            with open(stats, "w") as f:
-                json.dump(compute_stats(folder, max_files=100), f)
-        paths = list_images(folder)
-        dataset = PretrainDataset(paths, PretrainDataConfig(stats=stats))
-        def bare_decode(path):
-            if sniff(path) == "tiff":
-                return tifffile.imread(path, maxworkers=1)
-            with Image.open(path) as img:
-                return np.asarray(img)
-
-        # Each result is dropped at once, as a worker's are after collation: keeping them all
-        # would time the allocator's fresh pages instead of the decoding.
-        passes = {
-            "bare": lambda: [bare_decode(p) is None for p in paths],
-            "reader": lambda: [read_image(p) is None for p in paths],
-            "loader": lambda: [dataset[i] is None for i in range(len(dataset))],
-        }
-        # Interleaved passes, so a neighbour's load on a shared machine hits all three alike.
-        times = {name: [] for name in passes}
-        for _ in range(repeats):
-            for name, one_pass in passes.items():
-                times[name].append(_median_seconds(one_pass, 1))
-        bare, reader, loader = (statistics.median(times[name]) for name in passes)
-        load = ", ".join(f"{v:.1f}" for v in os.getloadavg())  # others' work on a shared machine skews timings
-        print(f"{len(paths)} files from {folder}; one thread, medians of {repeats} passes; load average {load}")
-        print(f"  bare decode (tifffile or Pillow) {len(paths) / bare:7.1f} chips/s")
-        print(f"  read_image, whole file           {len(paths) / reader:7.1f} chips/s  {reader / bare:.2f}x bare time")
-        print(f"  PretrainDataset, {dataset.cfg.img_size}px crops      {len(paths) / loader:7.1f} chips/s  "
-              f"{loader / bare:.2f}x bare time (target <= 1.25x)")
-        if workers > 0:
-            sampler = ResumableDistributedSampler(len(dataset), 0, 1, drop_last=False)
-            data_loader = make_loader(dataset, 16, sampler, workers=workers, pin_memory=False, drop_last=False)
-            epochs = iter(range(repeats + 1))
-
-            def one_epoch():
-                sampler.set_epoch(next(epochs))
-                for _ in data_loader:
-                    pass
-            one_epoch()  # starts the workers
-            seconds = _median_seconds(one_epoch, repeats)
-            print(f"  DataLoader, {workers} workers           {len(paths) / seconds:7.1f} chips/s  "
-                  f"({len(paths) / seconds / workers:.1f} per worker)")
-        if scene_size:
-            scene = os.path.join(tmp, "scene.tif")
-            print(f"writing a {scene_size}x{scene_size} uint16 scene, 256x256 DEFLATE tiles ...", flush=True)
-            _write_bench_scene(scene, scene_size)
-            whole = _median_seconds(lambda: read_geotiff(scene), 3)
-            bare_whole = _median_seconds(lambda: tifffile.imread(scene, maxworkers=1), 3)
-            corners = iter(np.random.default_rng(0).integers(0, scene_size - 512, (10 * repeats, 2)).tolist())
-            window = _median_seconds(lambda: read_geotiff(scene, window=(*next(corners), 512, 512)), 10 * repeats)
-            print(f"  whole scene: read_geotiff {whole:.2f} s, tifffile.imread {bare_whole:.2f} s")
-            print(f"  512x512 window: {window * 1000:.1f} ms, "
-                  f"{whole / window:.0f}x faster than the whole scene (target >= 50x)")
-
-
-def _write_bench_scene(path, size):
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:256, 0:256]
-
-    def tiles():  # generated tile by tile, so the scene is never in memory
-        for top in range(0, size, 256):
-            for left in range(0, size, 256):
-                field = 3000 + 1000 * np.sin((y + top) / 300) * np.cos((x + left) / 450)
-                yield (field + rng.normal(0, 30, field.shape)).astype(np.uint16)
-    tifffile.imwrite(path, tiles(), shape=(size, size), dtype=np.uint16, tile=(256, 256),
-                     compression="zlib", predictor=True, maxworkers=2)
-
-
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--bench"]:  # the spelling the project's docs use for benchmarks
-        argv[0] = "bench"
     parser = argparse.ArgumentParser(description="geofm data tools")
     commands = parser.add_subparsers(dest="command", required=True)
     stats = commands.add_parser("stats", help="per-band mean/std/min/max of a folder or manifest")
@@ -719,11 +617,6 @@ def main(argv=None):
     stats.add_argument("--max-files", type=int, default=500, help="random sample of this many files")
     stats.add_argument("--sample-size", type=int, default=512, help="read a random window this big from each")
     stats.add_argument("--seed", type=int, default=0)
-    speed = commands.add_parser("bench", help="loader chips/s vs bare decode; windowed vs whole-scene reads")
-    speed.add_argument("folder", nargs="?", help="default: generated chips and a 10000x10000 scene")
-    speed.add_argument("--workers", type=int, default=0, help="also time a DataLoader with this many workers")
-    speed.add_argument("--repeats", type=int, default=5)
-    speed.add_argument("--chip-size", type=int, default=256, help="side of the generated chips (without a folder)")
     demo = commands.add_parser("demo", help="write the built-in sample chips and stats.json")
     demo.add_argument("folder")
     args = parser.parse_args(argv)
@@ -740,8 +633,6 @@ def _run_command(args):
             json.dump(result, f, indent=1)
         print(f"wrote {args.out}: mean {[round(m, 2) for m in result['mean']]}, "
               f"std {[round(s, 2) for s in result['std']]}")
-    elif args.command == "bench":
-        bench(args.folder, args.workers, args.repeats, scene_size=0 if args.folder else 10000, chip_size=args.chip_size)
     else:
         print(f"wrote chips and {make_demo_chips(args.folder)}")
 

@@ -345,12 +345,6 @@ def test_random_resized_box_stays_inside_and_in_scale():
                 assert 0.18 <= h * w / 10000 <= 1 and 3 / 4 - 0.05 <= w / h <= 4 / 3 + 0.05
 
 
-def test_bench_runs_and_reports_ratios(demo, capsys):
-    data.bench(str(demo[0]), repeats=1, scene_size=600)
-    out = capsys.readouterr().out
-    assert "bare decode" in out and "x bare time" in out and "faster than the whole scene" in out
-
-
 def test_synthetic_dataset_is_deterministic():
     dataset = data.SyntheticDataset(10, in_chans=3, img_size=8, seed=1)
     assert len(dataset) == 10 and dataset[2].shape == (3, 8, 8) and torch.equal(dataset[2], dataset[2])
@@ -396,9 +390,3 @@ def test_sampler_epochs_and_exact_resume():
     assert list(again) == full[7:]
     with pytest.raises(ValueError, match="index 26"):
         again.load_state_dict({"epoch": 4, "index": 26})
-
-
-def test_bench_cli_also_answers_to_dash_dash_bench(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        data.main(["--bench", "--help"])
-    assert exit_info.value.code == 0 and "--workers" in capsys.readouterr().out

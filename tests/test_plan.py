@@ -1,7 +1,9 @@
-"""plan.py: the planner's arithmetic by hand, the planner against the paper and the H100, its command line."""
+"""tools/plan.py: the planner's arithmetic by hand, the planner against the paper and the H100, its command line."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,13 +11,13 @@ import sys
 
 import pytest
 
-import bench
 import plan
 from mae import MaskedAutoencoder
 from plan import ModelSizes, PlanConfig
 from vit import get_config
 
 GiB = 2**30
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_plan(**overrides) -> PlanConfig:
@@ -156,44 +158,63 @@ def test_recommendation_follows_the_paper():
     assert plan.recommend(plan.plan_layouts(config), config)[0] is None
 
 
-# The two ways to run it: `python plan.py ...` and `python bench.py plan ...` (bench delegates to plan).
-ENTRY_POINTS = {"plan.py": plan.main, "bench.py plan": lambda argv: bench.main(["plan"] + argv)}
-
-
-@pytest.mark.parametrize("entry", ENTRY_POINTS)
-def test_plan_cli_json(capsys, entry):
-    ENTRY_POINTS[entry](["--model", "vit_15b", "--gpus", "1024", "--gpus-per-node", "8", "--gpu-mem-gib", "64",
-                         "--batch-size", "32", "--ac", "full", "--json"])
+def test_plan_cli_json(capsys):
+    plan.main(["--model", "vit_15b", "--gpus", "1024", "--gpus-per-node", "8", "--gpu-mem-gib", "64",
+               "--batch-size", "32", "--ac", "full", "--json"])
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 4 + 11  # ddp, no_shard, full_shard, shard_grad_op, hybrid 1..1024
     for row in rows:
         assert {"strategy", "shard_group_size", "mem_gib", "comm_gib_per_step"} <= set(row)
     assert sum(row["recommended"] for row in rows) == 1
+    best = next(row for row in rows if row["recommended"])
+    assert (best["strategy"], best["shard_group_size"]) == ("hybrid_shard", 4)  # the paper's choice for 15B
 
 
-@pytest.mark.parametrize("entry", ENTRY_POINTS)
-@pytest.mark.parametrize("argv", [["--gpus", "12", "--gpus-per-node", "8"], ["--ac", "sometimes"],
-                                  ["--model", "vit_99b"], ["--mixed-precision", "fp8"]])
-def test_plan_rejects_bad_settings(argv, entry):
-    with pytest.raises((ValueError, SystemExit)):
-        ENTRY_POINTS[entry](argv)
+def test_plan_flags_take_their_defaults_from_plan_config():
+    # The defaults live in PlanConfig only; the command line reads them from there.
+    parser = argparse.ArgumentParser()
+    plan.add_plan_arguments(parser)
+    args = vars(parser.parse_args([]))
+    fields = {field.name: field.default for field in dataclasses.fields(PlanConfig)}
+    assert {name: args[name] for name in fields if name in args} == {
+        name: default for name, default in fields.items() if not name.startswith("decoder_")}
+    PlanConfig.__dataclass_fields__["gpus"].default, saved = 16, fields["gpus"]  # a changed default follows
+    try:
+        parser = argparse.ArgumentParser()
+        plan.add_plan_arguments(parser)
+        assert parser.parse_args([]).gpus == 16
+    finally:
+        PlanConfig.__dataclass_fields__["gpus"].default = saved
 
 
-def test_bench_plan_prints_what_plan_py_prints():
-    # Run as scripts, as a user would: the same flags give the same bytes on stdout.
+@pytest.mark.parametrize("argv, message", [(["--gpus", "12", "--gpus-per-node", "8"], "whole number of nodes"),
+                                           (["--ac", "sometimes"], "ac"), (["--model", "vit_99b"], "vit_99b")])
+def test_plan_rejects_bad_settings(argv, message):
+    with pytest.raises(ValueError, match=message):
+        plan.main(argv)
+
+
+def test_plan_rejects_an_unknown_precision_as_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:  # argparse's choices: exit 2 with the valid names
+        plan.main(["--mixed-precision", "fp8"])
+    assert exit_info.value.code == 2 and "bf16-reduce" in capsys.readouterr().err
+
+
+def test_plan_runs_as_a_script_from_any_folder(tmp_path):
+    # As a user would run it, from another working directory: tools/plan.py finds the project's modules.
     argv = ["--model", "vit_tiny", "--gpus", "4", "--gpus-per-node", "2", "--batch-size", "2", "--ac", "2", "--json"]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = lambda script: subprocess.run([sys.executable, *script, *argv], cwd=root, capture_output=True,  # noqa: E731
-                                        text=True, check=True).stdout
-    from_plan, from_bench = run(["plan.py"]), run(["bench.py", "plan"])
-    assert from_plan == from_bench
-    assert [(row["strategy"], row["shard_group_size"]) for row in json.loads(from_plan)] == [
+    script = os.path.join(ROOT, "tools", "plan.py")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, script, *argv], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert [(row["strategy"], row["shard_group_size"]) for row in json.loads(out)] == [
         ("ddp", 1), ("no_shard", 1), ("full_shard", 4), ("shard_grad_op", 4),
         ("hybrid_shard", 1), ("hybrid_shard", 2), ("hybrid_shard", 4)]
+    bad = subprocess.run([sys.executable, script, "--gpus", "12"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --gpus 12 is not a whole number of nodes")
 
 
 def test_importing_plan_needs_no_torch():
     # It predicts, it does not run: torch is loaded only once a PlanConfig is built (for the model table).
     code = "import sys, plan; assert 'torch' not in sys.modules and 'bench' not in sys.modules"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+    subprocess.run([sys.executable, "-c", code], cwd=os.path.join(ROOT, "tools"), check=True)

@@ -1,16 +1,16 @@
 """plan.py — the memory/layout planner for geofm: which sharding layout fits, and what it costs.
 
-    python plan.py --model vit_15b --gpus 1024 --gpus-per-node 8 --gpu-mem-gib 64 [--json]
-    python plan.py --model vit_5b --gpus 1 --cpu-offload --host-mem-gib 120
-    python plan.py --check                       # the model against measured peaks (paper, H100)
+    python tools/plan.py --model vit_15b --gpus 1024 --gpus-per-node 8 --gpu-mem-gib 64 [--json]
+    python tools/plan.py --model vit_5b --gpus 1 --cpu-offload --host-mem-gib 120
+    python tools/plan.py --check                 # the model against measured peaks (paper, H100)
 
-`python bench.py plan ...` is the same command (same flags, same output). The planner needs no device
-and runs nothing: it predicts the peak memory and the communication of one GPU for every layout
-(ddp, no_shard, full_shard, shard_grad_op, and hybrid_shard with each power-of-2 shard group dividing
-the world), then recommends one with the paper's rule: fits on one GPU -> hybrid_shard 1; else the
-smallest shard group within a node that fits; else shard_grad_op, then full_shard. Parameter counts
-come from the real MAE built on the meta device. bench.py's sweep prints this prediction ("plan GiB")
-beside each measured peak; `--check` compares it with the measured peaks in MEASURED_MEMORY_GIB.
+The planner needs no device and runs nothing: it predicts the peak memory and the communication of
+one GPU for every layout (ddp, no_shard, full_shard, shard_grad_op, and hybrid_shard with each
+power-of-2 shard group dividing the world), then recommends one with the paper's rule: fits on one
+GPU -> hybrid_shard 1; else the smallest shard group within a node that fits; else shard_grad_op,
+then full_shard. Parameter counts come from the real MAE built on the meta device. tools/bench.py's
+sweep prints this prediction ("plan GiB") beside each measured peak; `--check` compares it with the
+measured peaks in MEASURED_MEMORY_GIB.
 
 The memory model (per GPU, bytes; P = all MAE parameters, P_b = the largest Block, s = shard group,
 c = compute bytes (2 for bf16), r = gradient-reduction bytes (4: fp32 reduce, 2: bf16-reduce)):
@@ -59,9 +59,15 @@ Collectives whose group spans nodes are also counted apart ("inter"): that is wh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass
+
+# `python tools/plan.py` puts tools/ on sys.path, not the repository root where vit, mae and
+# fsdp_setup live: add it, so the script runs from any working directory.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # vit, mae and fsdp_setup (all torch) are imported inside the functions that need them: importing
 # plan costs nothing, and bench.py, which imports it, has them loaded already.
@@ -75,7 +81,7 @@ RUNTIME_OVERHEAD_GIB = 1.5
 # world size, batch per GPU, activation checkpointing, GiB). The paper (FSDP1 on MI250X GCDs, 224 px) says
 # GB, but its sharded part scales as exactly 16 bytes/param in GiB, so GiB. Whether it checkpointed is not
 # stated: its numbers only fit with checkpointing (BENCHMARKS.md). The original MAE code (one H100, bf16
-# autocast, no sharding, no checkpointing; ../shared/ANCHORS.md) checks the activation model alone.
+# autocast, no sharding, no checkpointing; docs/paper.md) checks the activation model alone.
 PAPER, MAE_H100 = "paper, MI250X, FSDP1", "original MAE, H100"
 MEASURED_MEMORY_GIB = [
     (PAPER, "vit_3b", 14, "no_shard", 1, 8, 32, "full", 61.7), (PAPER, "vit_3b", 14, "hybrid_shard", 2, 8, 32, "full", 26.3),
@@ -310,24 +316,27 @@ def measured_check(paper_ac: str | None = None) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# command line (also `python bench.py plan`, which adds these flags to its subcommand)
+# command line: every flag is a PlanConfig field, with the dataclass's default (one place for them)
 # ---------------------------------------------------------------------------------------------
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="vit_15b")
-    p.add_argument("--gpus", type=int, default=8)
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--gpu-mem-gib", type=float, default=80.0)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--ac", default="full", help="none | full | k (checkpoint every k-th Block)")
-    p.add_argument("--mixed-precision", default="bf16", choices=list(PRECISION_BYTES))
-    p.add_argument("--img-size", type=int, default=None, help="default: the model config's (224)")
-    p.add_argument("--patch-size", type=int, default=None, help="default: the model config's")
-    p.add_argument("--in-chans", type=int, default=3)
-    p.add_argument("--mask-ratio", type=float, default=0.75)
-    p.add_argument("--cpu-offload", action="store_true", help="FSDP2 CPU offload of params, grads and AdamW state")
-    p.add_argument("--host-mem-gib", type=float, default=None, help="host memory per node, checked with --cpu-offload")
+    default = {field.name: field.default for field in dataclasses.fields(PlanConfig)}
+    p.add_argument("--model", default=default["model"])
+    p.add_argument("--gpus", type=int, default=default["gpus"], help="world size")
+    p.add_argument("--gpus-per-node", type=int, default=default["gpus_per_node"])
+    p.add_argument("--gpu-mem-gib", type=float, default=default["gpu_mem_gib"], help="usable memory of one GPU")
+    p.add_argument("--batch-size", type=int, default=default["batch_size"], help="images per GPU per step")
+    p.add_argument("--ac", default=default["ac"], help="none | full | k (checkpoint every k-th Block)")
+    p.add_argument("--mixed-precision", default=default["mixed_precision"], choices=list(PRECISION_BYTES))
+    p.add_argument("--img-size", type=int, default=default["img_size"], help="default: the model config's (224)")
+    p.add_argument("--patch-size", type=int, default=default["patch_size"], help="default: the model config's")
+    p.add_argument("--in-chans", type=int, default=default["in_chans"])
+    p.add_argument("--mask-ratio", type=float, default=default["mask_ratio"])
+    p.add_argument("--cpu-offload", action="store_true", default=default["cpu_offload"],
+                   help="FSDP2 CPU offload of params, grads and AdamW state")
+    p.add_argument("--host-mem-gib", type=float, default=default["host_mem_gib"],
+                   help="host memory per node, checked with --cpu-offload")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
     p.add_argument("--check", action="store_true",
                    help="compare with measured peaks (the paper's, the original MAE's on an H100) instead")
@@ -345,10 +354,8 @@ def cmd_plan(args) -> None:
             print(f"| {r['source']} | {r['model']} | {r['strategy']} {r['shard_group_size']} | {r['gpus']} | "
                   f"{r['batch_size']} | {r['ac']} | {r['measured_gib']} | {r['predicted_gib']:.1f} | {r['error']:+.0%} |")
         return
-    plan = PlanConfig(model=args.model, gpus=args.gpus, gpus_per_node=args.gpus_per_node, gpu_mem_gib=args.gpu_mem_gib,
-                      batch_size=args.batch_size, ac=args.ac, mixed_precision=args.mixed_precision,
-                      img_size=args.img_size, patch_size=args.patch_size, in_chans=args.in_chans,
-                      mask_ratio=args.mask_ratio, cpu_offload=args.cpu_offload, host_mem_gib=args.host_mem_gib)
+    plan = PlanConfig(**{field.name: getattr(args, field.name) for field in dataclasses.fields(PlanConfig)
+                         if hasattr(args, field.name)})  # the decoder keeps MAE's (no flags)
     rows = plan_layouts(plan)
     best, why = recommend(rows, plan)
     for row in rows:

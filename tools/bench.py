@@ -1,22 +1,24 @@
-"""bench.py — throughput sweep, where a step's time goes, and the SDPA micro-benchmark (the layout planner: plan.py).
+"""bench.py — throughput sweep, where a step's time goes, the SDPA micro-benchmark, the data loader's speed.
 
-    python bench.py                              # = sweep with defaults: ViT-L/H/1B/3B on a GPU, vit_tiny on CPU
-    python bench.py sweep --models vit_large --batch-sizes 256 --compile on --sdpa auto cudnn --out runs/bench
-    torchrun --nproc_per_node=8 bench.py sweep --models vit_3b --strategies hybrid_shard:1 hybrid_shard:8 full_shard
-    python bench.py sdpa                         # each attention kernel at MAE's shapes on this card
-    python bench.py phases --img-size 64         # forward+backward vs grad norm+AdamW step per layout/AdamW
-    python bench.py plan --model vit_15b --gpus 1024 --gpus-per-node 8 --gpu-mem-gib 64   # = python plan.py ...
+    python tools/bench.py                        # = sweep with defaults: ViT-L/H/1B/3B on a GPU, vit_tiny on CPU
+    python tools/bench.py sweep --models vit_large --batch-sizes 256 --compile on --sdpa auto cudnn --out runs/bench
+    torchrun --nproc_per_node=8 tools/bench.py sweep --models vit_3b --strategies hybrid_shard:1 hybrid_shard:8 full_shard
+    python tools/bench.py sdpa                   # each attention kernel at MAE's shapes on this card
+    python tools/bench.py phases --img-size 64   # forward+backward vs grad norm+AdamW step per layout/AdamW
+    python tools/bench.py data [folder] [--workers N] [--chip-size N]   # loader vs bare decode, window vs scene
 
 `sweep` times MAE training steps through train.py's own functions (build_model, build_optimizer,
 train_step) on synthetic images already on the device: what it measures is what train.py runs. Each
-configuration is a row (img/s, TFLOP/s per GPU, MFU, peak memory beside plan.py's prediction, first-step
-time, energy per image), an impossible layout or an OOM included; under torchrun every rank runs every
-configuration and rank 0 reports. On a shared machine `--interleave` takes the configurations' timed
-steps in turn, so that outside load slows all alike. `sdpa` times each attention backend's forward +
+configuration is a row (img/s, TFLOP/s per GPU, MFU, peak memory beside tools/plan.py's prediction,
+first-step time, energy per image), an impossible layout or an OOM included; under torchrun every rank
+runs every configuration and rank 0 reports. On a shared machine `--interleave` takes the configurations'
+timed steps in turn, so that outside load slows all alike. `sdpa` times each attention backend's forward +
 backward at MAE's sequence lengths. `phases` splits a step into forward + backward and gradient norm +
 AdamW step for each layout and AdamW implementation (fused, foreach, for-loop) at a small batch: the
-per-step overheads of FSDP2's hooks and of the optimizer on DTensors. `plan` is plan.py's command, with the same flags and output: it needs
-no device and predicts per-GPU memory and communication of every layout (its model: plan.py's docstring).
+per-step overheads of FSDP2's hooks and of the optimizer on DTensors. `data` times data.py's
+PretrainDataset against tifffile's bare decode of the same files, and a 512x512 window of a tiled
+10000x10000 scene against reading the whole scene. The layout planner, which needs no device, is
+tools/plan.py.
 """
 
 from __future__ import annotations
@@ -33,15 +35,25 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
-import torch
+# `python tools/bench.py` puts tools/ on sys.path, not the repository root where train, data and
+# fsdp_setup live: add it, so the script runs from any working directory.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import fsdp_setup
-import train
-from plan import GiB, PlanConfig, add_plan_arguments, cmd_plan, layout_estimate, model_sizes
-from vit import get_config
+import numpy as np  # noqa: E402
+import tifffile  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import data  # noqa: E402
+import fsdp_setup  # noqa: E402
+import geotiff  # noqa: E402
+import train  # noqa: E402
+from plan import GiB, PlanConfig, layout_estimate, model_sizes  # noqa: E402
+from vit import get_config  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -51,15 +63,17 @@ def synchronize(device: torch.device) -> None:
 
 class StepTimer:
     """Per-step times without a host sync inside the loop: CUDA events queued on the stream on a GPU
-    (read once, after one synchronize at the end), perf_counter on the CPU (which runs synchronously)."""
+    (read once, after one synchronize at the end), `clock` (seconds) on the CPU, which runs
+    synchronously. Tests pass a fake clock to check the arithmetic downstream."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, clock=time.perf_counter):
         self.cuda = device.type == "cuda"
+        self.clock = clock
         self.spans, self.begin = [], None
 
     def now(self):
         if not self.cuda:
-            return time.perf_counter()
+            return self.clock()
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         return event
@@ -91,7 +105,7 @@ def write_json(path: str, obj) -> None:
 # sweep: MAE training steps through train.py's own functions, timed
 # ---------------------------------------------------------------------------------------------
 
-# Per-GPU batch sizes of the original MAE measurements on an H100 (../shared/ANCHORS.md) and the paper's 32.
+# Per-GPU batch sizes of the original MAE measurements on an H100 (docs/paper.md) and the paper's 32.
 GPU_BATCH_SIZES = {"vit_base": 512, "vit_large": 256, "vit_huge": 128, "vit_1b": 128, "vit_3b": 64,
                    "vit_5b": 32, "vit_e": 32, "vit_15b": 32}
 TABLE_COLUMNS = [("model", "model"), ("layout", "layout"), ("ac", "ac"), ("compile", "compile"), ("sdpa", "SDPA"),
@@ -170,7 +184,8 @@ def parse_strategy(spec: str) -> tuple[str, int | None]:
 
 def default_decoder(on_gpu: bool) -> dict:
     """MAE's decoder (512 wide, 8 Blocks) on GPU; on CPU the demo's small one, else it dominates vit_tiny."""
-    return {} if on_gpu else {k: train.DEMO_DEFAULTS[k] for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")}
+    demo = train.demo_config()
+    return {} if on_gpu else {k: getattr(demo, k) for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")}
 
 
 def sweep_configs(args, on_gpu: bool) -> list[train.TrainConfig]:
@@ -201,7 +216,7 @@ def predicted_memory_gib(cfg: train.TrainConfig, dist: fsdp_setup.Dist) -> float
     try:
         plan = PlanConfig(
             model=cfg.model, gpus=dist.world_size, gpus_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)),
-            batch_size=cfg.batch_size, ac=cfg.ac, mixed_precision=train.resolve_mixed_precision(cfg.mixed_precision, dist.device),
+            batch_size=cfg.batch_size, ac=cfg.ac, mixed_precision=fsdp_setup.resolve_mixed_precision(cfg.mixed_precision, dist.device),
             img_size=cfg.img_size, in_chans=cfg.in_chans or 3, mask_ratio=cfg.mask_ratio,
             decoder_embed_dim=cfg.decoder_embed_dim, decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_num_heads,
             cpu_offload=cfg.cpu_offload)
@@ -233,7 +248,7 @@ class ConfigRun:
     def __init__(self, cfg: train.TrainConfig, dist: fsdp_setup.Dist):
         self.cfg, self.dist = cfg, dist
         self.model = train.build_model(cfg, dist)
-        self.optimizer = train.build_optimizer(self.model, cfg)
+        self.optimizer = train.build_optimizer(self.model, cfg.weight_decay)
         self.mae = fsdp_setup.unwrap(self.model)
         vit = self.mae.cfg
         self.imgs = torch.randn(cfg.batch_size, vit.in_chans, vit.img_size, vit.img_size, device=dist.device)
@@ -241,8 +256,10 @@ class ConfigRun:
         self.step_index, self.losses, self.timer, self.first_step_s = 0, [], StepTimer(dist.device), None
 
     def step(self) -> torch.Tensor:
-        loss = train.train_step(self.model, self.optimizer, [self.imgs], self.cfg, self.step_index,
-                                mask_generator=self.mask_generator)
+        cfg = self.cfg
+        lr = train.lr_at(self.step_index, cfg.lr, cfg.steps, cfg.warmup_steps)  # the schedule train.py follows
+        loss, _ = train.train_step(self.model, self.optimizer, [self.imgs], lr=lr, mask_ratio=cfg.mask_ratio,
+                                   clip_grad=cfg.clip_grad, mask_generator=self.mask_generator)
         self.step_index += 1
         return loss
 
@@ -310,7 +327,7 @@ def describe(cfg: train.TrainConfig, sdpa: str, dist: fsdp_setup.Dist, args) -> 
     layout = cfg.strategy + (f":{cfg.shard_group_size}" if cfg.shard_group_size else "") + ("+offload" if cfg.cpu_offload else "")
     return dict(model=cfg.model, layout=layout, ac=cfg.ac, compile="on" if cfg.compile else "off", sdpa=sdpa,
                 batch_size=cfg.batch_size, world_size=dist.world_size, device=device_name(dist.device),
-                mixed_precision=train.resolve_mixed_precision(cfg.mixed_precision, dist.device),
+                mixed_precision=fsdp_setup.resolve_mixed_precision(cfg.mixed_precision, dist.device),
                 torch=torch.__version__, steps=args.steps, warmup=args.warmup)
 
 
@@ -522,7 +539,8 @@ def cmd_phases(args) -> list[dict]:
             mae = fsdp_setup.unwrap(model)
             imgs = torch.randn(cfg.batch_size, mae.cfg.in_chans, mae.cfg.img_size, mae.cfg.img_size, device=dist.device)
             runs.append(dict(layout=spec, adamw=implementation, model=model, imgs=imgs,
-                             optimizer=train.build_optimizer(model, cfg, implementation), forward_backward=[], norm_step=[]))
+                             optimizer=train.build_optimizer(model, cfg.weight_decay, implementation),
+                             forward_backward=[], norm_step=[]))
         for round_ in range(args.warmup + args.steps):
             for run in runs:
                 model, optimizer = run["model"], run["optimizer"]
@@ -579,10 +597,126 @@ def cmd_sdpa(args) -> list[dict]:
         fastest = min(timed, key=timed.get) if timed else None
         rows.append(dict(label=label, shape=list(shape), ms=ms, fastest=fastest))
         cells = " | ".join("n/a" if v is None else f"{v:.2f}" for v in ms.values())
-        print(f"| {label} {'×'.join(map(str, shape))} | {cells} | {fastest} |", flush=True)
+        name = " ".join(part for part in (label, "×".join(map(str, shape))) if part)
+        print(f"| {name} | {cells} | {fastest} |", flush=True)
     if args.out:
         write_json(os.path.join(args.out, "sdpa.json"), rows)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# data: the loader against bare decoding, and a window against the whole scene
+# ---------------------------------------------------------------------------------------------
+
+
+def median_seconds(fn, repeats: int, clock=time.perf_counter) -> float:
+    """Median wall time of `repeats` calls of fn (`clock`: injectable, so tests can fix the times)."""
+    times = []
+    for _ in range(repeats):
+        start = clock()
+        fn()
+        times.append(clock() - start)
+    return statistics.median(times)
+
+
+def bare_decode(path):
+    """The least a loader must do per file: decode it, in one thread, and nothing else."""
+    if geotiff.sniff(path) == "tiff":
+        return tifffile.imread(path, maxworkers=1)
+    with Image.open(path) as img:
+        return np.asarray(img)
+
+
+def write_bench_scene(path: str, size: int) -> None:
+    """A size x size uint16 scene in 256x256 DEFLATE tiles, as large satellite scenes are stored."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:256, 0:256]
+
+    def tiles():  # generated tile by tile, so the scene is never in memory
+        for top in range(0, size, 256):
+            for left in range(0, size, 256):
+                field = 3000 + 1000 * np.sin((y + top) / 300) * np.cos((x + left) / 450)
+                yield (field + rng.normal(0, 30, field.shape)).astype(np.uint16)
+    tifffile.imwrite(path, tiles(), shape=(size, size), dtype=np.uint16, tile=(256, 256),
+                     compression="zlib", predictor=True, maxworkers=2)
+
+
+def cmd_data(args) -> dict:
+    """Chips/s of data.read_image and of PretrainDataset against tifffile's bare decode of the same
+    files, optionally through a DataLoader, and (without a folder) how much faster a 512x512 window of
+    a tiled DEFLATE scene is than the whole scene. Medians over --repeats. Returns the timings."""
+    if args.repeats < 1 or args.workers < 0 or args.chip_size < 1:
+        raise ValueError(f"--repeats and --chip-size must be >= 1 and --workers >= 0, got {args.repeats}, "
+                         f"{args.chip_size}, {args.workers}")
+    scene_size = args.scene_size if args.scene_size is not None else (0 if args.folder else 10000)
+    if 0 < scene_size <= 512:
+        raise ValueError(f"--scene-size must be above the 512 px window (or 0: no scene), got {scene_size}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a DataLoader worker uses one thread; measure the same
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return measure_data(args.folder, args.workers, args.repeats, scene_size, args.chip_size, tmp)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def measure_data(folder, workers: int, repeats: int, scene_size: int, chip_size: int, tmp: str) -> dict:
+    stats = os.path.join(folder, "stats.json") if folder else None
+    if folder is None:
+        folder = os.path.join(tmp, "chips")
+        stats = data.make_demo_chips(folder, n=64, size=chip_size, bands=4)
+    elif not os.path.isfile(stats):
+        stats = os.path.join(tmp, "stats.json")
+        with open(stats, "w") as f:
+            json.dump(data.compute_stats(folder, max_files=100), f)
+    paths = data.list_images(folder)
+    dataset = data.PretrainDataset(paths, data.PretrainDataConfig(stats=stats))
+    # Each result is dropped at once, as a worker's are after collation: keeping them all
+    # would time the allocator's fresh pages instead of the decoding.
+    passes = {
+        "bare": lambda: [bare_decode(p) is None for p in paths],
+        "reader": lambda: [data.read_image(p) is None for p in paths],
+        "loader": lambda: [dataset[i] is None for i in range(len(dataset))],
+    }
+    # Interleaved passes, so a neighbour's load on a shared machine hits all three alike.
+    times = {name: [] for name in passes}
+    for _ in range(repeats):
+        for name, one_pass in passes.items():
+            times[name].append(median_seconds(one_pass, 1))
+    bare, reader, loader = (statistics.median(times[name]) for name in passes)
+    result = dict(files=len(paths), bare_s=bare, reader_s=reader, loader_s=loader)
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())  # others' work on a shared machine skews timings
+    print(f"{len(paths)} files from {folder}; one thread, medians of {repeats} passes; load average {load}")
+    print(f"  bare decode (tifffile or Pillow) {len(paths) / bare:7.1f} chips/s")
+    print(f"  read_image, whole file           {len(paths) / reader:7.1f} chips/s  {reader / bare:.2f}x bare time")
+    print(f"  PretrainDataset, {dataset.cfg.img_size}px crops      {len(paths) / loader:7.1f} chips/s  "
+          f"{loader / bare:.2f}x bare time (target <= 1.25x)")
+    if workers > 0:
+        sampler = data.ResumableDistributedSampler(len(dataset), 0, 1, drop_last=False)
+        data_loader = data.make_loader(dataset, 16, sampler, workers=workers, pin_memory=False, drop_last=False)
+        epochs = iter(range(repeats + 1))
+
+        def one_epoch():
+            sampler.set_epoch(next(epochs))
+            for _ in data_loader:
+                pass
+        one_epoch()  # starts the workers
+        result["data_loader_s"] = seconds = median_seconds(one_epoch, repeats)
+        print(f"  DataLoader, {workers} workers           {len(paths) / seconds:7.1f} chips/s  "
+              f"({len(paths) / seconds / workers:.1f} per worker)")
+    if scene_size:
+        scene = os.path.join(tmp, "scene.tif")
+        print(f"writing a {scene_size}x{scene_size} uint16 scene, 256x256 DEFLATE tiles ...", flush=True)
+        write_bench_scene(scene, scene_size)
+        whole = median_seconds(lambda: geotiff.read_geotiff(scene), 3)
+        bare_whole = median_seconds(lambda: tifffile.imread(scene, maxworkers=1), 3)
+        corners = iter(np.random.default_rng(0).integers(0, scene_size - 512, (10 * repeats, 2)).tolist())
+        window = median_seconds(lambda: geotiff.read_geotiff(scene, window=(*next(corners), 512, 512)), 10 * repeats)
+        result.update(scene_s=whole, bare_scene_s=bare_whole, window_s=window)
+        print(f"  whole scene: read_geotiff {whole:.2f} s, tifffile.imread {bare_whole:.2f} s")
+        print(f"  512x512 window: {window * 1000:.1f} ms, "
+              f"{whole / window:.0f}x faster than the whole scene (target >= 50x)")
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,8 +730,6 @@ def parse_args(argv=None):
         argv = ["sweep"] + argv  # `python bench.py [--sweep flags]` = the sweep; --help lists the commands
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("plan", help="predict per-GPU memory and communication of every layout (plan.py)")
-    add_plan_arguments(p)
     p = sub.add_parser("sweep", help="time MAE training steps (train.py's code) for each configuration")
     p.add_argument("--models", nargs="*", default=None, help="default: vit_large vit_huge vit_1b vit_3b on GPU, vit_tiny on CPU")
     p.add_argument("--strategies", nargs="*", default=None, help="layouts, hybrid as hybrid_shard:K (default: no_shard)")
@@ -614,7 +746,7 @@ def parse_args(argv=None):
     p.add_argument("--decoder-depth", type=int, default=None, help="default: 8 on GPU, 2 on CPU")
     p.add_argument("--decoder-num-heads", type=int, default=None, help="default: 16 on GPU, 4 on CPU")
     p.add_argument("--sdpa", nargs="*", default=["auto"], help="attention kernel(s): auto (torch's choice) | "
-                   "flash | efficient | cudnn (that one, math as fallback) | math, e.g. the fastest of `bench.py sdpa`")
+                   "flash | efficient | cudnn (that one, math as fallback) | math, e.g. the fastest of `tools/bench.py sdpa`")
     p.add_argument("--mem-cap-gib", type=float, default=None, help="let the allocator use at most this much GPU memory")
     p.add_argument("--cpu-offload", action="store_true", help="FSDP2 CPU offload (train.py --cpu-offload) in every configuration")
     p.add_argument("--profile", action="store_true", help="profile 3 more steps per configuration into --out")
@@ -635,12 +767,19 @@ def parse_args(argv=None):
     p.add_argument("--shapes", nargs="*", default=None, help="BxHxNxd, e.g. 256x16x50x64 (default: MAE's shapes)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", default=None, help="folder for sdpa.json")
+    p = sub.add_parser("data", help="data.py's loader vs bare decode; a 512x512 window vs the whole scene")
+    p.add_argument("folder", nargs="?", help="chips to read (default: 64 generated ones and a 10000x10000 scene)")
+    p.add_argument("--workers", type=int, default=0, help="also time a DataLoader with this many workers")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--chip-size", type=int, default=256, help="side of the generated chips (without a folder)")
+    p.add_argument("--scene-size", type=int, default=None,
+                   help="side of the generated scene (default: 10000 without a folder, else 0 = none)")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    command = {"plan": cmd_plan, "sdpa": cmd_sdpa, "sweep": cmd_sweep, "phases": cmd_phases}[args.command]
+    command = {"sdpa": cmd_sdpa, "sweep": cmd_sweep, "phases": cmd_phases, "data": cmd_data}[args.command]
     return command(args)
 
 

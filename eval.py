@@ -48,6 +48,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 import data
 import fsdp_setup
 from mae import load_mae_checkpoint
+from train import lr_at
 from vit import CONFIGS, ViTConfig, VisionTransformer, get_config
 
 MODES = ("linprobe", "knn", "finetune")
@@ -87,7 +88,7 @@ class EvalConfig:
     warmup_epochs: int = 5
     strategy: str = "ddp"  # fsdp_setup layout: ddp | no_shard | full_shard | shard_grad_op | hybrid_shard
     shard_group_size: int | None = None  # hybrid_shard only
-    mixed_precision: str | None = None  # bf16 | bf16-reduce | fp32; None: bf16 on GPU, fp32 on CPU
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | bf16-reduce | fp32
 
 
 # ---- scene datasets ----
@@ -429,14 +430,6 @@ def make_probe_head(dim: int, num_classes: int, seed: int) -> nn.Sequential:
     return head
 
 
-def cosine_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:
-    """Linear warmup, then half-cycle cosine to min_lr; set every step, as MAE does."""
-    if step < warmup_steps:
-        return peak_lr * step / warmup_steps
-    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-    return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def train_linear_probe(features_of: Callable[[torch.Tensor], torch.Tensor], labels_N: torch.Tensor, dim: int,
                        num_classes: int, cfg: EvalConfig, seed: int, device=torch.device("cpu"),
                        epochs: int = 90) -> nn.Sequential:
@@ -462,7 +455,7 @@ def train_linear_probe(features_of: Callable[[torch.Tensor], torch.Tensor], labe
         order = torch.randperm(n, generator=order_gen)
         for idx in order[: steps_per_epoch * batch].split(batch):
             for group in opt.param_groups:
-                group["lr"] = cosine_lr(step, total, warmup, peak_lr)
+                group["lr"] = lr_at(step, peak_lr, total, warmup)
             loss = F.cross_entropy(head(features_of(idx).to(device)), labels_N[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -475,20 +468,6 @@ def linear_probe_cached(train_feats_ND, train_labels_N, num_classes, cfg, seed, 
     feats = train_feats_ND.to(device)
     return train_linear_probe(lambda idx: feats[idx.to(device)], train_labels_N, feats.shape[1], num_classes, cfg,
                               seed, device, epochs)
-
-
-def linear_probe_per_epoch(encoder, train_dataset, num_classes, cfg, seed, device=torch.device("cpu"), epochs=90):
-    """The probe as the recipe runs it: the frozen encoder re-run on every batch of every epoch.
-
-    The reference for linear_probe_cached (same seed -> same batches -> same head); it costs
-    `epochs` passes of the encoder, so it is here to check the fast path, not to be used.
-    """
-    labels = torch.as_tensor([train_dataset[i][1] for i in range(len(train_dataset))])
-
-    def features_of(idx):
-        return cls_features(encoder, torch.stack([train_dataset[i][0] for i in idx.tolist()]).to(device))
-
-    return train_linear_probe(features_of, labels, encoder.cfg.embed_dim, num_classes, cfg, seed, device, epochs)
 
 
 # ---- kNN ----
@@ -606,7 +585,7 @@ def finetune(model: nn.Module, train_dataset, cfg: EvalConfig, recipe: dict, see
         train_dataset.set_epoch(epoch)  # fresh augmentations, from (seed, epoch, index)
         loss_sum, start = torch.zeros((), device=device), time.perf_counter()
         for imgs, labels in loader:
-            lr = cosine_lr(step, total, warmup, peak_lr, min_lr=1e-6)
+            lr = lr_at(step, peak_lr, total, warmup, min_lr=1e-6)
             for group in opt.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             loss = loss_fn(model(imgs.to(device, non_blocking=True)).float(), labels.to(device, non_blocking=True))
@@ -787,8 +766,7 @@ def run(cfg: EvalConfig, log=print) -> dict:
     rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
     try:
         log = log if rank == 0 else (lambda *a, **k: None)
-        if cfg.mixed_precision is None:
-            cfg = replace(cfg, mixed_precision="bf16" if device.type == "cuda" else "fp32")
+        cfg = replace(cfg, mixed_precision=fsdp_setup.resolve_mixed_precision(cfg.mixed_precision, device))
         if cfg.mode == "finetune":
             fsdp_setup.validate_layout(cfg.strategy, cfg.shard_group_size, world_size, cfg.mixed_precision, device=device)
         vit_cfg, state, source = load_encoder(cfg.encoder, cfg.model, cfg.in_chans, cfg.img_size)
@@ -869,7 +847,7 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs, help="finetune: linear warmup epochs")
     p.add_argument("--strategy", default=d.strategy, choices=fsdp_setup.STRATEGIES, help="finetune: layout across the torchrun/srun processes, as in training")
     p.add_argument("--shard-group-size", type=int, default=None, help="finetune: GPUs sharding one replica (hybrid_shard)")
-    p.add_argument("--mixed-precision", default=None, choices=fsdp_setup.PRECISIONS, help="finetune: default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--mixed-precision", default=d.mixed_precision, choices=("auto", *fsdp_setup.PRECISIONS), help="finetune: auto is bf16 on GPU, fp32 on CPU")
     return EvalConfig(**vars(p.parse_args(argv)))
 
 

@@ -302,6 +302,17 @@ def test_training_run_folder_is_an_encoder(scenes, tmp_path, capsys):
 # ---- protocols ----
 
 
+def linear_probe_per_epoch(encoder, train_dataset, num_classes, cfg, seed, epochs):
+    """The probe as the recipe runs it: the frozen encoder re-run on every batch of every epoch
+    (`epochs` passes of the encoder), the reference for eval's probe on features extracted once."""
+    labels = torch.as_tensor([train_dataset[i][1] for i in range(len(train_dataset))])
+
+    def features_of(idx):
+        return ev.cls_features(encoder, torch.stack([train_dataset[i][0] for i in idx.tolist()]))
+
+    return ev.train_linear_probe(features_of, labels, encoder.cfg.embed_dim, num_classes, cfg, seed, epochs=epochs)
+
+
 def test_cached_probe_equals_per_epoch_probe(scenes):
     train_items, _, _ = ev.scene_splits(scenes["root"], 0.5, seed=0)
     dataset = ev.SceneDataset(train_items[::2], img_size=32)
@@ -310,7 +321,7 @@ def test_cached_probe_equals_per_epoch_probe(scenes):
     probe_cfg = ev.EvalConfig(probe_batch_size=5)  # 16 images: 3 steps per epoch, a remainder dropped
     feats, labels = ev.extract_features(encoder, dataset, batch_size=7, log=lambda *a: None)
     cached = ev.linear_probe_cached(feats, labels, 4, probe_cfg, seed=3, epochs=9)
-    per_epoch = ev.linear_probe_per_epoch(encoder, dataset, 4, probe_cfg, seed=3, epochs=9)
+    per_epoch = linear_probe_per_epoch(encoder, dataset, 4, probe_cfg, seed=3, epochs=9)
     for a, b in zip(cached.state_dict().values(), per_epoch.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-5)
     with torch.no_grad():

@@ -33,6 +33,7 @@ import math
 import os
 import re
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -684,12 +685,18 @@ def check_scene_data(splits: dict, vit_cfg: ViTConfig, cfg: EvalConfig, source: 
             if missing:
                 log(f"warning: no test images for class(es) {[class_names[c] for c in missing[:5]]} (seed {seed})")
     first = next(iter(splits.values()))[0][0]
-    try:
-        scene_dataset([first], vit_cfg, cfg, train=False)[0]
-    except data.DataError as e:
-        raise ValueError(f"{e} [eval.py: the encoder {source} takes {vit_cfg.in_chans} bands; pick bands of the "
-                         "images with --bands (0-based), give statistics with --stats, or use an encoder "
-                         "pretrained on these images' bands]") from None
+    with data.open_image(first[0]) as image:
+        file_bands = image.info.bands
+    data.check_bands(cfg.bands)
+    selected = file_bands if cfg.bands is None else len(cfg.bands)
+    if selected != vit_cfg.in_chans:
+        have = f"{file_bands}" + (f" ({selected} selected by --bands)" if cfg.bands is not None else "")
+        example = " ".join(str(min(b, file_bands - 1)) for b in range(vit_cfg.in_chans))
+        other = "--in-chans" if cfg.encoder == "random" else "an encoder pretrained on them"
+        raise ValueError(f"the encoder {source} expects {vit_cfg.in_chans} bands, the images of --data {cfg.data} "
+                         f"have {have} (e.g. {first[0]}): pick {vit_cfg.in_chans} of them with --bands (0-based, "
+                         f"e.g. --bands {example}), or use {other}")
+    scene_dataset([first], vit_cfg, cfg, train=False)[0]  # band indices, statistics: data.py names file and fix
 
 
 def features_for(encoder, items, flip, vit_cfg, cfg, device, rank, world_size, log):
@@ -759,6 +766,16 @@ def run_finetune(cfg, vit_cfg, state, splits, class_names, device, rank, world_s
     return runs
 
 
+def setup(cfg: EvalConfig, log=print) -> tuple:
+    """(ViTConfig, encoder state or None, its description, {seed: split}), with every check that
+    needs no model: the encoder file against the flags, the dataset against the encoder."""
+    vit_cfg, state, source = load_encoder(cfg.encoder, cfg.model, cfg.in_chans, cfg.img_size)
+    splits = {seed: scene_splits(cfg.data, cfg.train_ratio, seed) for seed in cfg.seeds}
+    check_scene_data(splits, vit_cfg, cfg, source, log)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    return vit_cfg, state, source, splits
+
+
 def run(cfg: EvalConfig, log=print) -> dict:
     """Evaluate one encoder on one dataset for every seed; writes --out (rank 0) and returns results.json's dict."""
     validate(cfg)
@@ -769,14 +786,19 @@ def run(cfg: EvalConfig, log=print) -> dict:
         cfg = replace(cfg, mixed_precision=fsdp_setup.resolve_mixed_precision(cfg.mixed_precision, device))
         if cfg.mode == "finetune":
             fsdp_setup.validate_layout(cfg.strategy, cfg.shard_group_size, world_size, cfg.mixed_precision, device=device)
-        vit_cfg, state, source = load_encoder(cfg.encoder, cfg.model, cfg.in_chans, cfg.img_size)
-        splits = {seed: scene_splits(cfg.data, cfg.train_ratio, seed) for seed in cfg.seeds}
+        vit_cfg, state, source, splits = fsdp_setup.on_every_rank(lambda: setup(cfg, log), dist_info)
         class_names = next(iter(splits.values()))[2]
-        check_scene_data(splits, vit_cfg, cfg, source, log)
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
         log(f"{cfg.mode}: encoder {source}, {len(class_names)} classes in {cfg.data}, {world_size} × {device}")
         run_mode = run_finetune if cfg.mode == "finetune" else run_frozen
-        runs = run_mode(cfg, vit_cfg, state, splits, class_names, device, rank, world_size, log)
+        try:
+            runs = run_mode(cfg, vit_cfg, state, splits, class_names, device, rank, world_size, log)
+        except (ValueError, FileNotFoundError) as err:  # e.g. a corrupt image in this rank's share
+            if world_size == 1:
+                raise
+            # The other ranks wait for this one in a collective it will never join: end the process
+            # and let torchrun (or srun --kill-on-bad-exit=1) stop them.
+            print(f"error: [rank {rank}] {user_message(err)}", file=sys.stderr, flush=True)
+            os._exit(2)
         # train_ratio: the one the split used (0.8 for folders without --train-ratio; None: the list
         # files' split). top5_k: below 5 classes "top-5" is top-C, 100% by construction.
         results = {"mode": cfg.mode, "encoder": source, "data": cfg.data,
@@ -851,9 +873,27 @@ def parse_args(argv=None) -> EvalConfig:
     return EvalConfig(**vars(p.parse_args(argv)))
 
 
-def main(argv=None) -> None:
-    run(parse_args(argv))
+def user_message(err: Exception) -> str:
+    """The error's own message. An error in a DataLoader worker arrives in the main process with the
+    worker's traceback as its message, whose last line is 'module.ErrorType: message'."""
+    text = str(err)
+    if "\nOriginal Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def main(argv=None) -> int:
+    """`python eval.py ...`. A user error (flags, data, encoder file) prints `error: <message>`, on
+    rank 0 only, as train.py does, and exits 2; anything else is a bug and shows its traceback."""
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    try:
+        run(parse_args(argv))
+    except (ValueError, FileNotFoundError) as err:
+        if rank == 0:
+            print(f"error: {user_message(err)}", file=sys.stderr, flush=True)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,6 +8,9 @@ pretrained checkpoint.
 import json
 import math
 import os
+import re
+import subprocess
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -394,7 +397,8 @@ def test_list_file_layout_multiband(tmp_path):
                                out=str(tmp_path / "o"), workers=0, knn_k=3), log=lambda *a: None)
     assert out["num_train"] == 16 and out["num_test"] == 16 and out["top1"] >= 75.0
     assert out["train_ratio"] is None  # train.txt / val.txt are the split
-    with pytest.raises(ValueError, match=r"has 4 bands.*encoder .* takes 3 bands.*--bands"):
+    with pytest.raises(ValueError, match=r"encoder random init \(vit_tiny\) expects 3 bands, the images of --data .* "
+                                         r"have 4 \(e.g. .*tif\): pick 3 of them with --bands \(0-based, e.g. --bands 0 1 2\)"):
         ev.run(ev.EvalConfig(mode="knn", encoder="random", model="vit_tiny", data=str(root), stats=str(root / "stats.json"),
                              out=str(tmp_path / "o"), workers=0), log=lambda *a: None)
     three = ev.run(ev.EvalConfig(mode="knn", encoder="random", model="vit_tiny", data=str(root), bands=[0, 1, 2],
@@ -423,6 +427,38 @@ def test_bad_datasets_raise_clear_errors(scenes, tmp_path):
         knn(scenes["root"], train_ratio=1.5)
     with pytest.raises(ValueError, match="--model 'vit_gigantic' is unknown"):
         knn(scenes["root"], model="vit_gigantic")
+
+
+def test_cli_user_errors_are_one_line_and_exit_2(scenes, tmp_path, capsys):
+    def cli(*args):
+        code = ev.main(["knn", "--encoder", "random", "--model", "vit_tiny", "--out", str(tmp_path / "o"), *args])
+        return code, capsys.readouterr().err
+
+    (tmp_path / "empty").mkdir()
+    make_scenes(tmp_path / "one", ["only"])
+    broken = make_scenes(tmp_path / "broken", ["a", "b"])
+    bad = broken / "Images" / "b" / "b03.tif"
+    bad.write_bytes(bad.read_bytes()[:60])  # a truncated download
+    cases = [
+        (("--data", str(tmp_path / "empty")), "no classes found"),
+        (("--data", str(tmp_path / "one")), "only one class"),
+        (("--data", str(tmp_path / "missing")), f"--data {tmp_path / 'missing'}: no such folder"),
+        (("--data", str(broken), "--workers", "2"), f"{bad}: unreadable TIFF header"),  # raised in a loader worker
+        (("--data", scenes["root"], "--model", "vit_base", "--encoder", scenes["encoder"]), "--model vit_base contradicts"),
+        (("--data", scenes["root"], "--in-chans", "4"), r"expects 4 bands, the images of --data .* have 3 .*"
+                                                        r"--bands 0 1 2 2\), or use --in-chans"),
+    ]
+    for args, message in cases:
+        code, err = cli(*args)
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, (args, err)
+        assert re.search(message, err), (message, err)
+
+
+def test_eval_py_exits_2_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "eval.py", "knn", "--encoder", "random", "--model", "vit_tiny", "--data",
+                             str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
+                            cwd=Path(ev.__file__).parent, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr == f"error: --data {tmp_path / 'missing'}: no such folder\n"
 
 
 # ---- several ranks ----

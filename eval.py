@@ -699,15 +699,27 @@ def check_scene_data(splits: dict, vit_cfg: ViTConfig, cfg: EvalConfig, source: 
     scene_dataset([first], vit_cfg, cfg, train=False)[0]  # band indices, statistics: data.py names file and fix
 
 
-def features_for(encoder, items, flip, vit_cfg, cfg, device, rank, world_size, log):
-    """extract_features over `items`, saved to / reused from --out/features[_flip].pt with --cache-features."""
+def feature_cache_key(encoder: nn.Module, items, vit_cfg: ViTConfig, cfg: EvalConfig) -> dict:
+    """What saved features depend on: the encoder's weights (hashed, so another encoder under the
+    same file name does not match), the images (path, label, size, modification time), the band
+    selection and the statistics file's contents."""
+    weights = hashlib.sha256()
+    for name, tensor in encoder.state_dict().items():
+        weights.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        weights.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy())
+    images = hashlib.sha256()
+    for path, label in items:
+        stat = os.stat(path)
+        images.update(f"{path}\t{label}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    stats = hashlib.sha256(Path(cfg.stats).read_bytes()).hexdigest() if cfg.stats else None
+    return {"encoder": weights.hexdigest(), "images": images.hexdigest(), "vit_config": asdict(vit_cfg),
+            "bands": cfg.bands, "stats": stats}
+
+
+def features_for(encoder, items, flip, key, vit_cfg, cfg, device, rank, world_size, log):
+    """extract_features over `items`; with --cache-features saved to --out/features[_flip].pt with
+    `key` (feature_cache_key), and reused from there while the key matches."""
     path = Path(cfg.out) / f"features{'_flip' * flip}.pt"
-
-    def stamp(file):  # a rewritten encoder or statistics file under the same name makes new features
-        return [os.stat(file).st_mtime, os.stat(file).st_size] if file and os.path.exists(file) else None
-
-    key = {"encoder": cfg.encoder, "encoder_file": stamp(cfg.encoder), "vit_config": asdict(vit_cfg),
-           "items": [[str(p), y] for p, y in items], "bands": cfg.bands, "stats": cfg.stats, "stats_file": stamp(cfg.stats)}
     if cfg.cache_features and path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved["key"] == key:
@@ -726,9 +738,10 @@ def run_frozen(cfg, vit_cfg, state, splits, class_names, device, rank, world_siz
     train_items, test_items, _ = next(iter(splits.values()))
     all_items = sorted((str(p), y) for p, y in train_items + test_items)
     row = {p: i for i, (p, _) in enumerate(all_items)}
-    feats, labels = features_for(encoder, all_items, False, vit_cfg, cfg, device, rank, world_size, log)
+    key = feature_cache_key(encoder, all_items, vit_cfg, cfg) if cfg.cache_features else None
+    feats, labels = features_for(encoder, all_items, False, key, vit_cfg, cfg, device, rank, world_size, log)
     if cfg.mode == "linprobe" and cfg.probe_flip:
-        flipped, _ = features_for(encoder, all_items, True, vit_cfg, cfg, device, rank, world_size, log)
+        flipped, _ = features_for(encoder, all_items, True, key, vit_cfg, cfg, device, rank, world_size, log)
     del encoder
     runs = []
     for seed, (train_items, test_items, _) in splits.items():

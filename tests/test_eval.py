@@ -371,20 +371,31 @@ def test_results_record_the_split_ratio_used_and_top5_k(scenes, tmp_path):
     assert ev.default_train_ratio(scenes["root"], 0.5) == 0.5
 
 
-def test_feature_cache_is_invalidated_by_new_stats(tmp_path, monkeypatch):
+def test_feature_cache_belongs_to_its_encoder_images_and_stats(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(ev, "extract_features", lambda *a, **k: calls.append(1) or (torch.zeros(1, 2), torch.zeros(1)))
-    stats = tmp_path / "stats.json"
+    image, stats = tmp_path / "a.png", tmp_path / "stats.json"
+    Image.new("RGB", (8, 8)).save(image)
     stats.write_text(json.dumps({"mean": [1.0], "std": [1.0]}))
-    cfg = ev.EvalConfig(encoder="random", stats=str(stats), out=str(tmp_path), cache_features=True)
-    extract = lambda: ev.features_for(None, [("a.tif", 0)], False, TINY, cfg, "cpu", 0, 1, lambda *a: None)  # noqa: E731
-    extract()
-    extract()
-    assert len(calls) == 1  # the second call reused the saved features
+    cfg = ev.EvalConfig(encoder=str(tmp_path / "encoder.pt"), stats=str(stats), out=str(tmp_path), cache_features=True)
+    first, second = VisionTransformer(TINY), VisionTransformer(TINY)
+    first.init_weights(0)
+    second.init_weights(1)
+
+    def extract(encoder):
+        items = [(str(image), 0)]
+        key = ev.feature_cache_key(encoder, items, TINY, cfg)
+        ev.features_for(encoder, items, False, key, TINY, cfg, "cpu", 0, 1, lambda *a: None)
+        return len(calls)
+
+    assert extract(first) == 1 and extract(first) == 1  # the second call reused the saved features
+    assert extract(second) == 2  # another encoder behind the same --encoder name
+    assert extract(first) == 3 and extract(first) == 3
+    Image.new("RGB", (8, 9)).save(image)  # other pixels under the same path
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    assert extract(first) == 4 and extract(first) == 4
     stats.write_text(json.dumps({"mean": [5.0], "std": [2.0]}))  # recomputed statistics, same path
-    os.utime(stats, ns=(stats.stat().st_atime_ns, stats.stat().st_mtime_ns + 10**9))
-    extract()
-    assert len(calls) == 2  # features normalised with the old statistics are not reused
+    assert extract(first) == 5
 
 
 def test_list_file_layout_multiband(tmp_path):

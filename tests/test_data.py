@@ -346,13 +346,15 @@ def test_random_resized_box_stays_inside_and_in_scale():
 
 
 def test_synthetic_dataset_is_deterministic():
-    dataset = data.SyntheticDataset(10, in_chans=3, img_size=8, seed=1)
-    assert len(dataset) == 10 and dataset[2].shape == (3, 8, 8) and torch.equal(dataset[2], dataset[2])
+    dataset, twin = data.SyntheticDataset(10, 3, 8, seed=1), data.SyntheticDataset(10, 3, 8, seed=1)
+    assert len(dataset) == 10 and dataset[2].shape == (3, 8, 8)
+    assert torch.equal(dataset[2], twin[2])  # built apart, the same tensors
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence((1, 2)).generate_state(1)[0]))
+    assert torch.equal(dataset[2], torch.randn(3, 8, 8, generator=generator))  # item 2 of seed 1, by hand
     assert not torch.equal(dataset[2], dataset[3])
     assert not torch.equal(dataset[2], data.SyntheticDataset(10, 3, 8, seed=2)[2])
-    first = dataset[2]
-    dataset.set_epoch(5)  # a no-op, there so training loops can call it on any dataset
-    assert torch.equal(dataset[2], first)
+    twin.set_epoch(5)  # every epoch has the same items
+    assert torch.equal(twin[2], dataset[2])
 
 
 # --- sampler -----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """
-Data for geofm: turn the imagery people actually have into training crops, fast, and never
-feed the model garbage.
+data.py — geofm's pretraining data: turn the imagery people actually have into training crops,
+fast, and never feed the model garbage. (The labelled scene datasets of evaluation are in eval.py.)
 
 Satellite scenes are multi-band, 8/16-bit or float, often billions of pixels, and written by
 GDAL as tiled or striped GeoTIFFs. geotiff.py reads them (tifffile + imagecodecs, no GDAL),
@@ -9,6 +9,7 @@ them into normalised crops, and reads JPEG and PNG through Pillow.
 
     open_image, read_image                  GeoTIFF, JPEG or PNG, always (bands, height, width)
     PretrainDataset                         random crops of chips or huge scenes, for MAE
+    EpochSeededDataset, resize              what eval.py's SceneDataset shares with it
     SyntheticDataset                        deterministic random tensors, for benchmarks
     ResumableDistributedSampler, make_loader
     make_demo_chips                         a tiny built-in multi-band sample for the demo
@@ -22,7 +23,8 @@ the reader's read_geotiff, geotiff_info, GeoTiff and GeoTiffInfo are importable 
     python data.py demo <folder>                             write the built-in sample
 
 A source of images is a folder (searched recursively for .tif/.tiff/.jpg/.jpeg/.png), a
-manifest file (one path per line, relative to the manifest; a line starting with '#' is a comment) or a list.
+manifest file (one path per line, relative to the manifest; a line whose first non-blank
+character is '#' is a comment) or a list.
 
 The statistics file, written by `python data.py stats` and read by load_stats, holds one entry
 per band of the files (before any band selection):

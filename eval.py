@@ -17,11 +17,14 @@ The paper compares its models by top-1/top-5 on UC Merced, AID, NWPU-RESISC45 an
   drop path, label smoothing 0.1, AdamW with warmup + cosine — on fsdp_setup.parallelize, so it
   runs under torchrun/srun with the training layouts (--strategy), or alone in one process.
 
---encoder: an encoder file (`python train.py export`, or an official MAE/timm ViT checkpoint with
---model), a training run folder, or `random` (with --model). Output in --out: results.json (top1 and
-top5 in percent, mean ± std over the --seed values; top5_k = min(5, classes); the train_ratio used),
-per-class accuracy, confusion_seed*.csv/.png.
-Under torchrun every rank extracts/evaluates a share of the images; rank 0 writes.
+--encoder: an encoder file (`python checkpoint.py export`, or an official MAE/timm ViT checkpoint
+with --model), a training run folder, or `random` (with --model). --data: a folder with one
+subfolder of images per class (found at any depth: UC Merced's Images/<class>/, AID/<class>/), or
+train.txt + val.txt of 'relative/path label' lines; scene_splits and SceneDataset, here, read it.
+Output in --out: results.json (top1 and top5 in percent, mean ± std over the --seed values;
+top5_k = min(5, classes); the train_ratio used), per-class accuracy, confusion_seed*.csv/.png.
+Under torchrun every rank extracts/evaluates a share of the images; rank 0 writes. A user error
+(flags, data, encoder file) prints one `error: ...` line and exits 2.
 """
 
 from __future__ import annotations
@@ -292,7 +295,7 @@ def load_encoder(spec: str, model: str | None = None, in_chans: int | None = Non
         except Exception as e:
             reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(e)) or re.match(r"(.*)", str(e))
             raise ValueError(f"--encoder {path}: not a checkpoint torch.load(weights_only=True) can read "
-                             f"({reason.group(1).strip()}); export one with `python train.py export --ckpt <run> "
+                             f"({reason.group(1).strip()}); export one with `python checkpoint.py export --ckpt <run> "
                              "--out encoder.pt`") from None
     else:
         raise ValueError(f"--encoder {spec}: no such file or folder; give an encoder .pt, a training run "
@@ -854,7 +857,7 @@ def parse_args(argv=None) -> EvalConfig:
     d = EvalConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("mode", choices=MODES, help="knn: no training, quick; linprobe: the paper's protocol; finetune: full fine-tuning")
-    p.add_argument("--encoder", required=True, help="encoder .pt (`train.py export`, or an official MAE/timm ViT with --model), a training run folder, or 'random'")
+    p.add_argument("--encoder", required=True, help="encoder .pt (`checkpoint.py export`, or an official MAE/timm ViT with --model), a training run folder, or 'random'")
     p.add_argument("--data", required=True, help="scene dataset: a root with one subfolder of images per class, or a folder / train.txt with train.txt + val.txt ('relative/path label' lines)")
     p.add_argument("--train-ratio", type=float, default=None, help="training fraction per class (UCM 0.5/0.8, AID 0.2/0.5, NWPU 0.1/0.2); default: the list files' split, else 0.8")
     p.add_argument("--seed", dest="seeds", type=int, nargs="+", default=d.seeds, help="one run per seed (split and head); reports mean ± std")

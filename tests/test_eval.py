@@ -71,7 +71,7 @@ def make_list_dataset(root: Path, per_class=8, seed=1) -> Path:
 
 
 def save_encoder(path: Path, model: VisionTransformer, cfg=TINY, step=0) -> str:
-    """The encoder file format of `train.py export`."""
+    """The encoder file format of `checkpoint.py export`."""
     state = model.encoder_state_dict() if isinstance(model, MaskedAutoencoder) else model.state_dict()
     torch.save({"model": state, "vit_config": asdict(cfg), "step": step}, path)
     return str(path)
@@ -281,7 +281,7 @@ def test_encoder_errors_name_file_key_shapes_and_fix(tmp_path):
     with pytest.raises(ValueError, match="no such file"):
         ev.load_encoder(str(tmp_path / "missing.pt"))
     (tmp_path / "junk.pt").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pt.*train.py export"):
+    with pytest.raises(ValueError, match="junk.pt.*checkpoint.py export"):
         ev.load_encoder(str(tmp_path / "junk.pt"))
 
 

@@ -226,6 +226,11 @@ def test_scene_splits_errors(tmp_path):
     (tmp_path / "gap" / "Images" / "c").mkdir()
     with pytest.raises(data.DataError, match="class 'c' has no images"):
         ev.scene_splits(tmp_path / "gap")
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "train.txt").write_text("# no images yet\n")
+    (tmp_path / "lists" / "val.txt").write_text("")
+    with pytest.raises(data.DataError, match="train.txt and .*val.txt list no images"):
+        ev.scene_splits(tmp_path / "lists")
 
 
 def test_scene_dataset_transforms(tmp_path):

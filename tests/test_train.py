@@ -241,11 +241,12 @@ def test_demo_smoke(tmp_path, capsys):
     assert picture.size == (side, side) and picture.mode == "RGB"
     printed = capsys.readouterr().out
     assert "recon-step-4.png" in printed and "peak for MFU: cpu = unknown" in printed
-    # Running the demo again starts over instead of refusing.
+    # Running the demo again starts over instead of refusing, and says so.
     capsys.readouterr()
     assert train.main(["--out", str(tmp_path), "--steps", "2", "--warmup-steps", "1", "--log-every", "2"]) == 0
     assert latest(tmp_path) == "step-2" and not (tmp_path / "step-4").exists()
     printed = capsys.readouterr().out  # names this run's picture, not the first run's recon-step-4.png
+    assert f"demo: starting over in {tmp_path}" in printed
     assert "reconstruction " + str(tmp_path / "recon-step-2.png") in printed and "recon-step-4.png" not in printed
 
 
@@ -379,7 +380,7 @@ def test_resume_skips_a_checkpoint_missing_a_rank_file(chips, reference, tmp_pat
 
 def test_export_loads_into_a_vision_transformer(reference, tmp_path):
     target = tmp_path / "encoder.pt"
-    assert train.cli(["export", "--ckpt", str(reference), "--out", str(target)]) == 0
+    assert checkpoint.cli(["export", "--ckpt", str(reference), "--out", str(target)]) == 0
     exported = torch.load(target, weights_only=True)
     assert exported["step"] == STEPS
     encoder = VisionTransformer(ViTConfig(**exported["vit_config"]))
@@ -437,6 +438,19 @@ def test_init_loads_official_weights(chips, tmp_path):
     (["--mixed-precision", "fp16"], "--mixed-precision"),
     (["--strategy", "ddp", "--cpu-offload"], "--cpu-offload needs an FSDP layout"),
     (["--sdpa", "fast"], "--sdpa must be one of auto, flash, efficient, cudnn, math"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--lr", "nan"], "--lr must be positive"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    (["--peak-tflops", "-5"], "--peak-tflops must be positive"),
+    (["--mask-ratio", "0"], "--mask-ratio 0.0 must remove some and keep some of the 16 patches"),
+    (["--mask-ratio", "0.99"], "--mask-ratio 0.99 must remove some and keep some"),
+    (["--img-size", "0"], "--img-size must be positive"),
+    (["--img-size", "-64"], "--img-size must be positive"),
+    (["--decoder-embed-dim", "0"], "--decoder-embed-dim must be positive"),
+    (["--threads", "-1"], "--threads must be >= 0"),
+    (["--workers", "-1"], "--workers must be >= 0"),
+    (["--seed", "-1"], "--seed must be >= 0"),
 ])
 def test_user_errors_are_one_clear_line(chips, tmp_path, capsys, extra, message):
     assert train.cli([*args(chips, tmp_path), *extra]) == 2
@@ -444,9 +458,41 @@ def test_user_errors_are_one_clear_line(chips, tmp_path, capsys, extra, message)
     assert message in err and "Traceback" not in err and err.startswith("error:")
 
 
-def test_refuses_to_overwrite_a_run_without_resume(chips, reference, capsys):
+def test_refuses_to_overwrite_a_run_without_resume(chips, reference, tmp_path, capsys):
     assert train.cli(args(chips, reference)) == 2
     assert "pass --resume" in capsys.readouterr().err
+    # An earlier run that logged but never saved a checkpoint is a run too.
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "config.json").write_text("{}")
+    (earlier / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert train.cli(args(chips, earlier)) == 2
+    assert "holds an earlier run (config.json, metrics.jsonl)" in capsys.readouterr().err
+    assert (earlier / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    (tmp_path / "a-file").write_text("x")
+    assert train.cli(args(chips, tmp_path / "a-file")) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_pictures_follow_keep(chips, tmp_path):
+    assert train.main(args(chips, tmp_path, "--ckpt-every", "2", "--keep", "2")) == 0
+    assert sorted(p.name for p in tmp_path.glob("recon-step-*.png")) == ["recon-step-10.png", "recon-step-8.png"]
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-10", "step-8"]
+
+
+def test_a_bad_image_in_a_loader_worker_ends_the_run_with_one_line(chips, tmp_path):
+    """Single rank, one loader worker: the error names the file and the process exits (workers
+    ignore SIGTERM, so Python's exit alone would wait for them forever)."""
+    import shutil
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(chips, data_dir)
+    (data_dir / "zz_not_an_image.tif").write_text("not a tiff")
+    argv = [sys.executable, train.__file__, *args(str(data_dir), tmp_path / "run", "--workers", "1")]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {data_dir / 'zz_not_an_image.tif'}: not an image (starts with b'not a ti'); expected GeoTIFF, JPEG or PNG"]
 
 
 # ---- two ranks (gloo) ----

@@ -125,10 +125,10 @@ def test_cpu_offload_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_stop_flag_agrees_without_waiting_for_the_step(dist):
-    # train.py's multi-rank path on this one rank (Dist says two ranks; the all-reduce runs on the real
+    # train.py's stop flag, multi-rank path on this one rank (Dist says two ranks; the all-reduce runs on the real
     # group of one): the stop is agreed one step late, and agreed() returns while this step's kernels are
     # still queued (a host sync on the flag would have drained the queue).
-    stop = train.StopRequest(fsdp_setup.Dist(0, 0, 2, dist.device))
+    stop = fsdp_setup.StopRequest(fsdp_setup.Dist(0, 0, 2, dist.device))
     a = torch.randn(4096, 4096, device=dist.device)
     agreed, still_busy = [], []
     try:

@@ -1,5 +1,6 @@
-"""checkpoint.py on its own: which folder a resume picks, the rename-point-prune order of a save,
-the export command's errors. Whole saves, resumes, crashes during a save and the export of a real
+"""checkpoint.py on its own: the order in which a resume tries folders, the rename-point-prune
+order of a save, the export command's errors. Damaged and hostile checkpoints are in
+test_checkpoint_faults.py. Whole saves, resumes, crashes during a save and the export of a real
 run are in test_train.py (they need a training run).
 """
 
@@ -16,27 +17,21 @@ def latest(out):
     return (out / "latest").read_text().strip()
 
 
-def test_find_checkpoint_skips_incomplete_folders(tmp_path):
-    def make(name, complete=True):
+def test_candidates_put_latest_first_then_newest_first(tmp_path):
+    """Only which folders are tried, in which order; whether each verifies is in test_checkpoint_faults.py."""
+    assert checkpoint.checkpoint_candidates(tmp_path) == ([], [])
+    for name in ("step-5", "step-20", "step-100", ".tmp-step-400", "step-7.bak", "damaged-step-300"):
         (tmp_path / name).mkdir()
-        if complete:
-            (tmp_path / name / ".metadata").write_text("")
-            (tmp_path / name / "train_state.json").write_text('{"world_size": 2}')
-            for rank in range(2):
-                (tmp_path / name / f"rank-{rank:05d}.json").write_text("{}")
-
-    assert checkpoint.find_checkpoint(tmp_path) is None
-    make("step-5"), make("step-20"), make("step-30", complete=False), make(".tmp-step-40")
-    make("step-25"), (tmp_path / "step-25" / "rank-00001.json").unlink()  # a rank's file lost: incomplete too
-    make("step-28"), (tmp_path / "step-28" / "train_state.json").write_text('{"world_')  # unreadable
-    assert checkpoint.missing_files(tmp_path / "step-25") == ["rank-00001.json"]
-    assert checkpoint.find_checkpoint(tmp_path).name == "step-20"  # newest complete, no pointer
+    (tmp_path / "step-200").write_text("")  # a file, not a folder
+    names = lambda: [p.name for p in checkpoint.checkpoint_candidates(tmp_path)[0]]
+    assert names() == ["step-100", "step-20", "step-5"]  # numerically, not as text
     (tmp_path / "latest").write_text("step-5\n")
-    assert checkpoint.find_checkpoint(tmp_path).name == "step-5"  # the pointer wins
-    (tmp_path / "latest").write_text("step-30\n")
-    assert checkpoint.find_checkpoint(tmp_path).name == "step-20"  # pointer to a broken folder: ignored
-    (tmp_path / "latest").write_text("step-25\n")
-    assert checkpoint.find_checkpoint(tmp_path).name == "step-20"
+    assert names() == ["step-5", "step-100", "step-20"] and checkpoint.checkpoint_candidates(tmp_path)[1] == []
+    for pointer in ("step-30", "../step-5", "step-5/../step-20", str(tmp_path / "step-20"), ".tmp-step-400"):
+        (tmp_path / "latest").write_text(pointer + "\n")
+        folders, notes = checkpoint.checkpoint_candidates(tmp_path)
+        assert [p.name for p in folders] == ["step-100", "step-20", "step-5"]
+        assert notes == [f"ignoring {tmp_path / 'latest'}: {pointer!r} is not a step-N folder of {tmp_path}"]
 
 
 def test_publish_renames_then_points_then_prunes(tmp_path):
@@ -45,14 +40,16 @@ def test_publish_renames_then_points_then_prunes(tmp_path):
     (tmp_path / "latest").write_text("step-4\n")
     checkpoint.publish_checkpoint(tmp_path, tmp_path / ".tmp-step-6", tmp_path / "step-6", keep=2)
     assert latest(tmp_path) == "step-6"
-    # step-9 was never named by `latest` (killed right after its rename): an abandoned branch.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-4", "step-6"]
+    # step-2 is beyond --keep 2, the .tmp-* are interrupted saves. step-9, newer and never named by
+    # `latest`, would be removed if it verified (a complete save of an abandoned branch); an empty
+    # folder does not, so it is kept under another name.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged-step-9", "latest", "step-4", "step-6"]
 
 
 def test_export_command_errors_are_one_line(tmp_path, capsys):
     assert checkpoint.cli(["export", "--ckpt", str(tmp_path), "--out", str(tmp_path / "encoder.pt")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --ckpt") and "neither a complete step-N" in err and "Traceback" not in err
+    assert err.startswith("error: --ckpt") and "neither a step-N checkpoint folder" in err and "Traceback" not in err
     assert not (tmp_path / "encoder.pt").exists()
     assert checkpoint.cli([]) == 2 and "usage: python checkpoint.py export" in capsys.readouterr().err
 

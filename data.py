@@ -45,7 +45,9 @@ scale for 16-bit or float bands would be silently wrong.
 import argparse
 import json
 import math
+import multiprocessing
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -550,11 +552,30 @@ class ResumableDistributedSampler(Sampler[int]):
         return self.num_samples
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM/SIGUSR1. SLURM signals the whole process group; torch's own
+    worker handler would die on it, failing the step that the main process is about to save."""
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def stop_loader_workers() -> None:
+    """Kill the loader's workers after a failure. They ignore SIGTERM (ignore_stop_signals), which is
+    how Python's exit stops them: it would wait for them forever. torch's SIGCHLD handler is set
+    aside meanwhile, or it would report the kill as a second, confusing loader failure."""
+    torch_handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in multiprocessing.active_children():
+        worker.kill()
+        worker.join()
+    signal.signal(signal.SIGCHLD, torch_handler)
+
+
 def make_loader(dataset, batch_size, sampler, workers=4, pin_memory=True, drop_last=True) -> DataLoader:
     """A DataLoader with worker processes that stay alive between epochs and prefetch ahead."""
     extra = dict(persistent_workers=True, prefetch_factor=4) if workers > 0 else {}
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=pin_memory and torch.cuda.is_available(), drop_last=drop_last, **extra)
+                      pin_memory=pin_memory and torch.cuda.is_available(), drop_last=drop_last,
+                      worker_init_fn=ignore_stop_signals, **extra)
 
 
 # -----------------------------------------------------------------------------

@@ -65,6 +65,9 @@ import functools
 import math
 import os
 import re
+import signal
+import sys
+import traceback
 import warnings
 from dataclasses import dataclass
 from typing import Mapping
@@ -217,6 +220,53 @@ def on_every_rank(fn, dist_info: Dist):
 
 # ---------------------------------------------------------------------------------------------
 # Validation: every impossible layout fails here, on every rank, before any collective
+
+
+class StopRequest:
+    """SIGTERM/SIGUSR1 (SLURM preemption or time limit) only set a flag; the loop finishes the step,
+    saves and exits 0. Ranks may receive the signal at different steps, so they agree: each step
+    all-reduces the flag (MAX), copies the result to the host without waiting, and reads last step's
+    copy, so the hot loop never waits for the step just queued; all ranks stop one step later."""
+
+    def __init__(self, dist_info: Dist):
+        self.dist_info, self.signal_name = dist_info, None
+        self.on_gpu = dist_info.device.type == "cuda"
+        self.host_flag = torch.zeros((), pin_memory=self.on_gpu)  # last step's all-reduced flag
+        self.posted, self.copied = False, None  # a flag was posted; CUDA event after its copy
+        self.previous = {s: signal.signal(s, self.handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def handler(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        if self.dist_info.world_size == 1:
+            return self.signal_name is not None
+        if self.copied is not None:
+            self.copied.synchronize()  # last step's copy, not the step queued after it
+        result = self.posted and bool(self.host_flag)
+        flag = torch.full((), float(self.signal_name is not None), device=self.dist_info.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        # Not flag.item(): on a GPU that copy queues behind this whole step and waits for it.
+        self.host_flag.copy_(flag, non_blocking=True)
+        self.posted = True
+        if self.on_gpu:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        return result
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def exit_rank_failed(rank: int) -> None:
+    """Print the exception being handled with this rank, then end the process now (exit code 3).
+    os._exit, not a return: destroy_process_group, atexit handlers and the DataLoader workers' join
+    can block while the other ranks sit in a collective, so the launcher might never notice."""
+    print(f"[rank {rank}] failed; ending this process so that the launcher stops the job:\n"
+          f"{traceback.format_exc()}", file=sys.stderr, end="", flush=True)
+    sys.stdout.flush()
+    os._exit(3)
 
 
 def checkpoint_every(activation_checkpointing: str | int) -> int:

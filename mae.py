@@ -185,7 +185,7 @@ def mae_forward_flops(cfg: ViTConfig, mask_ratio: float = 0.75, decoder_embed_di
     """Forward FLOPs of one MAE image: encoder on 1 + K visible tokens, decoder on 1 + L tokens.
 
     A training step costs 3x this (backward = 2x forward). The same convention as the reference MFU
-    numbers of the official MAE code in docs/paper.md (section 11); train.py and bench.py both use it.
+    numbers of the official MAE code in docs/paper.md (section 11); train.py and tools/bench.py both use it.
     """
     L = cfg.num_patches
     K = int(L * (1 - mask_ratio))
@@ -222,3 +222,55 @@ def load_mae_checkpoint(model: nn.Module, checkpoint: dict | str) -> list[str]:
         raise ValueError(f"{source} lacks encoder weights: {missing[:5]}")
     model.load_state_dict(state, strict=False)
     return missing
+
+
+def save_reconstruction_png(mae: MaskedAutoencoder, imgs_BCHW, pred_BLP, mask_BL, path, rgb_bands: list[int],
+                            pixel_stats=None) -> None:
+    """A PNG, one row per image: original | masked | reconstruction | pasted into the visible patches |
+    error per removed patch, with a legend. Pixels are shown in data units (`pixel_stats`: the dataset's
+    per-band (mean, std), undone), RGB from `rgb_bands` (one band: grey).
+
+    With norm_pix_loss the reconstruction is drawn with each patch's *true* mean and std put back, so
+    even an untrained model shows the right blobs there. The error panel is the honest one: the loss
+    of each removed patch, in the loss's own units, grey 0.5 meaning "no better than predicting the
+    patch's mean" (loss 1 with norm_pix_loss); visible patches, which carry no loss, are dark blue.
+    """
+    from PIL import Image, ImageDraw
+
+    _, recon, pasted = mae.reconstruction_images(imgs_BCHW, pred_BLP, mask_BL)
+    B, _, H, W = imgs_BCHW.shape
+    to_image = lambda x_BLP: mae.unpatchify(x_BLP)[:, :1].expand(-1, 3, -1, -1)  # noqa: E731
+    removed = to_image(mask_BL.float().unsqueeze(-1).expand_as(pred_BLP))
+    target = mae.patchify(imgs_BCHW).float()
+    if mae.norm_pix_loss:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    error = to_image(((pred_BLP.float() - target) ** 2).mean(-1, keepdim=True).expand_as(pred_BLP))
+    panels = [imgs_BCHW.float(), imgs_BCHW.float(), recon, pasted]
+    if pixel_stats is not None:
+        mean, std = (s.to(imgs_BCHW.device)[None, :, None, None] for s in pixel_stats)
+        panels = [p * std + mean for p in panels]
+    bands = (rgb_bands * 3)[:3]
+    panels = [p[:, bands] for p in panels]
+    # One contrast stretch for all three bands of an image (2-98 percentile of the original), so
+    # band ratios, i.e. colours, survive; applied to every panel of the row alike.
+    low = torch.quantile(panels[0].flatten(1), 0.02, dim=1)[:, None, None, None]
+    high = torch.quantile(panels[0].flatten(1), 0.98, dim=1)[:, None, None, None]
+    panels = [((p - low) / (high - low).clamp_min(1e-6)).clamp(0, 1) for p in panels]
+    panels[1] = torch.where(removed > 0, torch.full_like(panels[1], 0.8), panels[1])  # removed: light grey
+    dark_blue = torch.tensor([0.0, 0.0, 0.35], device=error.device)[None, :, None, None]
+    panels.append(torch.where(removed > 0, (error / 2).clamp(0, 1), dark_blue.expand_as(error)))
+    gap = torch.ones(B, 3, H, 2, device=imgs_BCHW.device)
+    rows = torch.cat([x for p in panels for x in (p, gap)][:-1], dim=3)  # (B, 3, H, 5W + gaps)
+    grid = torch.cat([x for r in rows for x in (r, torch.ones(3, 2, rows.shape[3], device=rows.device))][:-1], dim=1)
+    scale = max(1, 128 // H)
+    picture = Image.fromarray((grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8"))
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    legend = ["original | masked | reconstruction | pasted | error of each removed patch",
+              "reconstruction: each patch's true mean and std put back (norm-pix): judge the model by the error",
+              "error: grey 0.5 = no better than the patch mean, black = exact; blue = visible (no loss)"]
+    canvas = Image.new("RGB", (picture.width, picture.height + 12 * len(legend) + 4), "white")
+    canvas.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(legend if mae.norm_pix_loss else [legend[0], legend[2]]):
+        draw.text((2, picture.height + 2 + 12 * i), line, fill="black")
+    canvas.save(path)

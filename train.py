@@ -33,14 +33,11 @@ import contextlib
 import dataclasses
 import json
 import math
-import multiprocessing
 import os
 import resource
 import shutil
-import signal
 import sys
 import time
-import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +50,7 @@ import checkpoint
 import data
 import fsdp_setup
 from fsdp_setup import on_every_rank
-from mae import MaskedAutoencoder, load_mae_checkpoint
+from mae import MaskedAutoencoder, load_mae_checkpoint, save_reconstruction_png
 from vit import get_config
 
 SYNTHETIC_IMAGES = 1_000_000  # `--data synthetic`: MillionAID-sized, generated on the fly
@@ -501,10 +498,9 @@ def train(cfg: TrainConfig, dist: fsdp_setup.Dist) -> int:
         trim_metrics(out / "metrics.jsonl", progress.step)
     sampler = data.ResumableDistributedSampler(len(dataset), dist.rank, dist.world_size, seed=cfg.seed)
     loader = data.make_loader(dataset, cfg.batch_size // cfg.accum_steps, sampler, workers=cfg.workers)
-    loader.worker_init_fn = ignore_stop_signals
     recon_imgs = torch.stack([dataset[i] for i in range(min(4, len(dataset)))]).to(dist.device)
     batches = step_batches(loader, sampler, dataset, progress, cfg, dist.device)
-    first_step, last_saved, stop = progress.step, previous, StopRequest(dist)
+    first_step, last_saved, stop = progress.step, previous, fsdp_setup.StopRequest(dist)
     reason = "done" if progress.step >= cfg.steps else None
     try:
         while reason is None:
@@ -533,7 +529,7 @@ def train(cfg: TrainConfig, dist: fsdp_setup.Dist) -> int:
     return 0
 
 
-def should_stop(step: int, first_step: int, cfg: TrainConfig, stop: StopRequest) -> str | None:
+def should_stop(step: int, first_step: int, cfg: TrainConfig, stop: fsdp_setup.StopRequest) -> str | None:
     if stop.agreed():  # one collective per step: every rank stops at the same step
         return "signal"
     if step >= cfg.steps:
@@ -699,82 +695,14 @@ def trim_metrics(path: Path, step: int) -> None:
 
 @torch.no_grad()
 def save_reconstruction(model, imgs, pixel_stats, cfg: TrainConfig, path: Path, dist) -> None:
-    """A PNG, one row per image: original | masked | reconstruction | reconstruction pasted into the
-    visible patches, in pixel space (dataset normalisation undone), RGB from --rgb-bands. Every rank
-    runs the forward (FSDP all-gathers need all of them), with noise from its own seeded generator so
-    that the training masks are not disturbed; rank 0 writes the file."""
-    from PIL import Image
-
+    """Every rank runs the forward (FSDP all-gathers need all of them), with noise from its own
+    seeded generator so that the training masks are not disturbed; rank 0 draws the picture."""
     mae = fsdp_setup.unwrap(model)
     generator = torch.Generator(imgs.device).manual_seed(cfg.seed)
     noise = torch.rand(imgs.shape[0], mae.cfg.num_patches, generator=generator, device=imgs.device)
     _, pred, mask = model(imgs, mask_ratio=cfg.mask_ratio, noise=noise)
-    if not dist.is_main:
-        return
-    _, recon, pasted = mae.reconstruction_images(imgs, pred, mask)
-    removed = mae.unpatchify(mask.float().unsqueeze(-1).expand(-1, -1, pred.shape[-1]))
-    panels = [imgs.float(), imgs.float(), recon, pasted]
-    if pixel_stats is not None:
-        mean, std = (s.to(imgs.device)[None, :, None, None] for s in pixel_stats)
-        panels = [p * std + mean for p in panels]
-    bands = (int_list(cfg.rgb_bands, "--rgb-bands") * 3)[:3]  # one band given: grey
-    panels = [p[:, bands] for p in panels]
-    # One contrast stretch for all three bands of an image (2-98 percentile of the original), so
-    # band ratios, i.e. colours, survive; applied to every panel of the row alike.
-    low = torch.quantile(panels[0].flatten(1), 0.02, dim=1)[:, None, None, None]
-    high = torch.quantile(panels[0].flatten(1), 0.98, dim=1)[:, None, None, None]
-    panels = [((p - low) / (high - low).clamp_min(1e-6)).clamp(0, 1) for p in panels]
-    panels[1] = torch.where(removed[:, :3] > 0, torch.full_like(panels[1], 0.8), panels[1])  # masked: light grey
-    gap = torch.ones(imgs.shape[0], 3, imgs.shape[2], 2, device=imgs.device)
-    rows = torch.cat([x for p in panels for x in (p, gap)][:-1], dim=3)  # (B, 3, H, 4W + gaps)
-    grid = torch.cat([x for r in rows for x in (r, torch.ones(3, 2, rows.shape[3], device=imgs.device))][:-1], dim=1)
-    scale = max(1, 128 // imgs.shape[2])
-    picture = (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
-    Image.fromarray(picture).resize((picture.shape[1] * scale, picture.shape[0] * scale), Image.NEAREST).save(path)
-
-
-class StopRequest:
-    """SIGTERM/SIGUSR1 (SLURM preemption or time limit) only set a flag; the loop finishes the step,
-    saves and exits 0. Ranks may receive the signal at different steps, so they agree: each step
-    all-reduces the flag (MAX), copies the result to the host without waiting, and reads last step's
-    copy, so the hot loop never waits for the step just queued; all ranks stop one step later."""
-
-    def __init__(self, dist):
-        self.dist, self.signal_name = dist, None
-        self.on_gpu = dist.device.type == "cuda"
-        self.host_flag = torch.zeros((), pin_memory=self.on_gpu)  # last step's all-reduced flag
-        self.posted, self.copied = False, None  # a flag was posted; CUDA event after its copy
-        self.previous = {s: signal.signal(s, self.handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
-
-    def handler(self, signum, frame):
-        self.signal_name = signal.Signals(signum).name
-
-    def agreed(self) -> bool:
-        if self.dist.world_size == 1:
-            return self.signal_name is not None
-        if self.copied is not None:
-            self.copied.synchronize()  # last step's copy, not the step queued after it
-        result = self.posted and bool(self.host_flag)
-        flag = torch.full((), float(self.signal_name is not None), device=self.dist.device)
-        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
-        # Not flag.item(): on a GPU that copy queues behind this whole step and waits for it.
-        self.host_flag.copy_(flag, non_blocking=True)
-        self.posted = True
-        if self.on_gpu:
-            self.copied = torch.cuda.Event()
-            self.copied.record()
-        return result
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM/SIGUSR1. SLURM signals the whole process group; torch's own
-    worker handler would die on it, failing the step that the main process is about to save."""
-    for s in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, signal.SIG_IGN)
+    if dist.is_main:
+        save_reconstruction_png(mae, imgs, pred, mask, path, int_list(cfg.rgb_bands, "--rgb-bands"), pixel_stats)
 
 
 class TrainingDiverged(RuntimeError):
@@ -801,33 +729,12 @@ def main(argv: list[str] | None = None) -> int:
         # broken file in this rank's loader, an out-of-memory) is this rank's alone, and the others
         # would wait for it in their next collective until the NCCL/gloo timeout, many minutes.
         if dist.world_size > 1 and not isinstance(err, (TrainingDiverged, fsdp_setup.AllRanksError)):
-            exit_rank_failed(dist.rank)
-        stop_loader_workers()
+            fsdp_setup.exit_rank_failed(dist.rank)
+        data.stop_loader_workers()
         raise
     finally:
         torch.set_num_threads(threads)  # main() may run in a longer-lived process (tests, notebooks)
         fsdp_setup.cleanup()
-
-
-def stop_loader_workers() -> None:
-    """Kill the loader's workers after a failure. They ignore SIGTERM (ignore_stop_signals), which is
-    how Python's exit stops them: it would wait for them forever. torch's SIGCHLD handler is set
-    aside meanwhile, or it would report the kill as a second, confusing loader failure."""
-    torch_handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for worker in multiprocessing.active_children():
-        worker.kill()
-        worker.join()
-    signal.signal(signal.SIGCHLD, torch_handler)
-
-
-def exit_rank_failed(rank: int) -> None:
-    """Print the exception being handled with this rank, then end the process now (exit code 3).
-    os._exit, not a return: destroy_process_group, atexit handlers and the DataLoader workers' join
-    can block while the other ranks sit in a collective, so the launcher might never notice."""
-    print(f"[rank {rank}] failed; ending this process so that the launcher stops the job:\n"
-          f"{traceback.format_exc()}", file=sys.stderr, end="", flush=True)
-    sys.stdout.flush()
-    os._exit(3)
 
 
 def cli(argv: list[str] | None = None) -> int:

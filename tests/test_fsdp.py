@@ -218,7 +218,7 @@ def _worker(rank: int, out_dir: str) -> None:
 
     # CPU offload. On this CPU-only machine the shards already live in host memory, so this checks
     # the code path (policy on every unit, per-shard init into host memory, the same training);
-    # gpu_check.sh checks the real host <-> GPU traffic.
+    # tools/gpu_check.py checks the real host <-> GPU traffic.
     seen["offload"] = {}
     real_fully_shard = fsdp_setup.fully_shard
     for name in OFFLOAD_LAYOUTS:

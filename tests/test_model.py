@@ -310,3 +310,27 @@ def test_bad_input_errors():
     for ratio in (1.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="mask_ratio"):
             model(torch.randn(2, 3, 32, 32), mask_ratio=ratio)
+
+
+def test_reconstruction_picture_error_panel(tmp_path):
+    """A perfect prediction (the normalised target itself) shows black on every removed patch of the
+    error panel; a zero prediction shows grey 0.5 (loss 1: no better than the patch mean)."""
+    from PIL import Image
+
+    from mae import MaskedAutoencoder, save_reconstruction_png
+
+    torch.manual_seed(0)
+    mae = MaskedAutoencoder(get_config("vit_tiny", img_size=32, in_chans=3), 32, 1, 4)
+    imgs = torch.randn(1, 3, 32, 32)
+    mask = torch.zeros(1, 16)
+    mask[0, :12] = 1  # the first 12 patches (rows 0-2 of the 4x4 grid) removed
+    target = mae.patchify(imgs)
+    perfect = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    for pred, expected in ((perfect, 0), (torch.zeros_like(perfect), 128)):
+        save_reconstruction_png(mae, imgs, pred, mask, tmp_path / "r.png", [0, 1, 2])
+        picture = np.asarray(Image.open(tmp_path / "r.png"))
+        scale, x0 = 4, 4 * (4 * 32 + 4 * 2)  # 32 px images are drawn 4x; the error panel is the 5th
+        removed_patch = picture[scale * 4, x0 + scale * 4]  # inside patch (0, 0)
+        visible_patch = picture[scale * 28, x0 + scale * 4]  # inside patch (3, 0)
+        assert abs(int(removed_patch[0]) - expected) <= 1 and removed_patch[0] == removed_patch[2]
+        assert tuple(visible_patch) == (0, 0, round(0.35 * 255))

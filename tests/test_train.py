@@ -198,7 +198,7 @@ def test_stop_flag_is_read_from_a_host_copy(monkeypatch):
     from torch.overrides import TorchFunctionMode
 
     reduced = []
-    monkeypatch.setattr(train.tdist, "all_reduce", lambda tensor, op=None, **kw: reduced.append(tensor))
+    monkeypatch.setattr(fsdp_setup.dist, "all_reduce", lambda tensor, op=None, **kw: reduced.append(tensor))
 
     class Reads(TorchFunctionMode):
         names = []
@@ -208,7 +208,7 @@ def test_stop_flag_is_read_from_a_host_copy(monkeypatch):
                 self.names.append(func.__name__)
             return func(*args, **(kwargs or {}))
 
-    stop = train.StopRequest(fsdp_setup.Dist(0, 0, 2, torch.device("cpu")))  # two ranks, as far as it knows
+    stop = fsdp_setup.StopRequest(fsdp_setup.Dist(0, 0, 2, torch.device("cpu")))  # two ranks, as far as it knows
     try:
         with Reads() as reads:
             agreed = [stop.agreed(), stop.agreed()]
@@ -237,8 +237,8 @@ def test_demo_smoke(tmp_path, capsys):
     assert config["model"] == "vit_tiny" and config["in_chans"] == 4 and config["mixed_precision"] == "fp32"
     assert latest(tmp_path) == "step-4" and (tmp_path / "step-4" / ".metadata").is_file()
     picture = Image.open(tmp_path / "recon-step-4.png")
-    side = 2 * (4 * 64 + 3 * 2)  # 4 panels across and 4 images down, 64 px, 2 px gaps, upscaled 2x
-    assert picture.size == (side, side) and picture.mode == "RGB"
+    # 5 panels across and 4 images down, 64 px, 2 px gaps, upscaled 2x; a 3-line legend below.
+    assert picture.size == (2 * (5 * 64 + 4 * 2), 2 * (4 * 64 + 3 * 2) + 40) and picture.mode == "RGB"
     printed = capsys.readouterr().out
     assert "recon-step-4.png" in printed and "peak for MFU: cpu = unknown" in printed
     # Running the demo again starts over instead of refusing, and says so.
@@ -411,7 +411,7 @@ def test_init_loads_official_weights(chips, tmp_path):
             assert torch.equal(weights[key], value), key
         fresh_weights = {k: whole(v) for k, v in fresh.state_dict().items()}
         assert torch.equal(weights["decoder_pred.weight"], fresh_weights["decoder_pred.weight"])
-        # The same through CPU offload (its buffers-on-CPU detour; the GPU case is in gpu_check.sh's smoke).
+        # The same through CPU offload (its buffers-on-CPU detour; the GPU case is in tools/gpu_check.py's smoke).
         offloaded = train.build_model(train.dataclasses.replace(cfg, cpu_offload=True), dist)
         for key, value in offloaded.state_dict().items():
             assert torch.equal(whole(value), weights[key]), key

@@ -380,9 +380,11 @@ def prepare_run_folder(cfg: TrainConfig, dist) -> tuple[Path, Path | None]:
         if earlier and not cfg.resume and cfg.data != "demo":
             raise ValueError(f"{out} holds an earlier run ({', '.join(earlier[:4])}); "
                              "pass --resume to continue it, or choose a new --out")
-        return checkpoint.find_checkpoint(out) if cfg.resume and out.is_dir() else None
 
-    previous = on_every_rank(check, dist)
+    on_every_rank(check, dist)
+    # The newest checkpoint that verifies; folders passed over are logged with the reason, and
+    # step folders of which none verifies stop the run (nothing is deleted).
+    previous = checkpoint.select_checkpoint(out, log=print, dist=dist) if cfg.resume and out.is_dir() else None
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         old = [*out.glob("step-*"), *out.glob(".tmp-step-*"), *out.glob("recon-step-*.png"), out / "latest"]
@@ -660,7 +662,7 @@ def peak_memory_gib(device: torch.device) -> float:
 
 def resume(previous: Path, cfg: TrainConfig, model, optimizer, dist, mask_generator) -> Progress:
     on_every_rank(lambda: check_resumable(previous, cfg, fsdp_setup.unwrap(model)), dist)
-    state = checkpoint.load_checkpoint(previous, model, optimizer, dist, mask_generator)
+    state = checkpoint.load_checkpoint(previous, model, optimizer, dist, mask_generator, verified=True)
     progress = Progress(state["step"], state["epoch"], state["epoch_index"])
     if state["world_size"] != dist.world_size:
         log(dist, f"warning: {previous.name} was written by {state['world_size']} ranks, this run has "
@@ -669,9 +671,6 @@ def resume(previous: Path, cfg: TrainConfig, model, optimizer, dist, mask_genera
         if progress.epoch_index:
             progress.epoch, progress.epoch_index = progress.epoch + 1, 0
         mask_generator.manual_seed(cfg.seed * 1_000_003 + dist.rank + 7919 * progress.step)
-    latest = previous.parent / "latest"
-    if latest.is_file() and latest.read_text().strip() != previous.name:
-        log(dist, f"warning: {latest} names {latest.read_text().strip()!r}, not a complete checkpoint")
     log(dist, f"resume: {previous} (step {progress.step}, epoch {progress.epoch})")
     return progress
 

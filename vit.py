@@ -247,7 +247,7 @@ class VisionTransformer(nn.Module):
         return self.norm(x_BLD)
 
 
-# ---- FLOPs: the one formula that train.py, bench.py and eval.py use for TFLOP/s and MFU ----
+# ---- FLOPs: the one formula that train.py, tools/bench.py and eval.py use for TFLOP/s and MFU ----
 
 
 def transformer_flops(num_tokens: int, dim: int, depth: int, mlp_dim: int) -> int:

@@ -364,7 +364,7 @@ def test_resume_skips_a_checkpoint_missing_a_rank_file(chips, reference, tmp_pat
     capsys.readouterr()
     assert train.main(args(chips, tmp_path, "--resume", "--ckpt-every", "3")) == 0
     printed = capsys.readouterr().out
-    assert "resume: " + str(tmp_path / "step-9") in printed and "not a complete checkpoint" in printed
+    assert "resume: " + str(tmp_path / "step-9") in printed and f"skipping {tmp_path / f'step-{STEPS}'}" in printed
     assert losses(tmp_path) == losses(reference)
     (tmp_path / f"step-{STEPS}" / "rank-00000.json").unlink()
     cfg = train.dataclasses.replace(train.parse_args(args(chips, tmp_path)), in_chans=4)
@@ -376,6 +376,34 @@ def test_resume_skips_a_checkpoint_missing_a_rank_file(chips, reference, tmp_pat
             checkpoint.load_checkpoint(tmp_path / f"step-{STEPS}", model, optimizer, dist, torch.Generator())
     finally:
         fsdp_setup.cleanup()
+
+
+def test_resume_through_damaged_checkpoints(chips, reference, tmp_path, capsys):
+    """End to end through train.py: a garbled shard in the newest checkpoint falls back to the one
+    before (and the run still equals the uninterrupted one); when no step folder verifies, --resume
+    refuses with one line listing them, and deletes nothing, metrics.jsonl included."""
+    assert train.main(args(chips, tmp_path, "--ckpt-every", "3")) == 0
+    newest = tmp_path / f"step-{STEPS}"
+    shard = next(newest.glob("*.distcp"))
+    with open(shard, "r+b") as f:  # 4 KiB of zeros inside the weight data
+        f.seek(shard.stat().st_size // 2)
+        f.write(bytes(4096))
+    capsys.readouterr()
+    assert train.main(args(chips, tmp_path, "--resume", "--ckpt-every", "3")) == 0
+    printed = capsys.readouterr().out
+    assert f"skipping {newest}" in printed and "resume: " + str(tmp_path / "step-9") in printed
+    assert losses(tmp_path) == losses(reference)
+
+    for folder in tmp_path.glob("step-*"):  # now every checkpoint loses a rank file
+        (folder / "rank-00000.json").unlink()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    assert train.cli(args(chips, tmp_path, "--resume", "--ckpt-every", "3")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and "none can be loaded" in err
+    assert all(name in err for name in before if name.startswith("step-"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
 
 
 def test_export_loads_into_a_vision_transformer(reference, tmp_path):

@@ -34,10 +34,12 @@ have their keys, the step in train_state.json is the N of the folder's name, ran
 every rank that saved; `.metadata` unpickles under an allow-list and every shard it points to is a
 file of this folder that checksums.json lists. With several ranks each rank checksums every
 world_size-th file and the verdicts are gathered, so all ranks decide alike and nobody reads the
-whole checkpoint alone. Cost, measured on a 2-core CPU (zlib CRC-32 runs at ~2.2 GB/s; the files
-are re-read from the page cache): vit_tiny+AdamW (0.5 MB) checksum 0.4 ms vs a save of 60 ms,
-vit_small+AdamW (0.35 GB) 0.17 s vs a save of 1.2 s, i.e. ~15% of the save time at save and the
-same again at resume. CRC-32 catches damage (truncation, flipped or zeroed blocks), not forgery:
+whole checkpoint alone. Cost, measured on a shared 2-core CPU (zlib CRC-32 runs at ~2.2 GB/s,
+over files just written, so from the page cache), model + AdamW state, one process, best of 3:
+vit_tiny (2.9 MB) checksums 1.5 ms of a 128 ms save (1%), verify 5 ms before a 0.3 s load;
+vit_small with the default decoder (0.57 GB) checksums 0.27 s of a 2.2 s save (9-13% over 3
+saves), verify 0.27 s before a 0.76 s load. A cold read from a parallel file system costs more.
+CRC-32 catches damage (truncation, flipped or zeroed blocks), not forgery:
 whoever can write the folder can rewrite checksums.json too, which is why the pickle is restricted.
 
 Choose (`select_checkpoint`): the folder `latest` names if it is a bare `step-N` and verifies, else
@@ -52,8 +54,8 @@ only if it verifies (a complete save that `latest` never named: a kill between r
 and one that does not verify is renamed `damaged-step-M/` and kept. So a folder that could not be
 loaded is never deleted unless a newer loadable checkpoint exists.
 
-What a damaged or hostile folder gets (tests/test_checkpoint_faults.py): a kill at any moment
-leaves `latest` on a complete checkpoint. A missing, truncated or altered shard, `.metadata`,
+What a damaged or hostile folder gets (tests/test_checkpoint_faults.py; kills during a save are in
+test_train.py): a kill at any moment leaves `latest` on a complete checkpoint. A missing, truncated or altered shard, `.metadata`,
 train_state.json or rank-R.json is refused before any tensor is read, and a resume falls back to
 the newest checkpoint that verifies. `latest` naming anything but a `step-N` folder of this run is
 ignored. `.metadata` is a pickle, so it is read by `SafeMetadataReader`, whose unpickler admits only

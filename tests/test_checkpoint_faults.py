@@ -338,3 +338,49 @@ def test_train_state_of_another_step_is_refused(run):
     os.replace(out / "step-2", out / "step-1")
     assert checkpoint.verify_checkpoint(out / "step-1") == [
         "train_state.json has step 2, not the N of its folder's name"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Two ranks: the checksums are split between them, and both reach the same decision
+
+
+def _two_rank_fallback(rank: int, out: str) -> None:
+    out = Path(out)
+    dist = fsdp_setup.init_distributed()
+    try:
+        model, optimizer = build(seed=0)
+        for step in (1, 2):
+            train_state = {"step": step, "epoch": 0, "world_size": 2, "vit_config": dataclasses.asdict(CFG)}
+            checkpoint.save_checkpoint(out, model, optimizer, train_state, dist, torch.Generator(), keep=3)
+        checkpoint.barrier(dist)
+        if rank == 0:  # rank 1's shard of step-2 garbled: found by whichever rank checks that file
+            garble(out / "step-2" / "__1_0.distcp")
+        checkpoint.barrier(dist)
+        logs = []
+        folder = checkpoint.select_checkpoint(out, log=logs.append, dist=dist)
+        (out / f"chose-{rank}.json").write_text(json.dumps({"folder": folder.name, "logs": logs}))
+        if rank == 0:
+            os.truncate(out / "step-1" / "__0_0.distcp", 10)
+        checkpoint.barrier(dist)
+        try:
+            checkpoint.select_checkpoint(out, log=logs.append, dist=dist)
+        except fsdp_setup.AllRanksError as err:
+            (out / f"refused-{rank}.txt").write_text(str(err))
+    finally:
+        fsdp_setup.cleanup()
+
+
+def test_two_ranks_choose_the_same_checkpoint(tmp_path):
+    from _dist_util import run_ranks
+
+    run_ranks(_two_rank_fallback, world_size=2, args=(str(tmp_path),))
+    listed = json.loads((tmp_path / "step-2" / "checksums.json").read_text())["files"]
+    assert sorted(listed) == [".metadata", "__0_0.distcp", "__1_0.distcp", "rank-00000.json",
+                              "rank-00001.json", "train_state.json"]
+    chose = [json.loads((tmp_path / f"chose-{r}.json").read_text()) for r in range(2)]
+    assert chose[0]["folder"] == chose[1]["folder"] == "step-1"
+    assert len(chose[0]["logs"]) == 1 and "__1_0.distcp differs from what was saved" in chose[0]["logs"][0]
+    assert chose[1]["logs"] == []  # only rank 0 logs
+    refused = [(tmp_path / f"refused-{r}.txt").read_text() for r in range(2)]
+    assert refused[0] == refused[1] and "step-2: __1_0.distcp differs" in refused[0]
+    assert "step-1: __0_0.distcp has 10 bytes" in refused[0]

@@ -404,12 +404,6 @@ def select_checkpoint(out: Path, log=print, dist=None) -> Path | None:
                 + " | ".join(rejected) + f". {FIX[0].upper() + FIX[1:]}")
 
 
-def find_checkpoint(out: Path) -> Path | None:
-    """select_checkpoint in one process (each caller checks every file): kept for callers that have
-    not moved to select_checkpoint(out, log, dist)."""
-    return select_checkpoint(out)
-
-
 # ---------------------------------------------------------------------------------------------
 # Save and load (every rank takes part)
 

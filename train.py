@@ -225,6 +225,8 @@ def validate(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
         raise ValueError(f"--mask-ratio {cfg.mask_ratio} must remove some and keep some of the {num_patches} patches")
     if cfg.sdpa not in SDPA_CHOICES:
         raise ValueError(f"--sdpa must be one of {', '.join(SDPA_CHOICES)}, got {cfg.sdpa!r}")
+    if cfg.sdpa == "cudnn" and torch.version.hip:  # ROCm builds have flash and efficient (AOTriton), no cuDNN
+        raise ValueError("--sdpa cudnn does not exist on ROCm; use auto, flash, efficient or math")
     int_list(cfg.bands, "--bands")
     int_list(cfg.rgb_bands, "--rgb-bands")
     if cfg.data not in ("demo", "synthetic") and not os.path.exists(cfg.data):

@@ -486,6 +486,12 @@ def test_user_errors_are_one_clear_line(chips, tmp_path, capsys, extra, message)
     assert message in err and "Traceback" not in err and err.startswith("error:")
 
 
+def test_sdpa_cudnn_is_refused_on_rocm(chips, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.version, "hip", "6.2.0")
+    assert train.cli([*args(chips, tmp_path), "--sdpa", "cudnn"]) == 2
+    assert "--sdpa cudnn does not exist on ROCm" in capsys.readouterr().err
+
+
 def test_refuses_to_overwrite_a_run_without_resume(chips, reference, tmp_path, capsys):
     assert train.cli(args(chips, reference)) == 2
     assert "pass --resume" in capsys.readouterr().err

@@ -2,20 +2,51 @@
 
 Satellite scenes arrive as GeoTIFFs written by GDAL: multi-band, 8/16-bit or float, often
 billions of pixels. This file reads them with tifffile (header and tags) and imagecodecs (the
-codecs and TIFF predictors), and nothing else:
+codecs and TIFF predictors), and nothing else. GDAL is the reference: the tests compare with
+pixels GDAL wrote or decoded (tests/fixtures/make_fixtures.sh).
+
+Supported:
 
     layout       striped or tiled; pixel interleave (all bands in each tile) or band interleave
                  (one set of tiles per band); classic TIFF or BigTIFF; of a COG, the first,
                  full-resolution image (the overviews after it are ignored)
-    compression  none, DEFLATE, LZW, ZSTD, PACKBITS, JPEG (RGB or YCbCr), with the horizontal
-                 (2) or floating-point (3) predictor; a codec imagecodecs lacks is an error
-                 saying how to install it or re-encode the file
+    compression  none, DEFLATE, LZW, ZSTD, LZMA, PACKBITS, JPEG (RGB or YCbCr), LERC (also
+                 LERC_DEFLATE, LERC_ZSTD); the horizontal (2) or floating-point (3) predictor
+                 with LZW, DEFLATE, LZMA and ZSTD, the codecs libtiff applies it in (a Predictor
+                 tag on other compressions is ignored, as libtiff and GDAL ignore it)
     dtypes       uint8, uint16, int16, float32, float64 (all checked against GDAL's pixels) and
                  any other sample type tifffile maps to numpy; either byte order, returned native
-    nodata       the GDAL_NODATA tag, as GeoTiffInfo.nodata (None without one); GDAL's sparse
-                 tiles (SPARSE_OK, no bytes at all) read as nodata, or 0 without it. A tag no
-                 pixel of the dtype can hold (-9999 in uint16, 300 in uint8) marks no pixel, as
-                 in GDAL's masks, and a sparse tile in such a file is an error
+    nodata       the GDAL_NODATA tag, as GeoTiffInfo.nodata (None without one). Blocks with no
+                 bytes (GDAL's SPARSE_OK tiles, byte count 0) read as nodata, or 0 without a tag.
+                 A tag no pixel of the dtype can hold (-9999 in uint16, 300 in uint8) marks no
+                 pixel, as in GDAL's masks, and an empty block in such a file is an error
+    LERC floats  a pixel LERC's mask marks invalid reads as NaN, as GDAL returns it. GDAL writes
+                 that mask only for one band per block (INTERLEAVE=BAND or one band); for
+                 pixel-interleaved bands it stores NaN as -3.4028235e+38, and both read so
+    colour       the stored samples, with no colour conversion: CMYK and CIELab files give their
+                 C, M, Y, K or L, a, b bands, as GDAL gives them when opened as `GTIFF_RAW:file.tif`
+                 (plain GDAL converts CMYK to RGB); palette files give the indices
+
+Refused, with a DataError saying what to do instead (usually re-encoding with
+`gdal_translate -co COMPRESS=DEFLATE -co TILED=YES in.tif out.tif`):
+
+    - compressions imagecodecs has no decoder for (SGILOG, ThunderScan, NeXT, ...), and YCbCr
+      photometric without JPEG compression (GDAL converts those to RGB while reading)
+    - a read whose result is larger than MAX_READ_BYTES (4 GiB): read windows instead. The
+      check comes before anything is allocated, so a header claiming 100000x100000 pixels
+      fails at once, not after filling most of the memory
+    - a tile or strip whose decoded size is larger than MAX_BLOCK_BYTES (256 MiB): every read
+      touching it would decode all of it, so a 64x64 window of a 1 GiB single-strip file
+      would cost 1 GiB. Uncompressed strips are exempt: a read takes only the rows it needs
+      from them (and is charged for those rows)
+    - damage: a block beyond the end of the file, one at offset 0 (inside the header), bytes that
+      do not decode, and an offset table shorter than the tile grid (CorruptImageError). Of a
+      pixel-interleaved striped file, though, the missing strips read as empty blocks, because
+      GDAL (libtiff) pads such a table with empty entries there and refuses only the rest
+    - a decode that runs out of memory is reported as that, not as a corrupt file
+
+Both limits are module constants, looked up on every read: assign `geotiff.MAX_READ_BYTES` or
+`geotiff.MAX_BLOCK_BYTES` to change them.
 
     read_geotiff(path, window, bands)   (bands, height, width) in the file's dtype
     geotiff_info(path)                  GeoTiffInfo: size, bands, dtype, nodata, layout, codec
@@ -27,7 +58,7 @@ Why windows: a 10000x10000 16-bit scene is 200 MB per band once decoded, while a
 is 512x512. A window (row, col, height, width) is mapped to the segments (tiles or strips) it
 intersects, only their bytes are read and decoded, and the overlapping pieces are pasted
 together, so a crop costs a few 256x256 tiles, not the scene. With band interleave a band
-subset also skips every other band's tiles. Striped files gain less: a strip spans the width.
+subset also skips every other band's tiles. Compressed strips gain less: a strip spans the width.
 
 Errors name the file and what to do: DataError for files this reader cannot handle and for
 windows or bands outside the image, its subclass CorruptImageError for missing, truncated or
@@ -44,12 +75,24 @@ import math
 import os
 from dataclasses import dataclass
 
+import imagecodecs
 import numpy as np
 import tifffile
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
 PILLOW_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG
 GDAL_NODATA_TAG = 42113
+
+# The most one read may return, in bytes; larger reads are refused before allocating (read windows).
+MAX_READ_BYTES = 4 * 2**30
+# The most one tile or strip may decode to, in bytes: a read touching it decodes all of it.
+MAX_BLOCK_BYTES = 256 * 2**20
+
+UNCOMPRESSED, OLD_JPEG, JPEG, LERC = 1, 6, 7, 34887
+# libtiff undoes a Predictor only inside these codecs (LZW, Adobe Deflate, Deflate, LZMA, ZSTD); with
+# any other compression GDAL ignores the tag and returns the stored samples, and so does this reader.
+PREDICTOR_CODECS = {5, 8, 32946, 34925, 50000}
+PHOTOMETRIC_YCBCR = 6
 
 
 def _drop_tifffile_nodata_warnings(record: logging.LogRecord) -> bool:
@@ -128,13 +171,32 @@ class GeoTiff:
         if page.imagedepth != 1 or page.dtype is None:
             raise DataError(f"{self.path}: unsupported TIFF layout (depth {page.imagedepth}, {page.bitspersample}-bit "
                             "samples); convert it, e.g. `gdal_translate -ot UInt16 in.tif out.tif`")
+        if (324 if page.is_tiled else 273) not in page.tags:
+            # tifffile drops a TileOffsets/StripOffsets tag whose values lie past the end of the file
+            # (with a logged warning) and reads on; every block would then look empty.
+            raise CorruptImageError(f"{self.path}: the {'tile' if page.is_tiled else 'strip'} offset table is "
+                                    "missing or lies past the end of the file; the file is truncated or corrupt")
+        compression = getattr(page.compression, "name", str(page.compression))
+        if page.photometric == PHOTOMETRIC_YCBCR and page.compression not in (JPEG, OLD_JPEG):
+            # GDAL converts such files to RGB while reading; tifffile would return the raw Y, Cb, Cr.
+            raise DataError(f"{self.path}: YCbCr colour without JPEG compression (here {compression}) is not "
+                            "supported; convert it to RGB with GDAL: "
+                            "`gdal_translate -co COMPRESS=DEFLATE -co TILED=YES in.tif out.tif`")
+        if page.predictor != 1 and page.compression not in PREDICTOR_CODECS:
+            page.predictor = 1  # before tifffile builds its decoder (on first use), which would apply it
         try:
             page.decode(None, 0)  # tifffile hands out a decoder that raises when the codec is missing
         except Exception as err:
+            if not isinstance(err, (ValueError, NotImplementedError)):  # what tifffile raises for what it lacks
+                raise CorruptImageError(f"{self.path}: unreadable TIFF header ({type(err).__name__}: {err}); "
+                                        "the file is truncated or corrupt") from err
+            if "requires the 'imagecodecs' package" in str(err):  # tifffile's words for a codec imagecodecs lacks
+                advice = "Install the full codec set with `pip install -U imagecodecs`, or re-encode with GDAL"
+            else:  # no decoder exists for it, so no package will help
+                advice = "This reader does not support it; re-encode the file with GDAL"
             raise DataError(
-                f"{self.path}: compression {page.compression!r} with predictor {page.predictor} cannot be decoded "
-                f"({err}). Install the full codec set with `pip install -U imagecodecs`, or re-encode "
-                "with GDAL: `gdal_translate -co COMPRESS=DEFLATE -co TILED=YES in.tif out.tif`") from err
+                f"{self.path}: compression {compression} with predictor {page.predictor} cannot be decoded "
+                f"({err}). {advice}: `gdal_translate -co COMPRESS=DEFLATE -co TILED=YES in.tif out.tif`") from err
         nodata = page.tags.get(GDAL_NODATA_TAG)
         if nodata is not None:
             text = self._nodata_text = str(nodata.value).strip("\x00 ")
@@ -155,7 +217,7 @@ class GeoTiff:
             tile_shape=(page.tilelength, page.tilewidth) if page.is_tiled
             else (min(page.rowsperstrip, page.imagelength), page.imagewidth),
             interleave="band" if page.planarconfig == 2 else "pixel",
-            compression=getattr(page.compression, "name", str(page.compression)),
+            compression=compression,
             bigtiff=self._tif.is_bigtiff,
         )
 
@@ -177,28 +239,43 @@ class GeoTiff:
         info = self.info
         row, col, height, width = window = self._check_window(window)
         bands = self._check_bands(bands)
+        out = self._allocate(len(bands), height, width)
         tile_rows, tile_cols, across, per_plane = self._grid()
-        band_interleaved = info.interleave == "band"
         all_bands = bands == list(range(info.bands))
-        out = np.empty((len(bands), height, width) if band_interleaved else (height, width, len(bands)), info.dtype)
         for index in self._segments(window, bands):
             plane, position = divmod(index, per_plane)
             top, left = position // across * tile_rows, position % across * tile_cols
-            tile = self._decode(index)  # (rows, cols, samples)
             # The overlap of this tile and the window, in image coordinates.
             y0, y1 = max(row, top), min(row + height, top + tile_rows, info.height)
             x0, x1 = max(col, left), min(col + width, left + tile_cols, info.width)
-            if tile.shape[0] < y1 - top or tile.shape[1] < x1 - left:
-                raise CorruptImageError(f"{self.path}: segment {index} decoded to {tile.shape[:2]}, "
-                                        f"too small for its place in the image; the file is corrupt")
-            piece = tile[y0 - top:y1 - top, x0 - left:x1 - left]
-            if band_interleaved:
+            rows = self._block_rows(index, y0 - top, y1 - top)  # (y1 - y0, cols, samples)
+            if rows.shape[0] != y1 - y0 or rows.shape[1] < x1 - left:
+                raise CorruptImageError(f"{self.path}: segment {index} decoded to too few rows or columns for "
+                                        f"its place in the image; the file is corrupt")
+            piece = rows[:, x0 - left:x1 - left]
+            target = out[:, y0 - row:y1 - row, x0 - col:x1 - col]
+            if info.interleave == "band":
                 for k, band in enumerate(bands):
                     if band == plane:
-                        out[k, y0 - row:y1 - row, x0 - col:x1 - col] = piece[..., 0]
+                        target[k] = piece[..., 0]
             else:
-                out[y0 - row:y1 - row, x0 - col:x1 - col] = piece if all_bands else piece[..., bands]
-        return out if band_interleaved else np.ascontiguousarray(out.transpose(2, 0, 1))
+                target[...] = np.moveaxis(piece if all_bands else piece[..., bands], -1, 0)
+        return out
+
+    def _allocate(self, bands: int, height: int, width: int) -> np.ndarray:
+        """The result array, refused up front when it would be larger than MAX_READ_BYTES."""
+        dtype = self.info.dtype
+        nbytes = bands * height * width * dtype.itemsize
+        shape = f"{bands} band{'s' * (bands != 1)} x {height} x {width} {dtype}"
+        if nbytes > MAX_READ_BYTES:
+            raise DataError(f"{self.path}: this read would return {_size(nbytes)} ({shape}), more than "
+                            f"geotiff.MAX_READ_BYTES = {_size(MAX_READ_BYTES)}; read a window instead, e.g. "
+                            f"read_geotiff(path, window=(0, 0, 1024, 1024)), or raise geotiff.MAX_READ_BYTES")
+        try:
+            return np.empty((bands, height, width), dtype)
+        except MemoryError:
+            raise DataError(f"{self.path}: out of memory allocating {_size(nbytes)} ({shape}) for this read; "
+                            "read a smaller window or free memory") from None
 
     def _grid(self) -> tuple[int, int, int, int]:
         """Segment rows, segment cols, segments across the image, segments per band plane."""
@@ -217,26 +294,102 @@ class GeoTiff:
                 for r in range(row // tile_rows, (row + height - 1) // tile_rows + 1)
                 for c in range(col // tile_cols, (col + width - 1) // tile_cols + 1)]
 
-    def _decode(self, index: int) -> np.ndarray:
-        page = self._page
-        offset, nbytes = page.dataoffsets[index], page.databytecounts[index]
+    def _block_rows(self, index: int, first: int, last: int) -> np.ndarray:
+        """Rows first..last-1 of segment `index` (counted from its top), as (rows, cols, samples)."""
+        page, info = self._page, self.info
+        kind = "tile" if info.tiled else "strip"
+        samples = page.shaped[-1]  # samples per pixel in a block: all bands, or one with band interleave
+        offsets, counts = page.dataoffsets, page.databytecounts
+        if index >= len(offsets) or index >= len(counts):
+            # libtiff pads a short offset table with empty entries for pixel-interleaved strips and
+            # GDAL reads those as empty; of tiled or band-interleaved files GDAL refuses the block.
+            if info.tiled or info.interleave == "band":
+                planes = info.bands if info.interleave == "band" else 1
+                raise CorruptImageError(f"{self.path}: {kind} {index} is missing: the file's offset table lists "
+                                        f"{min(len(offsets), len(counts))} {kind}s of {planes * self._grid()[3]}; "
+                                        "the file is truncated or corrupt")
+            offset, nbytes = 0, 0
+        else:
+            offset, nbytes = int(offsets[index]), int(counts[index])
         if nbytes == 0:
-            # GDAL's SPARSE_OK writes all-nodata tiles as no bytes at all.
-            rows, cols = self.info.tile_shape
-            return np.full((rows, cols, page.shaped[-1]), self._sparse_fill(index), self.info.dtype)
+            # GDAL's SPARSE_OK writes all-nodata blocks as no bytes at all.
+            return np.full((last - first, info.tile_shape[1], samples), self._sparse_fill(index), info.dtype)
+        if offset == 0:
+            raise CorruptImageError(f"{self.path}: {kind} {index} has {nbytes} bytes at offset 0, inside the "
+                                    "TIFF header; the file is corrupt")
         if offset + nbytes > self._file_size:
             raise CorruptImageError(f"{self.path}: truncated: segment {index} needs bytes up to {offset + nbytes} "
                                     f"but the file has {self._file_size}; copy or download it again")
         fh = self._tif.filehandle
+        raw_dtype = self._raw_strip_dtype()
+        if raw_dtype is not None:
+            # An uncompressed strip is rows stored one after another: read only the rows wanted,
+            # so a window of a single-strip file costs its own rows, not the whole file.
+            row_bytes = info.width * samples * raw_dtype.itemsize
+            start, stop = first * row_bytes, last * row_bytes
+            if stop > nbytes:
+                raise CorruptImageError(f"{self.path}: strip {index} holds {nbytes} bytes, too few for row {last - 1} "
+                                        f"of it ({row_bytes} bytes a row); the file is corrupt")
+            if stop - start > MAX_BLOCK_BYTES:
+                raise DataError(f"{self.path}: strip {index}: this read needs {last - first} rows of it, "
+                                f"{_size(stop - start)} (whole rows, all bands), more than geotiff.MAX_BLOCK_BYTES = "
+                                f"{_size(MAX_BLOCK_BYTES)}; read fewer rows at a time, or raise geotiff.MAX_BLOCK_BYTES")
+            fh.seek(offset + start)
+            data = fh.read(stop - start)
+            self.segments_decoded += 1
+            rows = np.frombuffer(data, raw_dtype).reshape(last - first, info.width, samples)
+            return rows.astype(info.dtype)  # native byte order, and a writable copy
+        block_rows = min(info.tile_shape[0], info.height - self._block_top(index)) if not info.tiled \
+            else info.tile_shape[0]
+        decoded_bytes = block_rows * info.tile_shape[1] * samples * info.dtype.itemsize
+        if max(decoded_bytes, nbytes) > MAX_BLOCK_BYTES:
+            rows, cols = info.tile_shape
+            raise DataError(f"{self.path}: {kind} {index} ({rows}x{cols} pixels) is too big to read: decoding it "
+                            f"takes {_size(max(decoded_bytes, nbytes))}, more than geotiff.MAX_BLOCK_BYTES = "
+                            f"{_size(MAX_BLOCK_BYTES)}, for any window that touches it. Re-tile the file with "
+                            "`gdal_translate -co TILED=YES -co COMPRESS=DEFLATE in.tif out.tif`, or raise "
+                            "geotiff.MAX_BLOCK_BYTES")
         fh.seek(offset)
         data = fh.read(nbytes)
         try:
-            tile, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+            if page.compression == LERC:
+                block = self._decode_lerc(data, (block_rows, info.tile_shape[1], samples))
+            else:
+                block = page.decode(data, index, jpegtables=page.jpegtables)[0][0]
+        except MemoryError:
+            raise DataError(f"{self.path}: out of memory decoding {kind} {index} ({_size(decoded_bytes)}); free "
+                            "memory (fewer loader workers) or read smaller windows") from None
         except Exception as err:
             raise CorruptImageError(f"{self.path}: segment {index} failed to decode "
                                     f"({type(err).__name__}: {err}); the file is corrupt") from err
         self.segments_decoded += 1
-        return tile[0]
+        return block[first:last]
+
+    def _block_top(self, index: int) -> int:
+        """First image row of segment `index`."""
+        tile_rows, _, across, per_plane = self._grid()
+        return index % per_plane // across * tile_rows
+
+    def _raw_strip_dtype(self) -> np.dtype | None:
+        """The stored sample dtype (file byte order) when strips are uncompressed whole bytes, else None."""
+        page = self._page
+        if (self.info.tiled or page.compression != UNCOMPRESSED or page.sampleformat == 5  # complex integers
+                or page.bitspersample not in (8, 16, 32, 64, 128)):
+            return None
+        return np.dtype(self._tif.byteorder + page.dtype.char)
+
+    def _decode_lerc(self, data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
+        """A LERC block with its invalid pixels as NaN (floats), as GDAL reads them.
+
+        tifffile's LERC path drops LERC's validity mask, leaving 0.0 where GDAL has NaN.
+        The output array has the block's size from the header, so a blob claiming more
+        pixels is an error, not an allocation."""
+        rows, cols, samples = shape
+        out = np.empty((rows, cols) if samples == 1 else shape, self.info.dtype)
+        values, valid = imagecodecs.lerc_decode(data, masks=True, out=out)
+        if valid is not None and self.info.dtype.kind in "fc":
+            values[~valid.astype(bool)] = np.nan  # a (rows, cols) mask covers every sample of a pixel
+        return values.reshape(shape)
 
     def _sparse_fill(self, index: int):
         """The pixel value of a sparse segment: the nodata value, or 0 without a GDAL_NODATA tag."""
@@ -312,6 +465,14 @@ def nodata_pixel(nodata, dtype):
             value = dtype.type(nodata)
         return None if math.isfinite(nodata) and not np.isfinite(value) else value  # overflowed to inf
     return None
+
+
+def _size(nbytes: int) -> str:
+    """A byte count for messages: '18.6 GiB', '256 MiB', '4 KiB'."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes} bytes"
 
 
 def _value_range(dtype: np.dtype) -> str:

@@ -4,6 +4,7 @@ The fixtures in tests/fixtures were written by GDAL (see make_fixtures.sh) from 
 in arrays.npz, so every pixel comparison here is against an independent writer.
 """
 
+import tracemalloc
 import warnings
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def test_jpeg_geotiff_matches_gdal_decode(name):
 
 WINDOW_FILES = ["u16_4b_tiled_deflate_pixel.tif", "u16_4b_striped_lzw_band.tif", "u16_4b_tiled_zstd_band.tif",
                 "u16_4b_striped_packbits_pixel.tif", "f32_3b_tiled_deflate_pred3_pixel.tif", "u8_3b_tiled_jpeg.tif",
-                "u8_3b_striped_jpeg_ycbcr.tif"]
+                "u8_3b_striped_jpeg_ycbcr.tif", "u8_3b_striped_none_pixel.tif"]
 
 
 @pytest.mark.parametrize("name", WINDOW_FILES)
@@ -224,13 +225,250 @@ def test_corrupt_tile_bytes_raise(tmp_path):
     geotiff.read_geotiff(path, window=(0, 0, 16, 16))  # tiles away from the damage still read
 
 
-def test_unsupported_compression_says_what_helps(tmp_path):
-    path = tmp_path / "odd.tif"
-    tifffile.imwrite(path, np.zeros((16, 16), np.uint16), compression="zlib")
+def set_tag_value(path, tag, value, index=0):
+    """Overwrite value `index` of an integer `tag` (name or code) in `path`'s first IFD, in place."""
     raw = bytearray(path.read_bytes())
     with tifffile.TiffFile(path) as tif:
-        tag = tif.pages[0].tags["Compression"]
-    raw[tag.valueoffset:tag.valueoffset + 2] = (60000).to_bytes(2, "little")  # no codec has this number
+        entry, byteorder = tif.pages[0].tags[tag], tif.byteorder
+    width = entry.valuebytecount // entry.count
+    start = entry.valueoffset + index * width
+    raw[start:start + width] = int(value).to_bytes(width, "little" if byteorder == "<" else "big")
     path.write_bytes(bytes(raw))
-    with pytest.raises(geotiff.DataError, match=f"{path}: compression .* imagecodecs.*gdal_translate -co COMPRESS=DEFLATE"):
+
+
+@pytest.mark.parametrize("compression, name", [(34676, "SGILOG"), (32809, "THUNDERSCAN"), (60000, "60000")])
+def test_compression_nothing_decodes_says_unsupported_not_pip_install(tmp_path, compression, name):
+    path = tmp_path / "odd.tif"
+    tifffile.imwrite(path, np.zeros((16, 16), np.uint16), compression="zlib")
+    set_tag_value(path, "Compression", compression)
+    with pytest.raises(geotiff.DataError, match=f"{path}: compression .*{name}.* does not support it; re-encode "
+                                                "the file with GDAL: `gdal_translate -co COMPRESS=DEFLATE") as err:
         geotiff.read_geotiff(path)
+    assert "pip install" not in str(err.value)  # imagecodecs has no decoder for these: installing cannot help
+
+
+def test_ycbcr_without_jpeg_is_refused(tmp_path):
+    # GDAL converts such a file to RGB while reading; its raw Y, Cb, Cr samples would be wrong pixels.
+    path = tmp_path / "ycbcr.tif"
+    tifffile.imwrite(path, ARRAYS["u8_3b"].transpose(1, 2, 0), photometric="rgb", compression="zlib")
+    set_tag_value(path, "PhotometricInterpretation", 6)
+    with pytest.raises(geotiff.DataError, match=f"{path}: YCbCr colour without JPEG compression .* not supported.*"
+                                                "gdal_translate -co COMPRESS=DEFLATE") as err:
+        geotiff.read_geotiff(path)
+    assert "pip install" not in str(err.value)
+
+
+def test_out_of_memory_while_decoding_says_so(monkeypatch):
+    def decode_without_memory(*args, **kwargs):
+        raise MemoryError
+
+    with geotiff.GeoTiff(FIXTURES / "u16_4b_tiled_deflate_pixel.tif") as tif:
+        monkeypatch.setattr(tif._page, "decode", decode_without_memory)
+        with pytest.raises(geotiff.DataError, match="u16_4b_tiled_deflate_pixel.tif: out of memory decoding tile 0") as err:
+            tif.read((0, 0, 4, 4))
+    assert not isinstance(err.value, geotiff.CorruptImageError)  # not a damaged file: skip_corrupt must not skip it
+
+
+# --- damaged offset tables ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, source", [("u8_3b_striped_none_pixel_short_table", "u8_3b"),
+                                          ("i16_3b_nodata_striped_deflate_pixel_short_table", "i16_3b_nodata")])
+def test_strips_missing_from_a_short_offset_table_read_empty_as_in_gdal(name, source):
+    # Pixel-interleaved strips: libtiff pads the table with empty entries, so GDAL returns the
+    # missing strips as empty blocks: 0, or the nodata value (-9999) where the file has one.
+    path = FIXTURES / f"{name}.tif"
+    gdal = ARRAYS[f"gdal_decoded_{name}"]
+    pixels = geotiff.read_geotiff(path)
+    np.testing.assert_array_equal(pixels, gdal)
+    kept = {"u8_3b": 4 * 9, "i16_3b_nodata": 3 * 8}[source]  # rows in the strips the table still lists
+    np.testing.assert_array_equal(pixels[:, :kept], ARRAYS[source][:, :kept])
+    assert np.unique(pixels[:, kept:]).tolist() == [0 if source == "u8_3b" else -9999]
+    np.testing.assert_array_equal(geotiff.read_geotiff(path, window=(kept - 3, 5, 10, 7)),
+                                  gdal[:, kept - 3:kept + 7, 5:12])
+
+
+@pytest.mark.parametrize("name, block", [("u16_4b_tiled_deflate_pixel_short_table", "tile 5 is missing: the file's "
+                                          "offset table lists 5 tiles of 9"),
+                                         ("u16_4b_striped_lzw_band_short_table", "strip 10 is missing: the file's "
+                                          "offset table lists 10 strips of 24")])
+def test_blocks_missing_from_short_offset_table_of_tiles_or_band_planes_are_corrupt_as_in_gdal(name, block):
+    # GDAL refuses these reads (make_fixtures.sh checks), as this reader does; blocks listed still read.
+    path = FIXTURES / f"{name}.tif"
+    with pytest.raises(geotiff.CorruptImageError, match=f"{path}: {block}; the file is truncated or corrupt"):
+        geotiff.read_geotiff(path)
+    np.testing.assert_array_equal(geotiff.read_geotiff(path, window=(0, 0, 16, 16), bands=[0]),
+                                  ARRAYS["u16_4b"][:1, :16, :16])
+
+
+def test_file_cut_inside_the_offset_table_is_corrupt(tmp_path):
+    # tifffile drops an offset table that lies past the end of the file; read on, every strip
+    # would look empty and the image would come back as zeros.
+    source = FIXTURES / "u8_3b_striped_none_pixel.tif"
+    with tifffile.TiffFile(source) as tif:
+        table = tif.pages[0].tags["StripOffsets"].valueoffset  # 6 offsets of 4 bytes, after the IFD
+    path = tmp_path / "cut_in_table.tif"
+    path.write_bytes(source.read_bytes()[:table + 4])
+    with pytest.raises(geotiff.CorruptImageError, match=f"{path}: the strip offset table is missing or lies past the end"):
+        geotiff.read_geotiff(path)
+
+
+def test_block_at_offset_zero_with_bytes_is_corrupt(tmp_path):
+    # Offset 0 is the TIFF header; GDAL fails to decode such a block (or returns the header's
+    # bytes as pixels, uncompressed), while byte count 0 is an empty block (test above).
+    path = tmp_path / "offset0.tif"
+    path.write_bytes((FIXTURES / "u16_4b_tiled_deflate_pixel.tif").read_bytes())
+    set_tag_value(path, "TileOffsets", 0, index=2)
+    with pytest.raises(geotiff.CorruptImageError, match=f"{path}: tile 2 has .* bytes at offset 0, inside the TIFF header"):
+        geotiff.read_geotiff(path)
+
+
+# --- predictor, LERC -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["u16_4b_striped_none_predictor2", "u16_4b_striped_packbits_predictor2"])
+def test_predictor_tag_without_a_codec_that_uses_it_is_ignored_as_in_libtiff(name):
+    with tifffile.TiffFile(FIXTURES / f"{name}.tif") as tif:
+        assert tif.pages[0].predictor == 2  # the fixture really carries the tag
+    pixels = geotiff.read_geotiff(FIXTURES / f"{name}.tif")
+    np.testing.assert_array_equal(pixels, ARRAYS[f"gdal_decoded_{name}"])
+    np.testing.assert_array_equal(pixels, ARRAYS["u16_4b"])  # GDAL returned the stored samples
+    np.testing.assert_array_equal(geotiff.read_geotiff(FIXTURES / f"{name}.tif", window=(3, 4, 9, 10), bands=[2]),
+                                  ARRAYS["u16_4b"][2:3, 3:12, 4:14])
+
+
+@pytest.mark.parametrize("name", ["f32_1b_tiled_lerc", "f32_3b_striped_lerc_deflate_band", "f32_3b_tiled_lerc_zstd_pixel"])
+def test_lerc_reads_as_gdal_nan_included(name):
+    gdal = ARRAYS[f"gdal_decoded_{name}"]
+    pixels = geotiff.read_geotiff(FIXTURES / f"{name}.tif")
+    assert pixels.dtype == np.float32
+    np.testing.assert_array_equal(pixels, gdal)  # NaN where GDAL has NaN (LERC's mask), not 0.0
+    np.testing.assert_array_equal(geotiff.read_geotiff(FIXTURES / f"{name}.tif", window=(15, 30, 5, 6)),
+                                  gdal[:, 15:20, 30:36])
+    source = ARRAYS["f32_3b"][2:] if name == "f32_1b_tiled_lerc" else ARRAYS["f32_3b"]
+    if name.endswith("_pixel"):
+        # GDAL stores the NaN of pixel-interleaved LERC blocks as -FLT_MAX; everything else is exact.
+        assert pixels[2, 17, 33] == np.finfo(np.float32).min
+        source = np.nan_to_num(source, nan=np.finfo(np.float32).min)
+    np.testing.assert_array_equal(pixels, source)
+
+
+# --- memory limits -------------------------------------------------------------------------------
+
+
+def test_full_read_of_huge_header_is_refused_before_allocating():
+    path = FIXTURES / "u16_1b_huge_sparse.tif"  # 100000 x 100000 uint16, all sparse tiles: 8 KB on disk
+    assert geotiff.geotiff_info(path).height == 100000
+    with pytest.raises(geotiff.DataError, match=f"{path}: this read would return 18.6 GiB \\(1 band x 100000 x 100000 "
+                                                "uint16\\), more than geotiff.MAX_READ_BYTES = 4 GiB; read a window"):
+        geotiff.read_geotiff(path)
+    np.testing.assert_array_equal(geotiff.read_geotiff(path, window=(50000, 99000, 200, 300)),
+                                  ARRAYS["gdal_decoded_u16_1b_huge_sparse"])
+
+
+def test_read_limit_is_the_module_constant(monkeypatch):
+    path = FIXTURES / "u16_4b_tiled_deflate_pixel.tif"  # 4 x 37 x 41 uint16 = 12136 bytes
+    monkeypatch.setattr(geotiff, "MAX_READ_BYTES", 12135)
+    with pytest.raises(geotiff.DataError, match=f"{path}: this read would return 11.9 KiB \\(4 bands x 37 x 41 uint16"):
+        geotiff.read_geotiff(path)
+    np.testing.assert_array_equal(geotiff.read_geotiff(path, bands=[0, 1, 2]), ARRAYS["u16_4b"][:3])
+    monkeypatch.setattr(geotiff, "MAX_READ_BYTES", 12136)
+    np.testing.assert_array_equal(geotiff.read_geotiff(path), ARRAYS["u16_4b"])
+
+
+def single_strip_scene(path, compression=None, byteorder="<"):
+    """A 2048 x 2048 x 2 uint16 scene (16 MiB) stored as one strip."""
+    scene = np.random.default_rng(5).integers(0, 4000, (2048, 2048, 2), dtype=np.uint16)
+    tifffile.imwrite(path, scene, rowsperstrip=2048, compression=compression, byteorder=byteorder,
+                     photometric="minisblack", planarconfig="contig")
+    return scene.transpose(2, 0, 1)
+
+
+def test_window_of_a_compressed_block_bigger_than_the_limit_is_refused(tmp_path, monkeypatch):
+    # A 64x64 window of one zlib strip would decode all of it; past MAX_BLOCK_BYTES that is refused.
+    path = tmp_path / "one_strip.tif"
+    scene = single_strip_scene(path, compression="zlib")
+    monkeypatch.setattr(geotiff, "MAX_BLOCK_BYTES", 8 * 2**20)
+    with pytest.raises(geotiff.DataError, match=f"{path}: strip 0 \\(2048x2048 pixels\\) is too big to read: decoding "
+                                                "it takes 16 MiB, more than geotiff.MAX_BLOCK_BYTES = 8 MiB.*"
+                                                "gdal_translate -co TILED=YES"):
+        geotiff.read_geotiff(path, window=(100, 100, 64, 64))
+    monkeypatch.setattr(geotiff, "MAX_BLOCK_BYTES", 16 * 2**20)
+    np.testing.assert_array_equal(geotiff.read_geotiff(path, window=(100, 100, 64, 64)), scene[:, 100:164, 100:164])
+
+
+@pytest.mark.parametrize("byteorder", ["<", ">"])
+def test_window_of_an_uncompressed_strip_reads_only_its_rows(tmp_path, monkeypatch, byteorder):
+    path = tmp_path / "one_strip.tif"
+    scene = single_strip_scene(path, byteorder=byteorder)
+    # raising=False: without the limit, the peak memory below is what must fail
+    monkeypatch.setattr(geotiff, "MAX_BLOCK_BYTES", 2**20, raising=False)  # 1/16 of the strip: 128 of its rows
+    tracemalloc.start()
+    try:
+        window = geotiff.read_geotiff(path, window=(1000, 7, 64, 64), bands=[1])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(window, scene[1:, 1000:1064, 7:71])
+    assert window.dtype.isnative
+    assert peak < 4 * 64 * 2048 * 2 * 2  # a few copies of the 64 rows it needs (512 KiB), not the 16 MiB strip
+    np.testing.assert_array_equal(geotiff.read_geotiff(path, window=(2040, 2000, 8, 48)), scene[:, 2040:, 2000:])
+    with pytest.raises(geotiff.DataError, match=f"{path}: strip 0: this read needs 129 rows of it, 1.01 MiB .*"
+                                                "read fewer rows"):
+        geotiff.read_geotiff(path, window=(0, 0, 129, 1))
+
+
+# --- fuzzing ---------------------------------------------------------------------------------------
+
+
+def source_pixels(name):
+    return ARRAYS[LOSSLESS[name][0]] if name in LOSSLESS else ARRAYS[f"gdal_decoded_{name[:-4]}"]
+
+
+FUZZ_FILES = ["u16_4b_tiled_deflate_pixel.tif", "u16_4b_striped_lzw_band.tif", "u16_4b_tiled_zstd_band.tif",
+              "u16_4b_striped_packbits_pixel.tif", "u16_4b_tiled_deflate_bigtiff.tif", "u8_3b_striped_none_pixel.tif",
+              "i16_3b_nodata_striped_deflate_band.tif", "f32_3b_tiled_deflate_pred3_pixel.tif", "u16_1b_cog.tif",
+              "f32_1b_tiled_lerc.tif", "u8_3b_tiled_jpeg.tif", "u16_4b_striped_none_predictor2.tif"]
+
+
+def outcome(path, window=None):
+    """The pixels read, or None for a DataError; any other exception fails the test."""
+    try:
+        return geotiff.read_geotiff(path, window=window)
+    except geotiff.DataError:
+        return None
+
+
+@pytest.mark.parametrize("name", FUZZ_FILES)
+def test_fuzzed_files_give_data_errors_or_right_pixels(tmp_path, name):
+    # Damaged copies of each fixture: truncated at 12 places, and 40 single bytes replaced. A
+    # read must raise DataError (CorruptImageError included) or return pixels; a truncated
+    # file that reads at all must read exactly, and so must a DEFLATE file whose damage lies in
+    # its compressed bytes (zlib's checksum catches any change there).
+    raw = (FIXTURES / name).read_bytes()
+    expected = source_pixels(name)
+    rng = np.random.default_rng(sum(raw[:4096]))  # a seed per file, the same on every run
+    with tifffile.TiffFile(FIXTURES / name) as tif:
+        page = tif.pages[0]
+        data_bytes = [range(o, o + n) for o, n in zip(page.dataoffsets, page.databytecounts)]
+        checksummed = page.compression in (8, 32946) and page.predictor in (1, 2, 3)
+    path = tmp_path / name
+    for cut in sorted(rng.integers(8, len(raw), 12)):
+        path.write_bytes(raw[:cut])
+        pixels = outcome(path)
+        if pixels is not None:
+            np.testing.assert_array_equal(pixels, expected, err_msg=f"{name} cut at {cut}")
+    for position, value in zip(rng.integers(0, len(raw), 40), rng.integers(0, 256, 40)):
+        damaged = bytearray(raw)
+        if damaged[position] == value:
+            continue
+        damaged[position] = value
+        path.write_bytes(bytes(damaged))
+        pixels = outcome(path)
+        if pixels is None:
+            continue
+        info = geotiff.geotiff_info(path)
+        assert pixels.shape == (info.bands, info.height, info.width) and pixels.dtype == info.dtype
+        if checksummed and any(position in block for block in data_bytes):
+            np.testing.assert_array_equal(pixels, expected, err_msg=f"{name} byte {position} = {value}")
+        outcome(path, window=(info.height // 3, info.width // 4, max(1, info.height // 2), max(1, info.width // 2)))

@@ -141,8 +141,8 @@ class GeoTiff:
     tifffile parses the header and owns the codecs (via imagecodecs, with the TIFF
     predictors); this class does the part that matters for huge scenes: map a window to
     the segments it intersects, read just their bytes and paste the decoded pieces
-    together. `segments_decoded` counts decodes, so tests can check a small window
-    stays small. For a COG the first image is full resolution; overviews follow it.
+    together. `segments_decoded` counts decodes (and reads of an uncompressed strip's
+    rows), so tests can check a small window stays small. For a COG the first image is full resolution; overviews follow it.
     """
 
     def __init__(self, path):
@@ -248,19 +248,29 @@ class GeoTiff:
             # The overlap of this tile and the window, in image coordinates.
             y0, y1 = max(row, top), min(row + height, top + tile_rows, info.height)
             x0, x1 = max(col, left), min(col + width, left + tile_cols, info.width)
-            rows = self._block_rows(index, y0 - top, y1 - top)  # (y1 - y0, cols, samples)
-            if rows.shape[0] != y1 - y0 or rows.shape[1] < x1 - left:
-                raise CorruptImageError(f"{self.path}: segment {index} decoded to too few rows or columns for "
-                                        f"its place in the image; the file is corrupt")
-            piece = rows[:, x0 - left:x1 - left]
-            target = out[:, y0 - row:y1 - row, x0 - col:x1 - col]
-            if info.interleave == "band":
-                for k, band in enumerate(bands):
-                    if band == plane:
-                        target[k] = piece[..., 0]
-            else:
-                target[...] = np.moveaxis(piece if all_bands else piece[..., bands], -1, 0)
+            for r0, r1 in self._row_chunks(y0, y1):
+                rows = self._block_rows(index, r0 - top, r1 - top)  # (r1 - r0, cols, samples)
+                if rows.shape[0] != r1 - r0 or rows.shape[1] < x1 - left:
+                    raise CorruptImageError(f"{self.path}: segment {index} decoded to too few rows or columns for "
+                                            f"its place in the image; the file is corrupt")
+                piece = rows[:, x0 - left:x1 - left]
+                target = out[:, r0 - row:r1 - row, x0 - col:x1 - col]
+                if info.interleave == "band":
+                    for k, band in enumerate(bands):
+                        if band == plane:
+                            target[k] = piece[..., 0]
+                else:
+                    target[...] = np.moveaxis(piece if all_bands else piece[..., bands], -1, 0)
         return out
+
+    def _row_chunks(self, y0: int, y1: int) -> list[tuple[int, int]]:
+        """Image rows y0..y1-1 of one segment, in the pieces to read them in: all at once, except
+        from uncompressed strips, read a chunk of at most MAX_BLOCK_BYTES of rows at a time."""
+        raw_dtype = self._raw_strip_dtype()
+        if raw_dtype is None:
+            return [(y0, y1)]
+        step = max(1, MAX_BLOCK_BYTES // self._row_bytes(raw_dtype))
+        return [(r, min(r + step, y1)) for r in range(y0, y1, step)]
 
     def _allocate(self, bands: int, height: int, width: int) -> np.ndarray:
         """The result array, refused up front when it would be larger than MAX_READ_BYTES."""
@@ -325,20 +335,21 @@ class GeoTiff:
         if raw_dtype is not None:
             # An uncompressed strip is rows stored one after another: read only the rows wanted,
             # so a window of a single-strip file costs its own rows, not the whole file.
-            row_bytes = info.width * samples * raw_dtype.itemsize
+            row_bytes = self._row_bytes(raw_dtype)
             start, stop = first * row_bytes, last * row_bytes
             if stop > nbytes:
                 raise CorruptImageError(f"{self.path}: strip {index} holds {nbytes} bytes, too few for row {last - 1} "
                                         f"of it ({row_bytes} bytes a row); the file is corrupt")
-            if stop - start > MAX_BLOCK_BYTES:
-                raise DataError(f"{self.path}: strip {index}: this read needs {last - first} rows of it, "
-                                f"{_size(stop - start)} (whole rows, all bands), more than geotiff.MAX_BLOCK_BYTES = "
-                                f"{_size(MAX_BLOCK_BYTES)}; read fewer rows at a time, or raise geotiff.MAX_BLOCK_BYTES")
+            if stop - start > MAX_BLOCK_BYTES:  # only a single row can be (read() asks for chunks)
+                raise DataError(f"{self.path}: one row of strip {index} is {_size(row_bytes)} (all bands), more "
+                                f"than geotiff.MAX_BLOCK_BYTES = {_size(MAX_BLOCK_BYTES)}; re-tile the file with "
+                                "`gdal_translate -co TILED=YES -co COMPRESS=DEFLATE in.tif out.tif`, or raise "
+                                "geotiff.MAX_BLOCK_BYTES")
             fh.seek(offset + start)
             data = fh.read(stop - start)
             self.segments_decoded += 1
             rows = np.frombuffer(data, raw_dtype).reshape(last - first, info.width, samples)
-            return rows.astype(info.dtype)  # native byte order, and a writable copy
+            return rows.astype(info.dtype, copy=False)  # native byte order (a copy only for the other one)
         block_rows = min(info.tile_shape[0], info.height - self._block_top(index)) if not info.tiled \
             else info.tile_shape[0]
         decoded_bytes = block_rows * info.tile_shape[1] * samples * info.dtype.itemsize
@@ -355,7 +366,17 @@ class GeoTiff:
             if page.compression == LERC:
                 block = self._decode_lerc(data, (block_rows, info.tile_shape[1], samples))
             else:
+                if page.compression == JPEG:
+                    # libjpeg allocates what the JPEG header says, whatever the TIFF header says:
+                    # 65000x65000 in a damaged 16x16 tile would be 12 GB.
+                    frame = _jpeg_frame_size(data)
+                    if frame is not None and (frame[0] > info.tile_shape[0] or frame[1] > info.tile_shape[1]):
+                        raise CorruptImageError(f"{self.path}: {kind} {index} is a {frame[0]}x{frame[1]} JPEG, larger "
+                                                f"than the {info.tile_shape[0]}x{info.tile_shape[1]} {kind}s of the "
+                                                "file; the file is corrupt")
                 block = page.decode(data, index, jpegtables=page.jpegtables)[0][0]
+        except CorruptImageError:
+            raise
         except MemoryError:
             raise DataError(f"{self.path}: out of memory decoding {kind} {index} ({_size(decoded_bytes)}); free "
                             "memory (fewer loader workers) or read smaller windows") from None
@@ -369,6 +390,9 @@ class GeoTiff:
         """First image row of segment `index`."""
         tile_rows, _, across, per_plane = self._grid()
         return index % per_plane // across * tile_rows
+
+    def _row_bytes(self, raw_dtype: np.dtype) -> int:
+        return self.info.width * self._page.shaped[-1] * raw_dtype.itemsize
 
     def _raw_strip_dtype(self) -> np.dtype | None:
         """The stored sample dtype (file byte order) when strips are uncompressed whole bytes, else None."""
@@ -386,6 +410,12 @@ class GeoTiff:
         pixels is an error, not an allocation."""
         rows, cols, samples = shape
         out = np.empty((rows, cols) if samples == 1 else shape, self.info.dtype)
+        wrapper = self._page.tags.valueof(50674, (4, 0))[1]  # LercParameters: 0 none, 1 DEFLATE, 2 ZSTD around LERC
+        if wrapper in (1, 2):
+            # Unwrapped by hand, into at most what the block can take (values, a validity mask per
+            # sample, headers), because imagecodecs would inflate a damaged stream without bound.
+            limit = out.nbytes + out.size + 65536
+            data = (imagecodecs.zlib_decode if wrapper == 1 else imagecodecs.zstd_decode)(data, out=limit)
         values, valid = imagecodecs.lerc_decode(data, masks=True, out=out)
         if valid is not None and self.info.dtype.kind in "fc":
             values[~valid.astype(bool)] = np.nan  # a (rows, cols) mask covers every sample of a pixel
@@ -473,6 +503,24 @@ def _size(nbytes: int) -> str:
         if nbytes >= scale:
             return f"{nbytes / scale:.3g} {unit}"
     return f"{nbytes} bytes"
+
+
+def _jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG stream's frame header (SOFn marker), None if there is none."""
+    position = 2  # after the start-of-image marker
+    while position + 9 <= len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # frame headers (not DHT, JPG, DAC)
+            return int.from_bytes(data[position + 5:position + 7], "big"), int.from_bytes(data[position + 7:position + 9], "big")
+        if marker == 0xDA:  # start of scan: the frame header comes before it or not at all
+            return None
+        position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
+    return None
 
 
 def _value_range(dtype: np.dtype) -> str:

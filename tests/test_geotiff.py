@@ -6,6 +6,7 @@ in arrays.npz, so every pixel comparison here is against an independent writer.
 
 import tracemalloc
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -413,9 +414,18 @@ def test_window_of_an_uncompressed_strip_reads_only_its_rows(tmp_path, monkeypat
     assert window.dtype.isnative
     assert peak < 4 * 64 * 2048 * 2 * 2  # a few copies of the 64 rows it needs (512 KiB), not the 16 MiB strip
     np.testing.assert_array_equal(geotiff.read_geotiff(path, window=(2040, 2000, 8, 48)), scene[:, 2040:, 2000:])
-    with pytest.raises(geotiff.DataError, match=f"{path}: strip 0: this read needs 129 rows of it, 1.01 MiB .*"
-                                                "read fewer rows"):
-        geotiff.read_geotiff(path, window=(0, 0, 129, 1))
+    # Taller reads go 128 rows at a time: a full read costs its result and little more.
+    tracemalloc.start()
+    try:
+        full = geotiff.read_geotiff(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(full, scene)
+    assert peak < full.nbytes + 5 * 2**20  # the result, and a chunk or two (1 MiB each) with their copies
+    monkeypatch.setattr(geotiff, "MAX_BLOCK_BYTES", 2048 * 2 * 2 - 1)
+    with pytest.raises(geotiff.DataError, match=f"{path}: one row of strip 0 is 8 KiB .*MAX_BLOCK_BYTES = 8 KiB"):
+        geotiff.read_geotiff(path, window=(0, 0, 1, 1))
 
 
 # --- fuzzing ---------------------------------------------------------------------------------------
@@ -472,3 +482,35 @@ def test_fuzzed_files_give_data_errors_or_right_pixels(tmp_path, name):
         if checksummed and any(position in block for block in data_bytes):
             np.testing.assert_array_equal(pixels, expected, err_msg=f"{name} byte {position} = {value}")
         outcome(path, window=(info.height // 3, info.width // 4, max(1, info.height // 2), max(1, info.width // 2)))
+
+
+def test_jpeg_header_larger_than_its_tile_is_corrupt_not_allocated(tmp_path):
+    # libjpeg would allocate what the JPEG frame header says: 65000 x 65000 x 3 = 12 GB here.
+    path = tmp_path / "jpeg_bomb.tif"
+    raw = bytearray((FIXTURES / "u8_3b_tiled_jpeg.tif").read_bytes())
+    with tifffile.TiffFile(FIXTURES / "u8_3b_tiled_jpeg.tif") as tif:
+        start = tif.pages[0].dataoffsets[0]
+    frame = raw.index(b"\xff\xc0", start)  # baseline frame header: length, precision, height, width
+    raw[frame + 5:frame + 9] = (65000).to_bytes(2, "big") * 2
+    path.write_bytes(bytes(raw))
+    with pytest.raises(geotiff.CorruptImageError, match=f"{path}: tile 0 is a 65000x65000 JPEG, larger than the 16x16"):
+        geotiff.read_geotiff(path, window=(0, 0, 4, 4))
+    np.testing.assert_array_equal(geotiff.read_geotiff(path, window=(16, 16, 4, 4)),
+                                  geotiff.read_geotiff(FIXTURES / "u8_3b_tiled_jpeg.tif", window=(16, 16, 4, 4)))
+
+
+def test_lerc_deflate_bomb_is_corrupt_without_inflating_it(tmp_path):
+    # Tile 0 of a LERC_DEFLATE file replaced by 64 MiB of zeros deflated to 64 KiB, appended to the file.
+    path = tmp_path / "lerc_bomb.tif"
+    bomb = zlib.compress(bytes(64 * 2**20), 9)
+    path.write_bytes((FIXTURES / "f32_3b_striped_lerc_deflate_band.tif").read_bytes() + bomb)
+    set_tag_value(path, "StripOffsets", path.stat().st_size - len(bomb))
+    set_tag_value(path, "StripByteCounts", len(bomb))
+    tracemalloc.start()
+    try:
+        with pytest.raises(geotiff.CorruptImageError, match=f"{path}: segment 0 failed to decode"):
+            geotiff.read_geotiff(path, window=(0, 0, 2, 2))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20  # a 5-row strip's worth, not 64 MiB

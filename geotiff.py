@@ -20,12 +20,13 @@ Supported:
                  bytes (GDAL's SPARSE_OK tiles, byte count 0) read as nodata, or 0 without a tag.
                  A tag no pixel of the dtype can hold (-9999 in uint16, 300 in uint8) marks no
                  pixel, as in GDAL's masks, and an empty block in such a file is an error
-    LERC floats  a pixel LERC's mask marks invalid reads as NaN, as GDAL returns it. GDAL writes
-                 that mask only for one band per block (INTERLEAVE=BAND or one band); for
-                 pixel-interleaved bands it stores NaN as -3.4028235e+38, and both read so
+    LERC NaN     pixels LERC's validity mask marks invalid read as NaN in float files, as in GDAL.
+                 GDAL writes NaN into that mask only when a block holds one band (INTERLEAVE=BAND
+                 or a single band); pixel-interleaved blocks store it as -3.4028235e+38, which
+                 GDAL and this reader then return
     colour       the stored samples, with no colour conversion: CMYK and CIELab files give their
                  C, M, Y, K or L, a, b bands, as GDAL gives them when opened as `GTIFF_RAW:file.tif`
-                 (plain GDAL converts CMYK to RGB); palette files give the indices
+                 (plain GDAL converts both to RGBA); palette files give the indices
 
 Refused, with a DataError saying what to do instead (usually re-encoding with
 `gdal_translate -co COMPRESS=DEFLATE -co TILED=YES in.tif out.tif`):
@@ -38,12 +39,14 @@ Refused, with a DataError saying what to do instead (usually re-encoding with
     - a tile or strip whose decoded size is larger than MAX_BLOCK_BYTES (256 MiB): every read
       touching it would decode all of it, so a 64x64 window of a 1 GiB single-strip file
       would cost 1 GiB. Uncompressed strips are exempt: a read takes only the rows it needs
-      from them (and is charged for those rows)
-    - damage: a block beyond the end of the file, one at offset 0 (inside the header), bytes that
-      do not decode, and an offset table shorter than the tile grid (CorruptImageError). Of a
-      pixel-interleaved striped file, though, the missing strips read as empty blocks, because
-      GDAL (libtiff) pads such a table with empty entries there and refuses only the rest
-    - a decode that runs out of memory is reported as that, not as a corrupt file
+      from them, at most MAX_BLOCK_BYTES of rows at a time
+    - damage (CorruptImageError): an unreadable header, a block past the end of the file or at
+      offset 0 (inside the header), bytes that do not decode, a JPEG block whose own header is
+      larger than the tile, a LERC_DEFLATE/ZSTD block inflating past the block's size, and an
+      offset table shorter than the tile grid. Of a pixel-interleaved striped file, though,
+      the strips missing from the table read as empty blocks, because libtiff pads such a
+      table with empty entries there and GDAL reads them so; it refuses all other layouts
+    - a decode that runs out of memory is reported as that (a DataError), not as a corrupt file
 
 Both limits are module constants, looked up on every read: assign `geotiff.MAX_READ_BYTES` or
 `geotiff.MAX_BLOCK_BYTES` to change them.
@@ -156,6 +159,15 @@ class GeoTiff:
                                     "the file is truncated or corrupt") from err
         try:
             self.info = self._inspect()
+        except DataError:
+            self.close()
+            raise
+        except Exception as err:
+            # A damaged header can give tifffile attributes of any type (a tuple for a tile
+            # width); whatever fails while interpreting the header means the same thing.
+            self.close()
+            raise CorruptImageError(f"{self.path}: unreadable TIFF header ({type(err).__name__}: {err}); "
+                                    "the file is truncated or corrupt") from err
         except BaseException:
             self.close()
             raise
@@ -163,11 +175,9 @@ class GeoTiff:
         self.segments_decoded = 0
 
     def _inspect(self) -> GeoTiffInfo:
-        try:
-            page = self._page = self._tif.pages[0]
-        except Exception as err:
-            raise CorruptImageError(f"{self.path}: unreadable TIFF header ({err}); "
-                                    "the file is truncated or corrupt") from err
+        """The header, read once: GeoTiffInfo, and what reads need, so that no read touches tifffile's
+        lazily computed attributes (where a damaged header would fail with any exception)."""
+        page = self._page = self._tif.pages[0]
         if page.imagedepth != 1 or page.dtype is None:
             raise DataError(f"{self.path}: unsupported TIFF layout (depth {page.imagedepth}, {page.bitspersample}-bit "
                             "samples); convert it, e.g. `gdal_translate -ot UInt16 in.tif out.tif`")
@@ -197,6 +207,16 @@ class GeoTiff:
             raise DataError(
                 f"{self.path}: compression {compression} with predictor {page.predictor} cannot be decoded "
                 f"({err}). {advice}: `gdal_translate -co COMPRESS=DEFLATE -co TILED=YES in.tif out.tif`") from err
+        self._codec = int(page.compression)
+        self._offsets, self._bytecounts = tuple(map(int, page.dataoffsets)), tuple(map(int, page.databytecounts))
+        self._samples = page.shaped[-1]  # samples in a block's pixel: all bands, or one with band interleave
+        self._jpegtables = page.jpegtables
+        self._lerc_wrapper = page.tags.valueof(50674, (4, 0))[1]  # LercParameters: 0 none, 1 DEFLATE, 2 ZSTD
+        # Uncompressed strips of whole-byte samples are read row by row (see _block_rows).
+        self._raw_strip_dtype = None
+        if (not page.is_tiled and page.compression == UNCOMPRESSED and page.sampleformat != 5  # complex integers
+                and page.bitspersample in (8, 16, 32, 64, 128)):
+            self._raw_strip_dtype = np.dtype(self._tif.byteorder + page.dtype.char)
         nodata = page.tags.get(GDAL_NODATA_TAG)
         if nodata is not None:
             text = self._nodata_text = str(nodata.value).strip("\x00 ")
@@ -206,6 +226,10 @@ class GeoTiff:
                 raise DataError(f"{self.path}: GDAL_NODATA tag {text!r} is not a number; set it with "
                                 "`gdal_edit.py -a_nodata <value> file.tif` or drop it with "
                                 "`gdal_edit.py -unsetnodata file.tif`") from None
+        block_size = (page.tilelength, page.tilewidth) if page.is_tiled else (page.rowsperstrip,)
+        if min(page.imagelength, page.imagewidth, page.samplesperpixel, *block_size) < 1:
+            raise CorruptImageError(f"{self.path}: the header gives an empty image, tile or strip "
+                                    f"({page.imagelength}x{page.imagewidth}); the file is corrupt")
         return GeoTiffInfo(
             path=self.path,
             height=page.imagelength,
@@ -266,7 +290,7 @@ class GeoTiff:
     def _row_chunks(self, y0: int, y1: int) -> list[tuple[int, int]]:
         """Image rows y0..y1-1 of one segment, in the pieces to read them in: all at once, except
         from uncompressed strips, read a chunk of at most MAX_BLOCK_BYTES of rows at a time."""
-        raw_dtype = self._raw_strip_dtype()
+        raw_dtype = self._raw_strip_dtype
         if raw_dtype is None:
             return [(y0, y1)]
         step = max(1, MAX_BLOCK_BYTES // self._row_bytes(raw_dtype))
@@ -306,10 +330,9 @@ class GeoTiff:
 
     def _block_rows(self, index: int, first: int, last: int) -> np.ndarray:
         """Rows first..last-1 of segment `index` (counted from its top), as (rows, cols, samples)."""
-        page, info = self._page, self.info
+        info, samples = self.info, self._samples
         kind = "tile" if info.tiled else "strip"
-        samples = page.shaped[-1]  # samples per pixel in a block: all bands, or one with band interleave
-        offsets, counts = page.dataoffsets, page.databytecounts
+        offsets, counts = self._offsets, self._bytecounts
         if index >= len(offsets) or index >= len(counts):
             # libtiff pads a short offset table with empty entries for pixel-interleaved strips and
             # GDAL reads those as empty; of tiled or band-interleaved files GDAL refuses the block.
@@ -320,7 +343,7 @@ class GeoTiff:
                                         "the file is truncated or corrupt")
             offset, nbytes = 0, 0
         else:
-            offset, nbytes = int(offsets[index]), int(counts[index])
+            offset, nbytes = offsets[index], counts[index]
         if nbytes == 0:
             # GDAL's SPARSE_OK writes all-nodata blocks as no bytes at all.
             return np.full((last - first, info.tile_shape[1], samples), self._sparse_fill(index), info.dtype)
@@ -331,7 +354,7 @@ class GeoTiff:
             raise CorruptImageError(f"{self.path}: truncated: segment {index} needs bytes up to {offset + nbytes} "
                                     f"but the file has {self._file_size}; copy or download it again")
         fh = self._tif.filehandle
-        raw_dtype = self._raw_strip_dtype()
+        raw_dtype = self._raw_strip_dtype
         if raw_dtype is not None:
             # An uncompressed strip is rows stored one after another: read only the rows wanted,
             # so a window of a single-strip file costs its own rows, not the whole file.
@@ -363,10 +386,10 @@ class GeoTiff:
         fh.seek(offset)
         data = fh.read(nbytes)
         try:
-            if page.compression == LERC:
+            if self._codec == LERC:
                 block = self._decode_lerc(data, (block_rows, info.tile_shape[1], samples))
             else:
-                if page.compression == JPEG:
+                if self._codec == JPEG:
                     # libjpeg allocates what the JPEG header says, whatever the TIFF header says:
                     # 65000x65000 in a damaged 16x16 tile would be 12 GB.
                     frame = _jpeg_frame_size(data)
@@ -374,7 +397,7 @@ class GeoTiff:
                         raise CorruptImageError(f"{self.path}: {kind} {index} is a {frame[0]}x{frame[1]} JPEG, larger "
                                                 f"than the {info.tile_shape[0]}x{info.tile_shape[1]} {kind}s of the "
                                                 "file; the file is corrupt")
-                block = page.decode(data, index, jpegtables=page.jpegtables)[0][0]
+                block = self._page.decode(data, index, jpegtables=self._jpegtables)[0][0]
         except CorruptImageError:
             raise
         except MemoryError:
@@ -392,15 +415,7 @@ class GeoTiff:
         return index % per_plane // across * tile_rows
 
     def _row_bytes(self, raw_dtype: np.dtype) -> int:
-        return self.info.width * self._page.shaped[-1] * raw_dtype.itemsize
-
-    def _raw_strip_dtype(self) -> np.dtype | None:
-        """The stored sample dtype (file byte order) when strips are uncompressed whole bytes, else None."""
-        page = self._page
-        if (self.info.tiled or page.compression != UNCOMPRESSED or page.sampleformat == 5  # complex integers
-                or page.bitspersample not in (8, 16, 32, 64, 128)):
-            return None
-        return np.dtype(self._tif.byteorder + page.dtype.char)
+        return self.info.width * self._samples * raw_dtype.itemsize
 
     def _decode_lerc(self, data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
         """A LERC block with its invalid pixels as NaN (floats), as GDAL reads them.
@@ -410,7 +425,7 @@ class GeoTiff:
         pixels is an error, not an allocation."""
         rows, cols, samples = shape
         out = np.empty((rows, cols) if samples == 1 else shape, self.info.dtype)
-        wrapper = self._page.tags.valueof(50674, (4, 0))[1]  # LercParameters: 0 none, 1 DEFLATE, 2 ZSTD around LERC
+        wrapper = self._lerc_wrapper
         if wrapper in (1, 2):
             # Unwrapped by hand, into at most what the block can take (values, a validity mask per
             # sample, headers), because imagecodecs would inflate a damaged stream without bound.

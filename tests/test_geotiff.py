@@ -354,6 +354,15 @@ def test_lerc_reads_as_gdal_nan_included(name):
     np.testing.assert_array_equal(pixels, source)
 
 
+@pytest.mark.parametrize("photometric, bands", [("separated", 4), ("cielab", 3)])
+def test_cmyk_and_lab_read_as_their_stored_samples(tmp_path, photometric, bands):
+    # What GDAL returns under GTIFF_RAW: (plain GDAL converts both to RGBA); no colour conversion here.
+    samples = np.random.default_rng(bands).integers(0, 256, (20, 24, bands), dtype=np.uint8)
+    path = tmp_path / f"{photometric}.tif"
+    tifffile.imwrite(path, samples, photometric=photometric, compression="zlib")
+    np.testing.assert_array_equal(geotiff.read_geotiff(path), samples.transpose(2, 0, 1))
+
+
 # --- memory limits -------------------------------------------------------------------------------
 
 

@@ -145,7 +145,8 @@ class GeoTiff:
     predictors); this class does the part that matters for huge scenes: map a window to
     the segments it intersects, read just their bytes and paste the decoded pieces
     together. `segments_decoded` counts decodes (and reads of an uncompressed strip's
-    rows), so tests can check a small window stays small. For a COG the first image is full resolution; overviews follow it.
+    rows), so tests can check a small window stays small. For a COG the first image is
+    full resolution; overviews follow it.
     """
 
     def __init__(self, path):
@@ -181,6 +182,10 @@ class GeoTiff:
         if page.imagedepth != 1 or page.dtype is None:
             raise DataError(f"{self.path}: unsupported TIFF layout (depth {page.imagedepth}, {page.bitspersample}-bit "
                             "samples); convert it, e.g. `gdal_translate -ot UInt16 in.tif out.tif`")
+        block_size = (page.tilelength, page.tilewidth) if page.is_tiled else (page.rowsperstrip,)
+        if min(page.imagelength, page.imagewidth, page.samplesperpixel, *block_size) < 1:
+            raise CorruptImageError(f"{self.path}: the header gives an empty image, tile or strip "
+                                    f"({page.imagelength}x{page.imagewidth}); the file is corrupt")
         if (324 if page.is_tiled else 273) not in page.tags:
             # tifffile drops a TileOffsets/StripOffsets tag whose values lie past the end of the file
             # (with a logged warning) and reads on; every block would then look empty.
@@ -226,10 +231,6 @@ class GeoTiff:
                 raise DataError(f"{self.path}: GDAL_NODATA tag {text!r} is not a number; set it with "
                                 "`gdal_edit.py -a_nodata <value> file.tif` or drop it with "
                                 "`gdal_edit.py -unsetnodata file.tif`") from None
-        block_size = (page.tilelength, page.tilewidth) if page.is_tiled else (page.rowsperstrip,)
-        if min(page.imagelength, page.imagewidth, page.samplesperpixel, *block_size) < 1:
-            raise CorruptImageError(f"{self.path}: the header gives an empty image, tile or strip "
-                                    f"({page.imagelength}x{page.imagewidth}); the file is corrupt")
         return GeoTiffInfo(
             path=self.path,
             height=page.imagelength,

@@ -346,8 +346,10 @@ class GeoTiff:
         else:
             offset, nbytes = offsets[index], counts[index]
         if nbytes == 0:
-            # GDAL's SPARSE_OK writes all-nodata blocks as no bytes at all.
-            return np.full((last - first, info.tile_shape[1], samples), self._sparse_fill(index), info.dtype)
+            # GDAL's SPARSE_OK writes all-nodata blocks as no bytes at all. A broadcast view: filling
+            # an empty block costs no memory, whatever size a (damaged) header gives its tiles.
+            fill = np.asarray(self._sparse_fill(index), info.dtype)
+            return np.broadcast_to(fill, (last - first, info.tile_shape[1], samples))
         if offset == 0:
             raise CorruptImageError(f"{self.path}: {kind} {index} has {nbytes} bytes at offset 0, inside the "
                                     "TIFF header; the file is corrupt")
@@ -377,13 +379,7 @@ class GeoTiff:
         block_rows = min(info.tile_shape[0], info.height - self._block_top(index)) if not info.tiled \
             else info.tile_shape[0]
         decoded_bytes = block_rows * info.tile_shape[1] * samples * info.dtype.itemsize
-        if max(decoded_bytes, nbytes) > MAX_BLOCK_BYTES:
-            rows, cols = info.tile_shape
-            raise DataError(f"{self.path}: {kind} {index} ({rows}x{cols} pixels) is too big to read: decoding it "
-                            f"takes {_size(max(decoded_bytes, nbytes))}, more than geotiff.MAX_BLOCK_BYTES = "
-                            f"{_size(MAX_BLOCK_BYTES)}, for any window that touches it. Re-tile the file with "
-                            "`gdal_translate -co TILED=YES -co COMPRESS=DEFLATE in.tif out.tif`, or raise "
-                            "geotiff.MAX_BLOCK_BYTES")
+        self._check_block_size(index, max(decoded_bytes, nbytes))
         fh.seek(offset)
         data = fh.read(nbytes)
         try:
@@ -409,6 +405,17 @@ class GeoTiff:
                                     f"({type(err).__name__}: {err}); the file is corrupt") from err
         self.segments_decoded += 1
         return block[first:last]
+
+    def _check_block_size(self, index: int, nbytes: int):
+        """Refuse a tile or strip that costs more than MAX_BLOCK_BYTES to decode."""
+        if nbytes > MAX_BLOCK_BYTES:
+            kind = "tile" if self.info.tiled else "strip"
+            rows, cols = self.info.tile_shape
+            raise DataError(f"{self.path}: {kind} {index} ({rows}x{cols} pixels) is too big to read: decoding it "
+                            f"takes {_size(nbytes)}, more than geotiff.MAX_BLOCK_BYTES = {_size(MAX_BLOCK_BYTES)}, "
+                            "for any window that touches it. Re-tile the file with "
+                            "`gdal_translate -co TILED=YES -co COMPRESS=DEFLATE in.tif out.tif`, or raise "
+                            "geotiff.MAX_BLOCK_BYTES")
 
     def _block_top(self, index: int) -> int:
         """First image row of segment `index`."""

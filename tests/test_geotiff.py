@@ -372,8 +372,14 @@ def test_full_read_of_huge_header_is_refused_before_allocating():
     with pytest.raises(geotiff.DataError, match=f"{path}: this read would return 18.6 GiB \\(1 band x 100000 x 100000 "
                                                 "uint16\\), more than geotiff.MAX_READ_BYTES = 4 GiB; read a window"):
         geotiff.read_geotiff(path)
-    np.testing.assert_array_equal(geotiff.read_geotiff(path, window=(50000, 99000, 200, 300)),
-                                  ARRAYS["gdal_decoded_u16_1b_huge_sparse"])
+    tracemalloc.start()
+    try:
+        window = geotiff.read_geotiff(path, window=(50000, 99000, 200, 300))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(window, ARRAYS["gdal_decoded_u16_1b_huge_sparse"])
+    assert peak < window.nbytes + 2**16  # empty tiles cost nothing: not 200 rows of a 4096-wide tile (1.6 MB)
 
 
 def test_read_limit_is_the_module_constant(monkeypatch):

@@ -1,7 +1,10 @@
 """Tests for geotiff.py: GDAL-written fixtures read exactly, windows and bands, errors.
 
 The fixtures in tests/fixtures were written by GDAL (see make_fixtures.sh) from the arrays
-in arrays.npz, so every pixel comparison here is against an independent writer.
+in arrays.npz, so every pixel comparison here is against an independent writer; for lossy,
+damaged or odd files (JPEG, LERC, short offset tables, stray predictor tags) arrays.npz holds
+what GDAL itself decodes them to. Other damaged files are built here byte by byte from the
+fixtures, and a seeded fuzz test truncates and alters every fixture.
 """
 
 import tracemalloc

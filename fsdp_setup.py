@@ -1,11 +1,10 @@
 """fsdp_setup.py — the distributed runtime: process groups, the paper's parallel layouts on FSDP2.
 
-`init_distributed()` starts the process group however the job was launched (torchrun, plain
-`srun`, or nothing at all), and `parallelize(model, strategy, ...)` applies, in a fixed order,
-activation checkpointing, per-block `torch.compile`, and FSDP2 `fully_shard` per transformer Block
-(encoder and decoder) then the root, or DistributedDataParallel, then materialises and initialises
-a meta-device model shard by shard (ViT-15B never exists whole on one host). Rank 0 prints one
-greppable `[fsdp] ...` line per feature applied.
+`init_distributed()` starts the process group however the job was launched (torchrun, plain `srun`,
+or nothing: one process, the same code path). `parallelize(model, strategy, ...)` applies activation
+checkpointing, per-block torch.compile, FSDP2 `fully_shard` per Block then the root (or DDP), and
+materialises a meta-device model shard by shard. Rank 0 logs one `[fsdp] ...` line per decision.
+Launching, and the reasons behind each row of the table: docs/fsdp.md.
 
     dist_info = init_distributed()
     with torch.device("meta"):
@@ -15,47 +14,21 @@ greppable `[fsdp] ...` line per feature applied.
 
 The paper's FSDP1 settings (Tsaris et al. 2024) and what this file does with FSDP2 instead:
 
-| paper (FSDP1)                          | here (FSDP2, `fully_shard`)                                       |
-|----------------------------------------|-------------------------------------------------------------------|
-| ShardingStrategy.FULL_SHARD            | `full_shard`: 1-D mesh (shard=world), reshard_after_forward=True  |
-| ShardingStrategy.SHARD_GRAD_OP         | `shard_grad_op`: 1-D mesh, reshard_after_forward=False            |
-| ShardingStrategy.HYBRID_SHARD, k GPUs  | `hybrid_shard` + `shard_group_size=k`: 2-D mesh                   |
-|                                        | (replicate=world/k, shard=k), reshard_after_forward=True          |
-| HYBRID_SHARD with 1 GPU per group      | `hybrid_shard`, k=1: mesh (world, 1) = pure data parallel. FSDP2  |
-|                                        | all-reduces across replicas; FSDP1 at k=1 was reported to skip    |
-|                                        | it silently (pytorch/pytorch#154888), so replicas drift apart.    |
-| ShardingStrategy.NO_SHARD              | `no_shard`: mesh (world, 1), reshard_after_forward=False          |
-| DDP baseline                           | `ddp`: torch DistributedDataParallel                              |
-| auto_wrap_policy (transformer blocks)  | explicit `fully_shard` on every vit.Block, patch_embed, then root |
-| BackwardPrefetch.BACKWARD_PRE          | FSDP2 default: in backward each block's pre-hook issues the next  |
-|                                        | block's all-gather (implicit prefetch), nothing to set            |
-| limit_all_gathers=True                 | not needed: FSDP2 bounds in-flight all-gather buffers with stream |
-|                                        | events instead of record_stream + a blocking CPU rate limiter     |
-| MixedPrecision(param, reduce, buffer)  | MixedPrecisionPolicy(param_dtype, reduce_dtype); buffers stay fp32|
-| sync_module_states / param_init_fn     | meta build + per-shard init from one seed (identical to 1 GPU)    |
-| no_sync()                              | `set_grad_sync(model, False)` on non-final accumulation steps     |
-| CPUOffload(offload_params=True)        | `cpu_offload=True`: CPUOffloadPolicy, sharded params and grads    |
-|                                        | (pinned) and AdamW state in host memory; the optimizer runs there |
-
-reshard_after_forward=True holds for every Block but the last in forward order (the MAE's last decoder
-Block): backward needs it first, so it stays gathered, one all-gather less per step.
-
-Launch on one Frontier node (8 MI250X GCDs), either way:
-
-    torchrun --standalone --nproc_per_node=8 train.py --model vit_3b --strategy hybrid_shard --shard-group-size 1
-    srun -N1 -n8 -c7 --gpus-per-task=1 --gpu-bind=closest --kill-on-bad-exit=1 python train.py --model vit_3b ...
-
-and on many nodes (one task per GCD, or one torchrun per node):
-
-    srun -N128 --ntasks-per-node=8 -c7 --gpus-per-task=1 --gpu-bind=closest --kill-on-bad-exit=1 python train.py \
-        --model vit_5b --strategy hybrid_shard --shard-group-size 8
-    srun -N128 --ntasks-per-node=1 -c56 --gpus-per-node=8 --kill-on-bad-exit=1 torchrun --nnodes=128 --nproc_per_node=8 \
-        --rdzv_backend=c10d --rdzv_endpoint=$(scontrol show hostnames $SLURM_NODELIST | head -1):29500 train.py ...
-
-With plain srun the first host of the node list is the rendezvous (set MASTER_ADDR / MASTER_PORT to
-override; port 29500 by default). `--kill-on-bad-exit=1`: srun does not stop the other tasks when one
-exits with an error, so without it they wait in their next collective until the NCCL/gloo timeout. Without any launcher, one process runs with a world-size-1
-process group, so the FSDP code path is the same as on 1000 GPUs.
+| paper (FSDP1)                         | here (FSDP2, `fully_shard`)                                             |
+|---------------------------------------|-------------------------------------------------------------------------|
+| FULL_SHARD                            | `full_shard`: mesh (shard=world), reshard_after_forward=True            |
+| SHARD_GRAD_OP                         | `shard_grad_op`: mesh (shard=world), reshard_after_forward=False        |
+| HYBRID_SHARD, k GPUs per group        | `hybrid_shard`, shard_group_size=k: mesh (replicate=world/k, shard=k)   |
+| HYBRID_SHARD, 1 GPU per group         | k=1: data parallel; FSDP2 all-reduces (FSDP1 may not: pytorch#154888)   |
+| NO_SHARD                              | `no_shard`: mesh (world, 1), reshard_after_forward=False                |
+| DDP baseline                          | `ddp`: torch DistributedDataParallel                                    |
+| auto_wrap_policy (transformer blocks) | explicit `fully_shard` on every vit.Block, patch_embed, then the root   |
+| BackwardPrefetch.BACKWARD_PRE         | FSDP2's default (implicit prefetch in backward), nothing to set         |
+| limit_all_gathers=True                | not needed: FSDP2 bounds in-flight all-gathers with stream events       |
+| MixedPrecision(param, reduce, buffer) | MixedPrecisionPolicy(param_dtype, reduce_dtype); buffers stay fp32      |
+| sync_module_states / param_init_fn    | meta build + per-shard init from one seed (identical to 1 GPU)          |
+| no_sync()                             | `set_grad_sync(model, False)` on non-final accumulation steps           |
+| CPUOffload(offload_params=True)       | `cpu_offload=True`: params, grads and AdamW state in host memory        |
 """
 
 from __future__ import annotations
@@ -94,8 +67,7 @@ def log(message: str) -> None:
         print(f"[fsdp] {message}", flush=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# Process group: torchrun, srun, or a single process
+# --- Process group: torchrun, srun, or a single process ------------------------------------------
 
 
 @dataclass
@@ -122,30 +94,18 @@ class LaunchEnv:
 
 def first_host(nodelist: str) -> str:
     """First hostname of a SLURM node list, e.g. 'frontier[00123-00125,00200],login1' -> 'frontier00123'.
-
-    SLURM compresses lists as prefix[ranges]suffix..., ranges keeping their zero padding; the first
-    host is each bracket's first number. Pure Python, because `scontrol` is not on every compute node.
-    """
-    depth, end = 0, len(nodelist)
-    for i, ch in enumerate(nodelist):  # the first entry ends at the first comma outside brackets
-        depth += {"[": 1, "]": -1}.get(ch, 0)
-        if ch == "," and depth == 0:
-            end = i
-            break
-    entry = nodelist[:end].strip()
-    host = re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[-,]", m.group(1))[0], entry)
-    if not host or "[" in host or "]" in host:
+    Each bracket contributes its first number, zero padding kept. Pure Python: no `scontrol` needed."""
+    entry = re.match(r"(?:[^,\[\]]|\[[^\[\]]*\])*", nodelist).group(0)  # up to the first comma outside brackets
+    host = re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[-,]", m.group(1))[0], entry.strip())
+    if not host or nodelist[len(entry):len(entry) + 1] not in ("", ","):
         raise ValueError(f"cannot read the first host of SLURM node list {nodelist!r}; set MASTER_ADDR instead")
     return host
 
 
 def resolve_launch(env: Mapping[str, str]) -> LaunchEnv:
-    """Who launched us, from the environment alone (pure: unit-testable without a process group).
-
-    torchrun's variables win: under `srun ... torchrun` both sets exist and torchrun's are per
-    process. SLURM's are used only when srun started more than one task, so a one-task allocation
-    (or `salloc` + python) stays a single process instead of waiting for peers that never come.
-    """
+    """Who launched us, from the environment alone. torchrun's variables win (under `srun ... torchrun`
+    they are the per-process ones); SLURM's count only when srun started more than one task, so a
+    one-task allocation stays a single process instead of waiting for peers that never come."""
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchEnv("torchrun", int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]))
     ntasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", 1)))
@@ -160,11 +120,8 @@ def resolve_launch(env: Mapping[str, str]) -> LaunchEnv:
 
 def init_distributed(cpu_collectives: bool = False) -> Dist:
     """Start the process group (nccl on CUDA/ROCm, gloo on CPU), pin this rank's device.
-
-    cpu_collectives=True adds gloo for CPU tensors beside nccl, which CPU offload needs: the
-    gradients then live in host memory, and clipping reduces their norms there. Off by default
-    because gloo connects every pair of ranks at start-up, which thousands of ranks feel.
-    """
+    cpu_collectives=True adds gloo for CPU tensors beside nccl, which CPU offload needs; it is off by
+    default because gloo connects every pair of ranks at start-up, which thousands of ranks feel."""
     launch = resolve_launch(os.environ)
     if torch.cuda.is_available():  # true on ROCm too, where "nccl" is RCCL
         # srun --gpus-per-task=1 shows each task only its own GPU: local_rank 5 is then cuda:0.
@@ -177,10 +134,8 @@ def init_distributed(cpu_collectives: bool = False) -> Dist:
         if launch.launcher == "torchrun":
             dist.init_process_group(backend, init_method="env://", device_id=device_id)
         elif launch.launcher == "slurm":
-            dist.init_process_group(
-                backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
-                rank=launch.rank, world_size=launch.world_size, device_id=device_id,
-            )
+            dist.init_process_group(backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+                                    rank=launch.rank, world_size=launch.world_size, device_id=device_id)
         else:  # an in-memory store: no port, no peers, yet every collective and DeviceMesh works
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
     info = Dist(dist.get_rank(), launch.local_rank, dist.get_world_size(), device)
@@ -199,9 +154,8 @@ class AllRanksError(ValueError):
 
 
 def on_every_rank(fn, dist_info: Dist):
-    """Run fn on every rank; a ValueError on any rank is raised on all of them, with the same
-    message, so no rank is left waiting in a collective that a failed rank never joins.
-    train.py checks flags, data and run folder with it, checkpoint.py the files of a checkpoint."""
+    """Run fn on every rank; a ValueError on any rank is raised on all of them, with the same message,
+    so no rank is left waiting in a collective that a failed rank never joins."""
     error = None
     try:
         result = fn()
@@ -213,20 +167,16 @@ def on_every_rank(fn, dist_info: Dist):
         dist.all_gather_object(errors, error)
     failed = [rank for rank, e in enumerate(errors) if e is not None]
     if failed:
-        where = f" [rank {failed[0]}{' and others' if len(failed) > 1 else ''}]" if len(failed) < dist_info.world_size else ""
+        others = " and others" if len(failed) > 1 else ""
+        where = f" [rank {failed[0]}{others}]" if len(failed) < dist_info.world_size else ""
         raise AllRanksError(errors[failed[0]] + where)
     return result
 
 
-# ---------------------------------------------------------------------------------------------
-# Validation: every impossible layout fails here, on every rank, before any collective
-
-
 class StopRequest:
-    """SIGTERM/SIGUSR1 (SLURM preemption or time limit) only set a flag; the loop finishes the step,
-    saves and exits 0. Ranks may receive the signal at different steps, so they agree: each step
-    all-reduces the flag (MAX), copies the result to the host without waiting, and reads last step's
-    copy, so the hot loop never waits for the step just queued; all ranks stop one step later."""
+    """SIGTERM/SIGUSR1 only set a flag; the loop finishes the step, saves and exits 0. `agreed()`
+    all-reduces the flag (MAX) and returns last step's result, so the hot loop never waits for the
+    step just queued and all ranks stop together, one step later (docs/fsdp.md)."""
 
     def __init__(self, dist_info: Dist):
         self.dist_info, self.signal_name = dist_info, None
@@ -269,73 +219,58 @@ def exit_rank_failed(rank: int) -> None:
     os._exit(3)
 
 
+# --- Validation: every impossible layout fails here, on every rank, before any collective --------
+
+
 def checkpoint_every(activation_checkpointing: str | int) -> int:
     """'none' -> 0, 'full' -> 1, k (int or digit string) -> k: checkpoint every k-th Block."""
     value = activation_checkpointing
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
-    if value == "none":
-        return 0
-    if value == "full":
-        return 1
+    if value in ("none", "full"):
+        return int(value == "full")
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
-    raise ValueError(
-        f"activation_checkpointing (--ac) must be 'none', 'full' or a positive integer k (every k-th block), "
-        f"got {activation_checkpointing!r}"
-    )
+    raise ValueError(f"activation_checkpointing (--ac) must be 'none', 'full' or a positive integer k "
+                     f"(every k-th block), got {activation_checkpointing!r}")
 
 
-def validate_layout(
-    strategy: str,
-    shard_group_size: int | None,
-    world_size: int,
-    mixed_precision: str = "bf16",
-    activation_checkpointing: str | int = "none",
-    device: torch.device | None = None,
-    cpu_offload: bool = False,
-) -> None:
+def validate_layout(strategy: str, shard_group_size: int | None, world_size: int, mixed_precision: str = "bf16",
+                    activation_checkpointing: str | int = "none", device: torch.device | None = None,
+                    cpu_offload: bool = False) -> None:
     """Raise ValueError naming the setting and the fix if this layout cannot run. No communication."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy (--strategy) {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
     if mixed_precision not in PRECISIONS:
-        raise ValueError(f"unknown mixed_precision (--mixed-precision) {mixed_precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        raise ValueError(f"unknown mixed_precision (--mixed-precision) {mixed_precision!r}; "
+                         f"choose one of: {', '.join(PRECISIONS)}")
     checkpoint_every(activation_checkpointing)
+    device = device or _default_device()
     if cpu_offload and strategy == "ddp":
         raise ValueError("--cpu-offload needs an FSDP layout (full_shard, shard_grad_op, hybrid_shard, no_shard); "
                          "DDP keeps the whole model and its optimizer on the GPU")
-    if cpu_offload and dist.is_initialized() and (device or _default_device()).type == "cuda" \
-            and "cpu:" not in str(dist.get_backend_config()):
+    if cpu_offload and dist.is_initialized() and device.type == "cuda" and "cpu:" not in str(dist.get_backend_config()):
         raise ValueError("--cpu-offload needs collectives on CPU tensors (the offloaded gradients' norm): "
                          "start the process group with init_distributed(cpu_collectives=True)")
     if strategy == "hybrid_shard":
         if shard_group_size is None:
-            raise ValueError(
-                "hybrid_shard needs shard_group_size (--shard-group-size): the number of GPUs that shard one "
-                "model replica, e.g. 1 (pure data parallel), 2, 4 or 8 (one Frontier node)"
-            )
+            raise ValueError("hybrid_shard needs shard_group_size (--shard-group-size): the number of GPUs that "
+                             "shard one model replica, e.g. 1 (pure data parallel), 2, 4 or 8 (one Frontier node)")
         if not isinstance(shard_group_size, int) or isinstance(shard_group_size, bool) or shard_group_size < 1:
-            raise ValueError(f"shard_group_size (--shard-group-size) must be a positive integer, got {shard_group_size!r}")
+            raise ValueError(f"shard_group_size (--shard-group-size) must be a positive integer, "
+                             f"got {shard_group_size!r}")
         if world_size % shard_group_size != 0:
             divisors = [k for k in range(1, world_size + 1) if world_size % k == 0]
-            raise ValueError(
-                f"world size {world_size} is not divisible by shard_group_size {shard_group_size}; "
-                f"choose one of {divisors} or change the number of GPUs"
-            )
+            raise ValueError(f"world size {world_size} is not divisible by shard_group_size {shard_group_size}; "
+                             f"choose one of {divisors} or change the number of GPUs")
     elif shard_group_size is not None:
         # An error, not a note: a sweep that forgets to switch the strategy would otherwise
         # silently measure a different layout than its label says.
-        raise ValueError(
-            f"shard_group_size={shard_group_size} only applies to strategy hybrid_shard, not {strategy}; "
-            f"drop --shard-group-size or use --strategy hybrid_shard"
-        )
-    if mixed_precision != "fp32":
-        device = device or _default_device()
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError(
-                f"mixed_precision {mixed_precision!r} needs bf16, which {torch.cuda.get_device_name(device)} "
-                f"does not support; use --mixed-precision fp32"
-            )
+        raise ValueError(f"shard_group_size={shard_group_size} only applies to strategy hybrid_shard, not {strategy}; "
+                         f"drop --shard-group-size or use --strategy hybrid_shard")
+    if mixed_precision != "fp32" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"mixed_precision {mixed_precision!r} needs bf16, which {torch.cuda.get_device_name(device)} "
+                         f"does not support; use --mixed-precision fp32")
 
 
 def resolve_mixed_precision(mixed_precision: str, device: torch.device) -> str:
@@ -350,18 +285,13 @@ def _default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-# ---------------------------------------------------------------------------------------------
-# parallelize: one small apply_* function per feature, called in a fixed order
+# --- parallelize: one small apply_* function per feature, called in a fixed order ----------------
 
 
 def apply_activation_checkpointing(blocks: list[nn.Module], every: int) -> None:
-    """Recompute every `every`-th Block's activations in backward instead of storing them.
-
-    The Block's `forward` is replaced in place rather than wrapping the module, so parameter
-    names (and checkpoint keys) stay `blocks.N.attn.qkv.weight`, not `..._checkpoint_wrapped_module...`.
-    Non-reentrant checkpointing composes with FSDP2's hooks and torch.compile; preserving the RNG
-    state makes drop path draw the same mask when the block is recomputed.
-    """
+    """Recompute every `every`-th Block's activations in backward. `forward` is replaced in place, so
+    parameter names (checkpoint keys) stay as they are; non-reentrant, to compose with FSDP2's hooks
+    and torch.compile; RNG state preserved, so drop path draws the same mask when recomputed."""
     chosen = [block for i, block in enumerate(blocks) if (i + 1) % every == 0]
     for block in chosen:
         block.forward = _checkpointed(block.forward)
@@ -392,12 +322,9 @@ def build_mesh(strategy: str, shard_group_size: int | None, world_size: int, dev
     return init_device_mesh(device_type, (world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
 
 
-def mixed_precision_policy(mixed_precision: str, cast_forward_inputs: bool = True) -> MixedPrecisionPolicy:
-    if mixed_precision == "fp32":
-        return MixedPrecisionPolicy(cast_forward_inputs=cast_forward_inputs)
-    # 'bf16': fp32 reduction, so the gradient sum over hundreds of ranks keeps fp32 precision.
-    reduce_dtype = torch.bfloat16 if mixed_precision == "bf16-reduce" else torch.float32
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype, cast_forward_inputs=cast_forward_inputs)
+# (param_dtype, reduce_dtype); None keeps fp32. 'bf16' reduces in fp32, so the gradient sum over hundreds
+# of ranks keeps fp32 precision; 'bf16-reduce' halves the bytes.
+FSDP_DTYPES = {"fp32": (None, None), "bf16": (torch.bfloat16, torch.float32), "bf16-reduce": (torch.bfloat16,) * 2}
 
 
 def apply_fsdp(model: nn.Module, blocks: list[nn.Module], strategy: str, shard_group_size: int | None,
@@ -406,35 +333,31 @@ def apply_fsdp(model: nn.Module, blocks: list[nn.Module], strategy: str, shard_g
     device = _default_device()
     mesh = build_mesh(strategy, shard_group_size, dist.get_world_size(), device.type)
     reshard = strategy in ("full_shard", "hybrid_shard")  # nothing to reshard in a shard group of 1 (no_shard)
-    policy = mixed_precision_policy(mixed_precision)
     # Pinned host memory lets the host-to-GPU copies of the offloaded shards run asynchronously.
-    # Without a GPU the parameters are on the CPU anyway: the same code path, nothing moves.
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
+    param_dtype, reduce_dtype = FSDP_DTYPES[mixed_precision]
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    shard = functools.partial(fully_shard, mesh=mesh, offload_policy=offload)
     for i, block in enumerate(blocks):
         # The last Block to run forward is the first one backward needs: resharding it would only
         # re-gather it at once (blocks are in forward order: encoder, then decoder).
-        last = i == len(blocks) - 1
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard and not last, mp_policy=policy, offload_policy=offload)
+        shard(block, reshard_after_forward=reshard and i < len(blocks) - 1, mp_policy=policy)
     # The patch embedding is its own unit so that only it receives bf16 images; the root keeps the
-    # fp32 inputs, so MAE's pixel targets and the masking noise are not rounded to bf16.
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is not None:
-        fully_shard(patch_embed, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy, offload_policy=offload)
-    # The root (norms, tokens, decoder_embed/pred) keeps FSDP2's default: not resharded after
-    # forward, since backward needs it first.
-    root_policy = mixed_precision_policy(mixed_precision, cast_forward_inputs=patch_embed is None)
-    fully_shard(model, mesh=mesh, mp_policy=root_policy, offload_policy=offload)
+    # fp32 inputs, so MAE's pixel targets and the masking noise are not rounded to bf16. The root
+    # keeps FSDP2's default (not resharded after forward): backward needs it first.
+    shard(model.patch_embed, reshard_after_forward=reshard, mp_policy=policy)
+    root_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+    shard(model, mp_policy=root_policy)
     dims = ", ".join(f"{name}={size}" for name, size in zip(mesh.mesh_dim_names, mesh.shape))
-    units = f"{len(blocks)} blocks{' + patch_embed' if patch_embed is not None else ''} + root"
     kept = " (not the last block, which backward needs first)" if reshard and blocks else ""
-    log(f"layout {strategy}: mesh ({dims}), reshard_after_forward={reshard}{kept}, {units}")
+    log(f"layout {strategy}: mesh ({dims}), reshard_after_forward={reshard}{kept}, "
+        f"{len(blocks)} blocks + patch_embed + root")
     if cpu_offload:
-        log("cpu offload: sharded fp32 params, grads and AdamW state in host memory"
-            + (" (params and grads pinned); each unit is copied to the GPU for its forward and backward, the optimizer steps on the CPU"
-               if device.type == "cuda" else "; no GPU here, so nothing moves (the code path only)"))
-    reduce = {"bf16": "fp32", "bf16-reduce": "bf16", "fp32": "fp32"}[mixed_precision]
-    log(f"mixed precision {mixed_precision}: params/compute {'fp32' if mixed_precision == 'fp32' else 'bf16'}, "
-        f"gradient reduction {reduce}, master weights fp32")
+        how = "pinned; the optimizer steps on the CPU" if device.type == "cuda" else "no GPU here, so nothing moves"
+        log(f"cpu offload: sharded fp32 params, grads and AdamW state in host memory ({how})")
+    compute, reduce = ("bf16" if dtype == torch.bfloat16 else "fp32" for dtype in FSDP_DTYPES[mixed_precision])
+    log(f"mixed precision {mixed_precision}: params/compute {compute}, gradient reduction {reduce}, "
+        "master weights fp32")
     # MAE returns pred as a slice (a view); it is never modified in place, so FSDP2's warning
     # about in-place ops on views is noise on every rank.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
@@ -444,7 +367,7 @@ def apply_ddp(model: nn.Module, device: torch.device, mixed_precision: str) -> n
     """The paper's baseline. DDP has no parameter dtype: bf16 runs the forward under torch.autocast
     (matmuls in bf16, norms and softmax in fp32, fp32 gradients); bf16-reduce adds a bf16 all-reduce hook."""
     if mixed_precision != "fp32":
-        model.forward = _autocast(model.forward, device.type)
+        model.forward = torch.autocast(device.type, dtype=torch.bfloat16)(model.forward)
     # gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets instead of a second
     # fp32 copy of every gradient copied into them: 4 bytes/param less memory and one copy less per step.
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -455,9 +378,9 @@ def apply_ddp(model: nn.Module, device: torch.device, mixed_precision: str) -> n
     # gradient: same values, other strides on size-1 dims. DDP copies it into its bucket and warns.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     log(f"layout ddp: DistributedDataParallel over {dist.get_world_size()} ranks, gradients as bucket views")
-    how = {"bf16": "autocast bf16, fp32 gradient all-reduce", "bf16-reduce": "autocast bf16, bf16 gradient all-reduce",
-           "fp32": "fp32"}[mixed_precision]
-    log(f"mixed precision {mixed_precision}: {how}")
+    reduce = "bf16" if mixed_precision == "bf16-reduce" else "fp32"
+    log(f"mixed precision {mixed_precision}: " + (f"autocast bf16, {reduce} gradient all-reduce"
+                                                   if mixed_precision != "fp32" else "fp32"))
     return ddp
 
 
@@ -471,27 +394,12 @@ def _bf16_allreduce_hook(process_group, bucket):
     return work.get_future().then(lambda fut: grad.copy_(fut.value()[0]))
 
 
-def _autocast(forward, device_type: str):
-    @functools.wraps(forward)
-    def autocast_forward(*args, **kwargs):
-        with torch.autocast(device_type, dtype=torch.bfloat16):
-            return forward(*args, **kwargs)
-
-    return autocast_forward
-
-
 @torch.no_grad()
 def init_sharded_(model: nn.Module, device: torch.device, seed: int, param_device: torch.device | None = None) -> None:
-    """Materialise a meta-built model on `device` and give it exactly the weights of a normal build
-    on the same kind of device (a CUDA generator draws other numbers than a CPU one), whatever the
-    layout and world size. With CPU offload the parameter shards live on `param_device` (the CPU)
-    but are still drawn on `device`, so they equal a GPU build's; buffers stay on `device`.
-
-    Replays VisionTransformer.init_weights(seed): one generator, parameters in named_parameters()
-    order, each initialised full-size (one parameter at a time: ViT-15B's largest is 0.4 GB) and
-    only this rank's FSDP shard kept. `distribute_tensor(..., src_data_rank=None)` cuts the shard
-    with the same torch.chunk layout as FSDP2, without communication.
-    """
+    """Materialise a meta-built model on `device` with exactly the weights of a normal build on the
+    same kind of device, whatever the layout: VisionTransformer.init_weights(seed) replayed, each
+    parameter drawn full-size and only this rank's shard kept (distribute_tensor cuts it as FSDP2 does,
+    without communication). With CPU offload the shards live on `param_device` but are drawn on `device`."""
     model.to_empty(device=param_device or device)
     generator = torch.Generator(device=device).manual_seed(seed)
     for name, param in model.named_parameters():
@@ -509,16 +417,9 @@ def init_sharded_(model: nn.Module, device: torch.device, seed: int, param_devic
     log(f"init: meta model materialised on {where}, initialised {'per shard ' if sharded else ''}from seed {seed}")
 
 
-def parallelize(
-    model: nn.Module,
-    strategy: str,
-    shard_group_size: int | None = None,
-    mixed_precision: str = "bf16",
-    activation_checkpointing: str | int = "none",
-    compile: bool = False,
-    seed: int = 0,
-    cpu_offload: bool = False,
-) -> nn.Module:
+def parallelize(model: nn.Module, strategy: str, shard_group_size: int | None = None, mixed_precision: str = "bf16",
+                activation_checkpointing: str | int = "none", compile: bool = False, seed: int = 0,
+                cpu_offload: bool = False) -> nn.Module:
     """Apply the layout to a VisionTransformer / MaskedAutoencoder; returns the model to train.
 
     A model on the meta device is materialised on this rank's device and initialised from `seed`
@@ -529,8 +430,8 @@ def parallelize(
     device = _default_device()
     if not dist.is_initialized():
         raise ValueError("parallelize() needs a process group: call fsdp_setup.init_distributed() first")
-    validate_layout(strategy, shard_group_size, dist.get_world_size(), mixed_precision, activation_checkpointing, device,
-                    cpu_offload)
+    validate_layout(strategy, shard_group_size, dist.get_world_size(), mixed_precision, activation_checkpointing,
+                    device, cpu_offload)
     on_meta = any(p.is_meta for p in model.parameters())
     blocks = [m for m in model.modules() if isinstance(m, Block)]  # encoder blocks, then decoder blocks
 
@@ -541,13 +442,11 @@ def parallelize(
     # 2. Compile each block (with its checkpointing) before FSDP2 adds its hooks around it.
     if compile:
         apply_compile(blocks)
-    # 3. Data parallelism.
+    # 3. Data parallelism. DDP needs real, identical weights on every rank before it wraps.
     if strategy == "ddp":
-        if on_meta:  # DDP needs real, identical weights on every rank before it wraps
+        if on_meta:
             init_sharded_(model, device, seed)
-        else:
-            model.to(device)
-        return apply_ddp(model, device, mixed_precision)
+        return apply_ddp(model.to(device), device, mixed_precision)
     apply_fsdp(model, blocks, strategy, shard_group_size, mixed_precision, cpu_offload)
     # 4. Only now allocate memory: each rank materialises its own shards.
     if on_meta:
@@ -555,8 +454,7 @@ def parallelize(
     return model
 
 
-# ---------------------------------------------------------------------------------------------
-# Training-loop helpers that hide FSDP2 vs DDP
+# --- Training-loop helpers that hide FSDP2 vs DDP ------------------------------------------------
 
 
 def set_grad_sync(model: nn.Module, enabled: bool) -> None:
@@ -570,14 +468,9 @@ def set_grad_sync(model: nn.Module, enabled: bool) -> None:
 def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Clip the global gradient norm; returns it as a plain scalar tensor (no host sync).
     max_norm=math.inf (train.py without --clip-grad): only the norm, the gradients are not touched.
-
-    With FSDP2 the gradients are DTensors: torch's norm reduces the squared norms of the local
-    shards over the shard dimension only (on a 2-D mesh, replicas are not counted twice) and
-    returns a DTensor, made a plain tensor here.
-    """
+    FSDP2's gradients are DTensors: torch reduces their norm over the shard dimension only."""
     params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm == math.inf and hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
-        # The norm half of clip_grad_norm_, without its multiply of every gradient by 1.
+    if max_norm == math.inf:  # the norm half of clip_grad_norm_, without multiplying every gradient by 1
         total_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     else:
         total_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)

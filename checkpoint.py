@@ -5,68 +5,21 @@
 
 train.py saves through `save_checkpoint` and resumes through `select_checkpoint` + `load_checkpoint`;
 eval.py reads a run folder through `export_encoder`. Model and optimizer state go through
-torch.distributed.checkpoint (DCP), everything else is JSON.
+torch.distributed.checkpoint (DCP: each rank writes its shards, resharded on load to any layout or
+world size); everything else is JSON. A run folder (train.py's `--out`) holds:
 
-A run folder (train.py's `--out`) holds, besides config.json and metrics.jsonl:
-
-    out/step-N/          one checkpoint, after N optimizer steps
-        .metadata        DCP's index of every tensor: which file, offset and length (a pickle, see below)
-        __R_0.distcp     DCP shards of model and optimizer: each rank writes its own, and DCP reshards
-                         on load, to another layout or world size
-        train_state.json rank 0: step, epoch, sampler position, world size, loss, ViT config, run config
-        rank-R.json      rank R's RNG states (masking generator, torch CPU, CUDA), R zero-padded to 5 digits
-        checksums.json   rank 0, written last: size and CRC-32 of every other file of the folder
+    out/step-N/          .metadata (DCP's index, a pickle), __R_0.distcp (DCP's shards), train_state.json,
+                         rank-R.json (RNG states), checksums.json (size and CRC-32 of the others, written last)
     out/latest           one line: the name of the newest published checkpoint, e.g. `step-4000`
     out/.tmp-step-N/     a save in progress (or one a kill interrupted; the next save removes it)
     out/damaged-step-N/  a step folder that did not verify and was in a save's way: kept, never read
 
-Save (`save_checkpoint`, every rank; `publish_checkpoint` on rank 0): every rank writes its
-rank-R.json and its DCP shards into `.tmp-step-N/` (DCP ends with rank 0 writing `.metadata` once all
-ranks are done); every rank then checksums the files it wrote and sends them to rank 0, which writes
-train_state.json and checksums.json, renames the folder to `step-N/`, only then rewrites `latest`,
-and finally prunes. Every file is written under a temporary name, fsynced and renamed
-(`write_atomic`), and the folder holding each rename is fsynced after it (`fsync_dir`). Before each
-save train.py checks `params_finite`, so a checkpoint never holds NaN weights either.
-
-Verify (`verify_checkpoint`), before anything is unpickled or loaded: checksums.json parses; every
-file it lists is there with its size and CRC-32; train_state.json and each rank-R.json parse and
-have their keys, the step in train_state.json is the N of the folder's name, rank-R.json exists for
-every rank that saved; `.metadata` unpickles under an allow-list and every shard it points to is a
-file of this folder that checksums.json lists. With several ranks each rank checksums every
-world_size-th file and the verdicts are gathered, so all ranks decide alike and nobody reads the
-whole checkpoint alone. Cost, measured on a shared 2-core CPU (zlib CRC-32 runs at ~2.2 GB/s,
-over files just written, so from the page cache), model + AdamW state, one process, best of 3:
-vit_tiny (2.9 MB) checksums 1.5 ms of a 128 ms save (1%), verify 5 ms before a 0.3 s load;
-vit_small with the default decoder (0.57 GB) checksums 0.27 s of a 2.2 s save (9-13% over 3
-saves), verify 0.27 s before a 0.76 s load. A cold read from a parallel file system costs more.
-CRC-32 catches damage (truncation, flipped or zeroed blocks), not forgery:
-whoever can write the folder can rewrite checksums.json too, which is why the pickle is restricted.
-
-Choose (`select_checkpoint`): the folder `latest` names if it is a bare `step-N` and verifies, else
-the newest `step-N/` that verifies; every folder passed over is logged with the reason. No step
-folders: None (a fresh start). Step folders but none verifies: ValueError listing each with its
-reason, and nothing is deleted.
-
-Prune, after a save of step-N is published: `.tmp-step-*` folders are removed (interrupted saves,
-never read); step folders older than N beyond the newest `keep` are removed (step-N, written and
-checksummed just now, supersedes them, damaged or not); a step folder of step N or newer is removed
-only if it verifies (a complete save that `latest` never named: a kill between rename and pointer),
-and one that does not verify is renamed `damaged-step-M/` and kept. So a folder that could not be
-loaded is never deleted unless a newer loadable checkpoint exists.
-
-What a damaged or hostile folder gets (tests/test_checkpoint_faults.py; kills during a save are in
-test_train.py): a kill at any moment leaves `latest` on a complete checkpoint. A missing, truncated or altered shard, `.metadata`,
-train_state.json or rank-R.json is refused before any tensor is read, and a resume falls back to
-the newest checkpoint that verifies. `latest` naming anything but a `step-N` folder of this run is
-ignored. `.metadata` is a pickle, so it is read by `SafeMetadataReader`, whose unpickler admits only
-DCP's index classes, torch.Size, dtypes, layouts and paths: a crafted one is refused without running
-code. DCP unpickles the non-tensor optimizer values (lr, betas, ...) with torch.load(weights_only=
-False); `SafeLoadPlanner` loads them with weights_only=True. Tensors are loaded by DCP with
-weights_only=True already.
-
-Export: `export_encoder` reads only the encoder's tensors, in one process without a process group
-(DCP reads every rank's shards), into an official-layout state dict that loads with
-torch.load(weights_only=True) into vit.VisionTransformer(ViTConfig(**exported["vit_config"])).
+Every file is written under a temporary name, fsynced and renamed; a save becomes `step-N/` only
+when complete, and `latest` moves only after that, so a kill leaves `latest` on a complete
+checkpoint. Nothing is unpickled or loaded before the folder verifies (`verify_checkpoint`:
+checksums, keys, step, `.metadata` under an allow-list), and a folder that does not verify is never
+deleted unless a newer loadable one exists. CRC-32 catches damage, not forgery, which is why the
+pickle is restricted. The full format, rules and measured costs: docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -102,20 +55,19 @@ STEP_DIR = re.compile(r"step-([0-9]+)")  # always with fullmatch: `$` would acce
 CHECKSUMS = "checksums.json"
 TRAIN_STATE_KEYS = ("step", "world_size", "vit_config")  # what checkpoint.py itself reads
 RANK_STATE_KEYS = ("mask_generator", "torch_cpu")
-FIX = "the save was interrupted or files were damaged or removed; resume from an earlier step-N or move this folder away"
+FIX = ("the save was interrupted or files were damaged or removed; "
+       "resume from an earlier step-N or move this folder away")
 
 
-# ---------------------------------------------------------------------------------------------
-# Atomic writes
+# --- Atomic writes --------------------------------------------------------------------------------
 
 
 def fsync_dir(folder: Path) -> None:
     """Make renames into `folder` durable. A rename is an entry of the directory, not of the file:
-    fsyncing the file alone lets a node crash or power loss undo it (and so move `latest` back, or
-    lose a step-N/). Where directories cannot be opened (Windows), there is nothing to do."""
+    fsyncing the file alone lets a node crash undo it (and so move `latest` back, or lose a step-N/)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:
+    except OSError:  # directories cannot be opened on Windows: nothing to do
         return
     try:
         os.fsync(fd)
@@ -136,8 +88,8 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def file_checksum(path: Path) -> dict:
-    """{"bytes", "crc32"} of a file. CRC-32 (zlib, ~2 GB/s) rather than a cryptographic hash: it
-    guards against damage, and nothing in a folder its writer controls could guard against forgery."""
+    """{"bytes", "crc32"} of a file. CRC-32 (zlib, ~2 GB/s), not a cryptographic hash: it guards against
+    damage, and nothing in a folder its writer controls could guard against forgery."""
     crc, size = 0, 0
     with open(path, "rb") as f:
         while chunk := f.read(16 << 20):
@@ -145,8 +97,7 @@ def file_checksum(path: Path) -> dict:
     return {"bytes": size, "crc32": crc}
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading DCP's .metadata without running code from it
+# --- Reading DCP's .metadata without running code from it -----------------------------------------
 
 # DCP pickles its index. A plain pickle.load of a crafted file calls whatever it names (os.system...),
 # so the unpickler resolves only the classes a real index holds (found by logging find_class on saves
@@ -234,14 +185,12 @@ def dcp_load(state: dict, folder: Path, **kwargs) -> None:
     try:
         dcp.load(state, storage_reader=SafeMetadataReader(folder), planner=SafeLoadPlanner(), **kwargs)
     except CheckpointException as err:
-        failure = next(iter(err.failures.values()))
-        error = failure[0] if isinstance(failure, tuple) else failure
+        error = next(iter(err.failures.values()))[0]  # DCP wraps each rank's failure as (exception, traceback)
         reason = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         raise ValueError(f"{folder} could not be loaded: {reason[-1].strip()}") from err
 
 
-# ---------------------------------------------------------------------------------------------
-# Verifying a checkpoint folder, choosing one
+# --- Verifying a checkpoint folder, choosing one --------------------------------------------------
 
 
 def _read_json(path: Path):
@@ -377,10 +326,8 @@ def checkpoint_candidates(out: Path) -> tuple[list[Path], list[str]]:
 def select_checkpoint(out: Path, log=print, dist=None) -> Path | None:
     """The checkpoint to resume from: the first of `checkpoint_candidates` that verifies. None if
     `out` has no step-N/ folder; a ValueError listing every folder and why, if none verifies.
-
-    With `dist` (call it on every rank, outside on_every_rank) rank 0 lists the candidates and
-    broadcasts them, every rank checks its share of each, and all ranks return the same folder or
-    raise the same fsdp_setup.AllRanksError; only rank 0 logs."""
+    With `dist` (call it on every rank, outside on_every_rank) rank 0 lists the candidates, every rank
+    checks its share of each, and all return the same folder or raise the same AllRanksError."""
     collective = dist is not None and dist.world_size > 1
     say = log if dist is None or dist.is_main else (lambda message: None)
     candidates, notes = checkpoint_candidates(out) if dist is None or dist.is_main else (None, None)
@@ -404,29 +351,13 @@ def select_checkpoint(out: Path, log=print, dist=None) -> Path | None:
                 + " | ".join(rejected) + f". {FIX[0].upper() + FIX[1:]}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Save and load (every rank takes part)
+# --- Save and load (every rank takes part) --------------------------------------------------------
 
 
 def barrier(dist) -> None:
     """Wait for every rank (nothing to wait for in one process). train.py uses it too."""
     if dist.world_size > 1:
         tdist.barrier()
-
-
-def generator_state(generator: torch.Generator) -> list[int]:
-    return generator.get_state().tolist()
-
-
-def set_generator_state(generator: torch.Generator, state: list[int]) -> None:
-    generator.set_state(torch.tensor(state, dtype=torch.uint8))
-
-
-def rank_rng_state(dist: fsdp_setup.Dist, mask_generator: torch.Generator) -> dict:
-    state = {"mask_generator": generator_state(mask_generator), "torch_cpu": torch.get_rng_state().tolist()}
-    if dist.device.type == "cuda":
-        state["torch_cuda"] = torch.cuda.get_rng_state(dist.device).tolist()
-    return state
 
 
 def set_aside(folder: Path, log=print) -> None:
@@ -445,9 +376,9 @@ def set_aside(folder: Path, log=print) -> None:
 
 
 def publish_checkpoint(out: Path, tmp: Path, final: Path, keep: int, log=print) -> None:
-    """Rank 0, after every rank has written: rename, then point `latest` at it, then prune (the
-    rules are in the module docstring). `latest` changes only after the folder is complete under
-    its final name, so a crash at any point leaves `latest` on the previous complete checkpoint."""
+    """Rank 0, after every rank has written: rename, then point `latest` at it, then prune (rules in
+    docs/checkpoints.md). `latest` changes only after the folder is complete under its final name,
+    so a crash at any point leaves `latest` on the previous complete checkpoint."""
     if final.exists():  # an earlier save of this step that `latest` never named, or a damaged one
         set_aside(final, log)
     os.replace(tmp, final)
@@ -464,6 +395,7 @@ def publish_checkpoint(out: Path, tmp: Path, final: Path, keep: int, log=print) 
 
 def save_checkpoint(out: Path, model, optimizer, train_state: dict, dist, mask_generator, keep: int,
                     log=print) -> Path:
+    """Every rank: write `out/step-N/` (N = train_state["step"]); rank 0 publishes it. Order: docs/checkpoints.md."""
     step = train_state["step"]
     tmp, final = out / f".tmp-step-{step}", out / f"step-{step}"
     if dist.is_main:
@@ -471,12 +403,16 @@ def save_checkpoint(out: Path, model, optimizer, train_state: dict, dist, mask_g
         tmp.mkdir(parents=True)
     barrier(dist)
     rank_file = f"rank-{dist.rank:05d}.json"
-    write_atomic(tmp / rank_file, json.dumps(rank_rng_state(dist, mask_generator)))
+    rng = {"mask_generator": mask_generator.get_state().tolist(), "torch_cpu": torch.get_rng_state().tolist()}
+    if dist.device.type == "cuda":
+        rng["torch_cuda"] = torch.cuda.get_rng_state(dist.device).tolist()
+    write_atomic(tmp / rank_file, json.dumps(rng))
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))  # ends with .metadata written
     # Each rank checksums what it wrote (its DCP files are __R_*.distcp), so the reading is spread
     # over the ranks; rank 0 adds its own files and writes the list.
-    mine = {name: file_checksum(tmp / name) for name in [rank_file, *(p.name for p in tmp.glob(f"__{dist.rank}_*.distcp"))]}
+    written = [rank_file, *(p.name for p in tmp.glob(f"__{dist.rank}_*.distcp"))]
+    mine = {name: file_checksum(tmp / name) for name in written}
     gathered = [mine]
     if dist.world_size > 1:
         gathered = [None] * dist.world_size if dist.is_main else None
@@ -485,7 +421,8 @@ def save_checkpoint(out: Path, model, optimizer, train_state: dict, dist, mask_g
         write_atomic(tmp / "train_state.json", json.dumps(train_state, indent=1))
         files = {name: entry for part in gathered for name, entry in part.items()}
         files.update({name: file_checksum(tmp / name) for name in (".metadata", "train_state.json")})
-        write_atomic(tmp / CHECKSUMS, json.dumps({"algorithm": "crc32", "files": dict(sorted(files.items()))}, indent=1))
+        manifest = {"algorithm": "crc32", "files": dict(sorted(files.items()))}
+        write_atomic(tmp / CHECKSUMS, json.dumps(manifest, indent=1))
         publish_checkpoint(out, tmp, final, keep, log)
     barrier(dist)
     return final
@@ -501,11 +438,9 @@ def read_checkpoint_files(folder: Path, dist) -> tuple[dict, dict | None]:
 
 def load_checkpoint(folder: Path, model, optimizer, dist, mask_generator, verified: bool = False) -> dict:
     """Restore model and optimizer (resharded by DCP to this layout) and, for the same world size,
-    this rank's RNG states. Returns the checkpoint's train_state.json.
-
-    The folder is verified first (split over the ranks; skip with verified=True when it comes
-    from select_checkpoint), and a damaged one stops every rank with the same ValueError, before
-    DCP reads anything: failing inside dcp.load on one rank would leave the others hanging."""
+    this rank's RNG states; returns the checkpoint's train_state.json. The folder is verified first
+    (verified=True: select_checkpoint did), so a damaged one stops every rank with the same ValueError
+    before DCP reads anything: failing inside dcp.load on one rank would leave the others hanging."""
     if not verified:
         problems = verify_on_every_rank(folder, dist)
         if problems:
@@ -516,7 +451,7 @@ def load_checkpoint(folder: Path, model, optimizer, dist, mask_generator, verifi
     dcp_load({"model": model_state, "optim": optim_state}, folder)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
     if rng is not None:
-        set_generator_state(mask_generator, rng["mask_generator"])
+        mask_generator.set_state(torch.tensor(rng["mask_generator"], dtype=torch.uint8))
         torch.set_rng_state(torch.tensor(rng["torch_cpu"], dtype=torch.uint8))
         if "torch_cuda" in rng and dist.device.type == "cuda":
             torch.cuda.set_rng_state(torch.tensor(rng["torch_cuda"], dtype=torch.uint8), dist.device)
@@ -535,8 +470,7 @@ def params_finite(model, dist) -> bool:
     return bool(ok.item())
 
 
-# ---------------------------------------------------------------------------------------------
-# Export: the encoder alone, in one process
+# --- Export: the encoder alone, in one process ----------------------------------------------------
 
 
 def resolve_step_folder(path: str, log=print) -> Path:
@@ -573,20 +507,7 @@ def export_encoder(ckpt_path: str, log=None) -> dict:
     return {"model": state["model"], "vit_config": dataclasses.asdict(vit_cfg), "step": train_state["step"]}
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line: `python checkpoint.py export ...`
-
-
-def export_main(argv: list[str], prog: str = "checkpoint.py export") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description="write a checkpoint's encoder as one file")
-    parser.add_argument("--ckpt", required=True, help="run folder (its newest loadable checkpoint) or a step-N folder")
-    parser.add_argument("--out", required=True, help="output .pt file")
-    args = parser.parse_args(argv)
-    exported = export_encoder(args.ckpt)
-    torch.save(exported, args.out)
-    print(f"wrote {args.out}: encoder of step {exported['step']} ({len(exported['model'])} tensors, "
-          f"{exported['vit_config']['img_size']} px, {exported['vit_config']['in_chans']} bands)")
-    return 0
+# --- Command line: `python checkpoint.py export ...` ----------------------------------------------
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -594,11 +515,20 @@ def cli(argv: list[str] | None = None) -> int:
     if argv[:1] != ["export"]:
         print("usage: python checkpoint.py export --ckpt RUN_OR_STEP_FOLDER --out ENCODER.pt", file=sys.stderr)
         return 2
+    parser = argparse.ArgumentParser(prog="checkpoint.py export",
+                                     description="write a checkpoint's encoder as one file")
+    parser.add_argument("--ckpt", required=True, help="run folder (its newest loadable checkpoint) or a step-N folder")
+    parser.add_argument("--out", required=True, help="output .pt file")
+    args = parser.parse_args(argv[1:])
     try:
-        return export_main(argv[1:])
+        exported = export_encoder(args.ckpt)
     except ValueError as err:  # no loadable checkpoint there: the message, no traceback (as train.py's cli)
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    torch.save(exported, args.out)
+    print(f"wrote {args.out}: encoder of step {exported['step']} ({len(exported['model'])} tensors, "
+          f"{exported['vit_config']['img_size']} px, {exported['vit_config']['in_chans']} bands)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -181,8 +181,8 @@ class StopRequest:
     def __init__(self, dist_info: Dist):
         self.dist_info, self.signal_name = dist_info, None
         self.on_gpu = dist_info.device.type == "cuda"
-        self.host_flag = torch.zeros((), pin_memory=self.on_gpu)  # last step's all-reduced flag
-        self.posted, self.copied = False, None  # a flag was posted; CUDA event after its copy
+        self.host_flag = torch.zeros((), pin_memory=self.on_gpu)  # last step's all-reduced flag (0 at first)
+        self.copied = None  # CUDA event after the copy of last step's flag
         self.previous = {s: signal.signal(s, self.handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
 
     def handler(self, signum, frame):
@@ -193,12 +193,11 @@ class StopRequest:
             return self.signal_name is not None
         if self.copied is not None:
             self.copied.synchronize()  # last step's copy, not the step queued after it
-        result = self.posted and bool(self.host_flag)
+        result = bool(self.host_flag)
         flag = torch.full((), float(self.signal_name is not None), device=self.dist_info.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         # Not flag.item(): on a GPU that copy queues behind this whole step and waits for it.
         self.host_flag.copy_(flag, non_blocking=True)
-        self.posted = True
         if self.on_gpu:
             self.copied = torch.cuda.Event()
             self.copied.record()

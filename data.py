@@ -1,45 +1,37 @@
 """
-data.py — geofm's pretraining data: turn the imagery people actually have into training crops,
-fast, and never feed the model garbage. (The labelled scene datasets of evaluation are in eval.py.)
+data.py — geofm's pretraining data: chips and whole scenes (GeoTIFF, JPEG, PNG) in, normalised
+random crops out, reproducibly. (Evaluation's labelled datasets are in eval.py; geotiff.py reads
+GeoTIFFs, decoding only the tiles a window touches.)
 
-Satellite scenes are multi-band, 8/16-bit or float, often billions of pixels, and written by
-GDAL as tiled or striped GeoTIFFs. geotiff.py reads them (tifffile + imagecodecs, no GDAL),
-decoding only the tiles a window touches; this file decides which windows to read and turns
-them into normalised crops, and reads JPEG and PNG through Pillow.
-
-    open_image, read_image                  GeoTIFF, JPEG or PNG, always (bands, height, width)
-    PretrainDataset                         random crops of chips or huge scenes, for MAE
-    EpochSeededDataset, resize              what eval.py's SceneDataset shares with it
-    SyntheticDataset                        deterministic random tensors, for benchmarks
+    open_image, read_image, list_images     any image as (bands, height, width); folders, manifests
+    compute_stats, load_stats, Normalizer   per-band statistics; (x - mean) / std
+    PretrainDataConfig, PretrainDataset     MAE's random crops, one per chip or many per scene
     ResumableDistributedSampler, make_loader
-    make_demo_chips                         a tiny built-in multi-band sample for the demo
-    list_images, compute_stats, load_stats, Normalizer
-
-DataError and CorruptImageError (defined in geotiff.py) are the errors of all of it; they and
-the reader's read_geotiff, geotiff_info, GeoTiff and GeoTiffInfo are importable from here too.
+    SyntheticDataset, make_demo_chips       random tensors for benchmarks; the demo's sample chips
 
     python data.py stats <folder|manifest> --out stats.json   per-band statistics
-    python tools/bench.py data [folder] [--workers N]        loader speed vs bare decode
-    python data.py demo <folder>                             write the built-in sample
+    python data.py demo <folder>                             write the demo's sample chips
+    python tools/bench.py data [folder]                      crops/s against a bare decode
 
-A source of images is a folder (searched recursively for .tif/.tiff/.jpg/.jpeg/.png), a
-manifest file (one path per line, relative to the manifest; a line whose first non-blank
-character is '#' is a comment) or a list.
+A source is a folder (searched recursively for .tif .tiff .jpg .jpeg .png), a manifest file (one
+path per line, relative to the manifest; a line starting with '#' is a comment) or a list.
 
-The statistics file, written by `python data.py stats` and read by load_stats, holds one entry
-per band of the files (before any band selection):
+How an epoch is counted: PretrainDataset has len(files) * chips_per_scene items, and item i is
+a crop of file i // chips_per_scene. Its window (a random crop_size square of the file, or the
+whole file if smaller), the RandomResizedCrop box inside it (area 0.2-1 of the window, MAE's
+setting) and its flip/rotation come from the random stream of (seed, epoch, i) alone, so an
+epoch is exactly reproducible and a resumed run sees the crops of an uninterrupted one. Only the
+box is decoded. A box with more than max_nodata (default 0.5) of its values nodata, NaN or
+infinite is drawn again from the same stream, up to WINDOW_DRAWS draws; then the last is kept.
+chips_per_scene=1 is MAE's one crop per image per epoch, right for chip folders; 100 scenes with
+chips_per_scene=500 make 50000-crop epochs.
 
-    {"format": "geofm-stats-1", "bands": 4, "dtype": "uint16", "nodata": 0,
-     "mean": [...], "std": [...], "min": [...], "max": [...],
-     "pixels": [...], "files": 500, "source": "/data/scenes"}
-
-Normalisation is (x - mean) / std per band. Pixels equal to the file's nodata value (the
-GDAL_NODATA tag), and NaN or infinite ones, become 0 after normalisation, i.e. the band mean.
-A tag no pixel of the file's dtype can hold (-9999 in uint16) marks no pixel, as in GDAL.
-A file of another dtype than the statistics' is normalised with them, after a warning.
-Without a statistics file, uint8 images with 3 bands use the ImageNet mean/std of the MAE
-recipe; anything else is an error asking for `python data.py stats`, because any guessed
-scale for 16-bit or float bands would be silently wrong.
+Normalisation is (x - mean) / std per band, with the statistics of `python data.py stats` (JSON
+"geofm-stats-1": per band of the files mean, std, min, max, pixels; and dtype, nodata). Values
+equal to the file's GDAL_NODATA tag, NaN and infinities become 0, the band mean; a tag no pixel
+of the dtype can hold (-9999 in uint16) marks nothing, as in GDAL. Without statistics only 3-band
+uint8 images work (ImageNet's mean/std, as MAE): a guessed scale for 16-bit or float bands would
+be silently wrong. Errors are DataError (a ValueError) and CorruptImageError, from geotiff.py.
 """
 
 import argparse
@@ -68,6 +60,7 @@ from geotiff import (CorruptImageError, DataError, GeoTiff, GeoTiffInfo,  # noqa
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+WINDOW_DRAWS = 8  # draws of a crop box per item at most, while they hold too much nodata
 
 
 # -----------------------------------------------------------------------------
@@ -164,6 +157,16 @@ def list_images(source) -> list[str]:
 # Statistics and normalisation
 
 
+def invalid_values(pixels: np.ndarray, nodata) -> np.ndarray | None:
+    """Where `pixels` are nodata, NaN or infinite; None where no value can be. The tag is compared
+    in the file's dtype (nodata_pixel): a float32 file's "0.1" matches its float32 pixels."""
+    value = nodata_pixel(nodata, pixels.dtype)
+    invalid = None if value is None else pixels == value
+    if pixels.dtype.kind == "f":  # integers cannot be NaN or infinite
+        invalid = ~np.isfinite(pixels) if invalid is None else invalid | ~np.isfinite(pixels)
+    return invalid
+
+
 def compute_stats(source, max_files=500, sample_size=512, seed=0, progress=True) -> dict:
     """Per-band mean/std/min/max over a random sample of files (one random window each),
     skipping nodata and NaN pixels. Means and variances are merged per file (Chan et al.),
@@ -172,27 +175,23 @@ def compute_stats(source, max_files=500, sample_size=512, seed=0, progress=True)
     rng = np.random.default_rng(seed)
     if max_files is not None and len(paths) > max_files:
         paths = [paths[i] for i in sorted(rng.choice(len(paths), max_files, replace=False))]
-    count = mean = m2 = low = high = None
-    first = None
+    first = None  # (path, bands, dtype, nodata) of the first file: the others must have its bands
     for i, path in enumerate(paths):
         with open_image(path) as image:
             info = image.info
             height, width = min(info.height, sample_size), min(info.width, sample_size)
             window = (rng.integers(info.height - height + 1), rng.integers(info.width - width + 1), height, width)
-            pixels, dtype, nodata = image.read(window), info.dtype, info.nodata
+            pixels = image.read(window)
         if first is None:
-            first = (path, pixels.shape[0], dtype, nodata)
+            first = (path, pixels.shape[0], info.dtype, info.nodata)
             count, mean, m2 = (np.zeros(pixels.shape[0]) for _ in range(3))
             low, high = np.full(pixels.shape[0], np.inf), np.full(pixels.shape[0], -np.inf)
         elif pixels.shape[0] != first[1]:
             raise DataError(f"{path} has {pixels.shape[0]} bands but {first[0]} has {first[1]}; "
                             "statistics need files with the same bands (use separate folders or manifests)")
-        # Compared in the file's dtype, as Normalizer does: a float32 file's nodata tag "0.1"
-        # matches its float32 pixels, not their float64 copies; a tag out of the dtype's range, none.
-        nodata_value = nodata_pixel(nodata, dtype)
-        for b, band in enumerate(pixels.reshape(pixels.shape[0], -1)):
-            valid = band[np.isfinite(band) & (band != nodata_value if nodata_value is not None else True)]
-            valid = valid.astype(np.float64)
+        invalid = invalid_values(pixels, info.nodata)
+        for b, band in enumerate(pixels):
+            valid = (band if invalid is None else band[~invalid[b]]).astype(np.float64).ravel()
             if valid.size == 0:
                 continue
             n, file_mean = valid.size, valid.mean()
@@ -267,8 +266,8 @@ class Normalizer:
         raise DataError(f"{self.stats_path} has statistics for {len(self.mean)} bands but {path} has {file_bands} "
                         f"({len(selected)} selected); compute statistics on the same kind of files")
 
-    def columns(self, path, file_bands, bands, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, 1 / std) of the selected bands as float32 (C, 1, 1) tensors, cached."""
+    def columns(self, path, file_bands, bands, dtype) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, 1 / std) of the selected bands as float32 (C, 1, 1) arrays, cached."""
         key = (file_bands, None if bands is None else tuple(bands), np.dtype(dtype))
         if key not in self._cache:
             if self.stats_dtype is not None and np.dtype(dtype).name not in self._dtypes_seen:
@@ -277,19 +276,18 @@ class Normalizer:
                               f"{self.stats_dtype} files; normalising it with them anyway. If its values have another "
                               "scale, convert it or keep it apart, with statistics of its own", stacklevel=2)
             mean, std = self.band_stats(path, file_bands, bands, dtype)
-            self._cache[key] = tuple(torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (mean, 1 / std))
+            self._cache[key] = tuple(np.asarray(v, np.float32).reshape(-1, 1, 1) for v in (mean, 1 / std))
         return self._cache[key]
 
-    def __call__(self, pixels, path, file_bands, bands, nodata) -> torch.Tensor:
+    def __call__(self, pixels: np.ndarray, path, file_bands, bands, nodata) -> torch.Tensor:
+        """float32 (C, H, W), C-contiguous: the conversion also pays for a flipped view's copy."""
         mean, inv_std = self.columns(path, file_bands, bands, pixels.dtype)
-        x = pixels.astype(np.float32)  # keeps a rotated view's memory order: no transposing copy
-        x -= mean.numpy()
-        x *= inv_std.numpy()
-        nodata_value = nodata_pixel(nodata, pixels.dtype)  # None also where no pixel can equal the tag
-        if nodata_value is not None:
-            x[pixels == nodata_value] = 0
-        if pixels.dtype.kind == "f":  # integers cannot be NaN or infinite
-            np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        x = pixels.astype(np.float32, order="C")
+        x -= mean
+        x *= inv_std
+        invalid = invalid_values(pixels, nodata)
+        if invalid is not None:
+            x[invalid] = 0
         return torch.from_numpy(x)
 
 
@@ -353,8 +351,8 @@ def random_dihedral(pixels: np.ndarray, rng) -> np.ndarray:
 
 
 def resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bilinear (C, h, w) -> (C, height, width), antialiased when shrinking to avoid aliasing.
-    Float stays float; uint8 stays uint8 (rounded), in channels-last memory order."""
+    """Bilinear (C, h, w) -> (C, height, width), antialiased when shrinking, as PIL and torchvision
+    do. Float stays float; uint8 stays uint8 (rounded), in channels-last memory order."""
     if x.shape[-2:] == (height, width):
         return x.contiguous()
     shrink = height < x.shape[-2] or width < x.shape[-1]
@@ -391,17 +389,24 @@ class PretrainDataConfig:
     stats: str | None = None  # statistics JSON from `python data.py stats`
     scale: tuple = (0.2, 1.0)  # RandomResizedCrop area fraction (MAE's pretraining setting)
     ratio: tuple = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratios
-    crop_size: int = 512  # larger scenes are first cut to a random crop_size window (a windowed read)
+    crop_size: int = 512  # side of the random window a bigger file is cut to before RandomResizedCrop
+    chips_per_scene: int = 1  # items (each with its own window) per file per epoch
+    max_nodata: float = 0.5  # a box with a larger fraction of nodata/NaN values is drawn again
     skip_corrupt: bool = False  # skip and count corrupt files instead of stopping with an error
+
+    def __post_init__(self):
+        for name, flag in [("img_size", "--img-size"), ("crop_size", "--crop-size"),
+                           ("chips_per_scene", "--chips-per-scene")]:
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise DataError(f"{name}={getattr(self, name)!r} (train.py {flag}) must be a whole number >= 1")
+        if not 0 <= self.max_nodata <= 1:
+            raise DataError(f"max_nodata={self.max_nodata} (train.py --max-nodata) is a fraction of a crop's "
+                            "values, in [0, 1]; 1 keeps every crop")
 
 
 class PretrainDataset(EpochSeededDataset):
-    """Random crops for MAE: float32 (C, img_size, img_size), normalised per band.
-
-    Chips up to crop_size get RandomResizedCrop over the whole image, as in MAE. Bigger
-    scenes get it within a random crop_size window, and only the final box is decoded, so
-    a 10000x10000 scene costs a few tiles per sample, not the scene.
-    """
+    """MAE's random crops: float32 (C, img_size, img_size), normalised per band. Item i is a crop
+    of file i // chips_per_scene; the module docstring says how it is drawn."""
 
     def __init__(self, source, cfg: PretrainDataConfig | None = None, seed=0):
         super().__init__(seed)
@@ -413,12 +418,13 @@ class PretrainDataset(EpochSeededDataset):
         self._skipped = torch.zeros(256, dtype=torch.int64).share_memory_()
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.paths) * self.cfg.chips_per_scene
 
     def __getitem__(self, index) -> torch.Tensor:
         rng = self.rng(index)
+        scene = index // self.cfg.chips_per_scene
         for attempt in range(len(self.paths)):
-            path = self.paths[(index + attempt) % len(self.paths)]  # skip mode: the next file stands in
+            path = self.paths[(scene + attempt) % len(self.paths)]  # skip mode: the next file stands in
             try:
                 return self.load(path, rng)
             except CorruptImageError as err:
@@ -430,25 +436,26 @@ class PretrainDataset(EpochSeededDataset):
         raise DataError(f"every image in the dataset ({len(self.paths)} files, e.g. {self.paths[0]}) is corrupt")
 
     def load(self, path, rng) -> torch.Tensor:
-        cfg = self.cfg
+        cfg, size = self.cfg, self.cfg.img_size
         with open_image(path) as image:  # a big GeoTIFF decodes only the tiles of the box
-            file_bands, nodata = image.info.bands, image.info.nodata
-            check_band_count(path, file_bands, cfg.bands, cfg.in_chans)
-            pixels = image.read(self._pick_box(rng, image.info.height, image.info.width), cfg.bands)
-        if pixels.dtype == np.uint8 and nodata_pixel(nodata, np.uint8) is None:  # no pixel can be nodata
-            # 8-bit images (JPEG, PNG, RGB GeoTIFF) are resized first, like torchvision's pipeline,
-            # on torch's channels-last uint8 kernel (several times cheaper than in float), and
-            # flipped/rotated after it, while the copy into (C, H, W) order is made anyway.
-            small = resize(torch.from_numpy(pixels), cfg.img_size, cfg.img_size).numpy()
-            x = random_dihedral(small, rng).astype(np.float32, order="C")  # one pass: float, (C, H, W)
-            mean, inv_std = self.normalize.columns(path, file_bands, cfg.bands, np.uint8)
-            x -= mean.numpy()
-            x *= inv_std.numpy()
-            return torch.from_numpy(x)
-        x = self.normalize(random_dihedral(pixels, rng), path, file_bands, cfg.bands, nodata)
-        return resize(x, cfg.img_size, cfg.img_size)
+            info = image.info
+            check_band_count(path, info.bands, cfg.bands, cfg.in_chans)
+            for _ in range(WINDOW_DRAWS):
+                pixels = image.read(self.draw_box(rng, info.height, info.width), cfg.bands)
+                invalid = invalid_values(pixels, info.nodata)
+                if invalid is None or invalid.mean() <= cfg.max_nodata:
+                    break
+        if invalid is None and pixels.dtype == np.uint8:
+            # 8-bit images (JPEG, PNG, RGB GeoTIFF) are resized first, as torchvision does, on
+            # torch's uint8 kernel (several times cheaper than in float); normalising the small
+            # result also makes the flipped view contiguous.
+            small = random_dihedral(resize(torch.from_numpy(pixels), size, size).numpy(), rng)
+            return self.normalize(small, path, info.bands, cfg.bands, None)
+        x = self.normalize(random_dihedral(pixels, rng), path, info.bands, cfg.bands, info.nodata)
+        return resize(x, size, size)
 
-    def _pick_box(self, rng, height, width) -> tuple[int, int, int, int]:
+    def draw_box(self, rng, height, width) -> tuple[int, int, int, int]:
+        """(top, left, h, w) in the file: RandomResizedCrop's box in a random crop_size window."""
         crop_h, crop_w = min(height, self.cfg.crop_size), min(width, self.cfg.crop_size)
         crop_top, crop_left = int(rng.integers(height - crop_h + 1)), int(rng.integers(width - crop_w + 1))
         top, left, h, w = random_resized_box(rng, crop_h, crop_w, self.cfg.scale, self.cfg.ratio)

@@ -76,6 +76,9 @@ class TrainConfig:
     data: str = "demo"  # folder, manifest, "synthetic" or "demo"
     bands: str | None = None  # "3,2,1,7": 0-based bands to read; None: all
     stats: str | None = None  # None: <data>/stats.json if present
+    chips_per_scene: int = 1  # crops per file per epoch (an epoch is files x chips_per_scene crops)
+    crop_size: int = 512  # side of the random window cut from a bigger file before RandomResizedCrop
+    max_nodata: float = 0.5  # a crop with a larger fraction of nodata/NaN values is drawn again
     workers: int = 8
     threads: int = 0  # 0: torch's default
     # schedule (epochs/steps, blr/lr, warmup_epochs/warmup_steps are alternatives; None: the recipe's)
@@ -151,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data", help="image folder, manifest file, 'synthetic', or 'demo' (generated sample chips)")
     add("--bands", help="comma-separated 0-based bands to read, e.g. 3,2,1,7 (default: all)")
     add("--stats", help="per-band statistics from `python data.py stats` (default: <data>/stats.json)")
+    add("--chips-per-scene", type=int, help="random crops per file per epoch, for folders of whole scenes; an "
+        "epoch is files x this many crops (default 1: chip folders)")
+    add("--crop-size", type=int, help="side of the random window read from a bigger file before "
+        "RandomResizedCrop (default 512)")
+    add("--max-nodata", type=float, help="redraw a crop with more than this fraction of nodata/NaN values, "
+        "up to 8 draws (default 0.5; 1 keeps all)")
     add("--workers", type=int, help="DataLoader worker processes per rank")
     add("--threads", type=int, help="CPU threads of torch's own kernels (0: torch's default)")
     add("--batch-size", type=int, help="images per GPU per optimizer step")
@@ -414,7 +423,9 @@ def build_data(cfg: TrainConfig, dist, out: Path):
     elif stats is None and os.path.isfile(os.path.join(cfg.data, "stats.json")):
         stats = os.path.join(cfg.data, "stats.json")
     bands = int_list(cfg.bands, "--bands")
-    data_cfg = data.PretrainDataConfig(img_size=cfg.img_size, bands=bands, in_chans=cfg.in_chans, stats=stats)
+    data_cfg = data.PretrainDataConfig(img_size=cfg.img_size, bands=bands, in_chans=cfg.in_chans, stats=stats,
+                                       crop_size=cfg.crop_size, chips_per_scene=cfg.chips_per_scene,
+                                       max_nodata=cfg.max_nodata)
     dataset = data.PretrainDataset(source, data_cfg, seed=cfg.seed)
     in_chans = dataset[0].shape[0]  # reads one image: a wrong band selection or stats file fails here
     if cfg.rgb_bands and max(int_list(cfg.rgb_bands, "--rgb-bands")) >= in_chans:

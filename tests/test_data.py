@@ -17,6 +17,7 @@ from PIL import Image
 
 import data
 import geotiff
+import train
 from test_geotiff import ARRAYS, FIXTURES, make_tile_sparse, truncated_copy
 
 
@@ -209,7 +210,7 @@ def test_uint8_images_take_the_fast_resize_and_match_float(tmp_path):
     x = dataset[0]
     assert x.shape == (3, 40, 40) and x.dtype == torch.float32 and x.is_contiguous()
     rng = dataset.rng(0)  # replay the dataset's draws: the (whole-image) box, then the flip/rotation
-    assert dataset._pick_box(rng, 48, 64) == (0, 0, 48, 64)
+    assert dataset.draw_box(rng, 48, 64) == (0, 0, 48, 64)
     pixels = data.random_dihedral(ARRAYS["u8_3b"], rng)
     in_float = data.resize(data.Normalizer()(pixels, "rgb.png", 3, None, None), 40, 40)
     assert not torch.equal(x, in_float)  # it did take the uint8 path, which rounds
@@ -392,3 +393,105 @@ def test_sampler_epochs_and_exact_resume():
     assert list(again) == full[7:]
     with pytest.raises(ValueError, match="index 26"):
         again.load_state_dict({"epoch": 4, "index": 26})
+
+
+# --- many crops per scene ----------------------------------------------------------------------
+
+
+def write_scenes(folder, count=2, size=300):
+    """`count` 4-band uint16 scenes, tiled, with a nodata (0) block in the top-left corner; and stats.json."""
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        pixels = rng.integers(100, 5000, (4, size, size), dtype=np.uint16)
+        pixels[:, :100, :150] = 0
+        tifffile.imwrite(folder / f"scene_{i}.tif", pixels, photometric="minisblack", planarconfig="separate", tile=(64, 64),
+                         compression="zlib", extratags=[(geotiff.GDAL_NODATA_TAG, "s", 0, "0", True)])
+    (folder / "stats.json").write_text(json.dumps(data.compute_stats(str(folder), progress=False)))
+    return str(folder), str(folder / "stats.json")
+
+
+def test_scenes_give_chips_per_scene_crops_per_epoch(tmp_path, monkeypatch):
+    folder, stats = write_scenes(tmp_path / "scenes")
+    cfg = data.PretrainDataConfig(img_size=32, stats=stats, crop_size=64, chips_per_scene=5)
+    dataset = data.PretrainDataset(folder, cfg, seed=1)
+    assert len(dataset) == 2 * 5
+    reads = []
+    read = data.GeoTiff.read
+    monkeypatch.setattr(data.GeoTiff, "read", lambda self, window=None, bands=None:
+                        reads.append((os.path.basename(self.path), window)) or read(self, window, bands))
+    items, scenes = [], []
+    for i in range(len(dataset)):
+        reads.clear()
+        items.append(dataset[i])
+        scenes.append({name for name, _ in reads})
+        assert all(h <= 64 and w <= 64 for _, (_, _, h, w) in reads)  # inside a crop_size window
+    assert scenes == [{"scene_0.tif"}] * 5 + [{"scene_1.tif"}] * 5  # item i is scene i // 5
+    assert all(x.shape == (4, 32, 32) for x in items)
+    assert len({x.numpy().tobytes() for x in items}) == 10  # every crop its own window
+    monkeypatch.undo()
+    twin = data.PretrainDataset(folder, cfg, seed=1)
+    assert all(torch.equal(twin[i], items[i]) for i in (0, 7))  # the same (seed, epoch, index), the same crop
+    twin.set_epoch(1)
+    assert not torch.equal(twin[0], items[0])
+    # Through the sampler and the loader: an epoch is 10 crops, all of them, split over ranks.
+    shards = [list(data.ResumableDistributedSampler(len(dataset), rank, 2, seed=1)) for rank in range(2)]
+    assert sorted(shards[0] + shards[1]) == list(range(10))
+    sampler = data.ResumableDistributedSampler(len(dataset), 0, 1, seed=1)
+    batches = list(data.make_loader(dataset, batch_size=5, sampler=sampler, workers=0))
+    assert len(batches) == 2 and torch.equal(torch.cat(batches), torch.stack([items[i] for i in sampler.epoch_order(0)]))
+
+
+def test_nodata_heavy_crops_are_drawn_again(tmp_path):
+    # Half of the scene is nodata. Each crop is its whole 64x64 window (scale 1, ratio 1, no resize),
+    # so the zeros of an item count the nodata pixels of the window it kept.
+    scene = np.full((1, 64, 256), 1000, np.uint16)
+    scene[:, :, :128] = 0
+    tifffile.imwrite(tmp_path / "half.tif", scene, extratags=[(geotiff.GDAL_NODATA_TAG, "s", 0, "0", True)])
+    stats = write_stats(tmp_path / "s.json", [0.0], [1.0])
+    n = 60
+
+    def zero_fractions(max_nodata):
+        cfg = data.PretrainDataConfig(img_size=64, crop_size=64, scale=(1, 1), ratio=(1, 1), stats=stats,
+                                      chips_per_scene=n, max_nodata=max_nodata)
+        dataset = data.PretrainDataset([str(tmp_path / "half.tif")], cfg, seed=2)
+        return dataset, [float((dataset[i] == 0).float().mean()) for i in range(n)]
+
+    _, unfiltered = zero_fractions(1.0)
+    dataset, kept = zero_fractions(0.25)
+    expected = []  # by hand: redraw while more than a quarter of the window's written pixels are nodata
+    for i in range(n):
+        rng = dataset.rng(i)
+        for _ in range(data.WINDOW_DRAWS):
+            top, left, h, w = dataset.draw_box(rng, 64, 256)
+            fraction = float((scene[:, top:top + h, left:left + w] == 0).mean())
+            if fraction <= 0.25:
+                break
+        expected.append(fraction)
+    assert kept == expected
+    assert sum(f > 0.25 for f in unfiltered) > n / 3  # without the check, many crops are mostly nodata
+    assert sum(f > 0.25 for f in kept) <= 2  # with it, only those whose 8 draws all failed (~2.5% each)
+    with pytest.raises(data.DataError, match=r"max_nodata=1.5 \(train.py --max-nodata\)"):
+        data.PretrainDataConfig(max_nodata=1.5)
+    with pytest.raises(data.DataError, match=r"chips_per_scene=0 \(train.py --chips-per-scene\)"):
+        data.PretrainDataConfig(chips_per_scene=0)
+
+
+def test_training_on_scenes_resumes_bit_exactly(tmp_path):
+    folder, _ = write_scenes(tmp_path / "scenes")  # stats.json inside: found by train.py
+    tiny = ["--model", "vit_tiny", "--img-size", "32", "--decoder-embed-dim", "32", "--decoder-depth", "1",
+            "--decoder-num-heads", "4", "--batch-size", "8", "--steps", "10", "--warmup-steps", "2", "--workers", "0",
+            "--log-every", "1", "--data", folder, "--chips-per-scene", "8", "--crop-size", "128"]
+
+    def metrics(out):
+        with open(out / "metrics.jsonl") as f:
+            return [(r["step"], r["epoch"], r["loss"], r["grad_norm"]) for r in map(json.loads, f)]
+
+    assert train.main([*tiny, "--out", str(tmp_path / "reference")]) == 0
+    reference = metrics(tmp_path / "reference")
+    # 2 scenes x 8 crops = 16 per epoch, 2 steps of 8: ten steps are five epochs.
+    assert [(step, epoch) for step, epoch, *_ in reference] == [(s, s / 2) for s in range(1, 11)]
+    run = tmp_path / "run"
+    assert train.main([*tiny, "--out", str(run), "--max-steps-per-run", "5"]) == 0  # stops mid-epoch
+    assert train.main([*tiny, "--out", str(run), "--resume"]) == 0
+    assert metrics(run) == reference  # loss and grad norm of every step, bit for bit

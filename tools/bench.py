@@ -716,6 +716,13 @@ def measure_data(folder, workers: int, repeats: int, scene_size: int, chip_size:
         print(f"  whole scene: read_geotiff {whole:.2f} s, tifffile.imread {bare_whole:.2f} s")
         print(f"  512x512 window: {window * 1000:.1f} ms, "
               f"{whole / window:.0f}x faster than the whole scene (target >= 50x)")
+        scene_stats = os.path.join(tmp, "scene_stats.json")
+        with open(scene_stats, "w") as f:
+            json.dump(data.compute_stats([scene], progress=False), f)
+        crops = data.PretrainDataset([scene], data.PretrainDataConfig(stats=scene_stats, chips_per_scene=16))
+        result["scene_crop_s"] = crop = median_seconds(lambda: [crops[i] is None for i in range(16)], repeats) / 16
+        print(f"  PretrainDataset, 16 crops per scene (512 px windows -> {crops.cfg.img_size} px) "
+              f"{1 / crop:7.1f} chips/s  {crop * 1000:.1f} ms each")
     return result
 
 

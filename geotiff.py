@@ -76,6 +76,7 @@ Try it:
 import logging
 import math
 import os
+import struct
 from dataclasses import dataclass
 
 import imagecodecs
@@ -96,6 +97,15 @@ UNCOMPRESSED, OLD_JPEG, JPEG, LERC = 1, 6, 7, 34887
 # any other compression GDAL ignores the tag and returns the stored samples, and so does this reader.
 PREDICTOR_CODECS = {5, 8, 32946, 34925, 50000}
 PHOTOMETRIC_YCBCR = 6
+# Codecs whose blocks a read hands to libtiff all at once (see GeoTiff._read_in_one_libtiff_call): LZW.
+# Not DEFLATE: libtiff stops inflating when a block is full, before zlib's checksum, so it would
+# return damaged blocks as pixels, where imagecodecs (inflating to the end) reports them.
+LIBTIFF_BATCH_CODECS = {5}
+DEFLATE_CODECS = {8, 32946}  # Adobe Deflate, Deflate
+# A large read decodes its blocks this many bytes at a time (slabs of block rows; see GeoTiff.read).
+BATCH_BYTES = 8 * 2**20
+# Blocks closer than this in the file are read with one system call, the bytes between them included.
+COALESCE_GAP_BYTES = 16 * 2**10
 
 
 def _drop_tifffile_nodata_warnings(record: logging.LogRecord) -> bool:
@@ -173,6 +183,7 @@ class GeoTiff:
             self.close()
             raise
         self._file_size = os.path.getsize(self.path)
+        self._fd = self._tif.filehandle.fileno()  # for os.pread: a read at an offset, without a seek
         self.segments_decoded = 0
 
     def _inspect(self) -> GeoTiffInfo:
@@ -222,6 +233,14 @@ class GeoTiff:
         if (not page.is_tiled and page.compression == UNCOMPRESSED and page.sampleformat != 5  # complex integers
                 and page.bitspersample in (8, 16, 32, 64, 128)):
             self._raw_strip_dtype = np.dtype(self._tif.byteorder + page.dtype.char)
+        # Whole-byte integer or float samples of LZW and DEFLATE are decoded many blocks at a time
+        # (see _read_blocks_at_once); DEFLATE only in native byte order, where its predictor is undone in place.
+        self._batch = None
+        if page.sampleformat in (1, 2, 3) and page.bitspersample in (8, 16, 32, 64) and page.dtype.kind in "uif":
+            if self._codec in LIBTIFF_BATCH_CODECS:
+                self._batch = "libtiff"
+            elif self._codec in DEFLATE_CODECS and page.dtype.newbyteorder(self._tif.byteorder).isnative:
+                self._batch = "deflate"
         nodata = page.tags.get(GDAL_NODATA_TAG)
         if nodata is not None:
             text = self._nodata_text = str(nodata.value).strip("\x00 ")
@@ -265,6 +284,28 @@ class GeoTiff:
         row, col, height, width = window = self._check_window(window)
         bands = self._check_bands(bands)
         out = self._allocate(len(bands), height, width)
+        if not self._batch:
+            self._read_block_by_block(window, bands, out)
+            return out
+        # A tall read goes in slabs of block rows of at most BATCH_BYTES decoded: their buffers stay
+        # small (no fresh pages to fault in) and the pasting stays in cache; a 512x512 window is one slab.
+        tile_rows, tile_cols = info.tile_shape
+        planes = len(set(bands)) if info.interleave == "band" else 1
+        block_row_bytes = ((col + width - 1) // tile_cols - col // tile_cols + 1) * planes * \
+            tile_rows * tile_cols * self._samples * info.dtype.itemsize
+        step = max(1, BATCH_BYTES // block_row_bytes) * tile_rows
+        for top in range(row // tile_rows * tile_rows, row + height, step):
+            y0, y1 = max(row, top), min(row + height, top + step)
+            slab, rows = (y0, col, y1 - y0, width), out[:, y0 - row:y1 - row]
+            if not self._read_blocks_at_once(slab, bands, rows):
+                self._read_block_by_block(slab, bands, rows)
+        return out
+
+    def _read_block_by_block(self, window, bands, out):
+        """Read `window` into `out` one tile or strip at a time, through tifffile's decoders: the path
+        for every layout and codec, and the one that names the block in any error."""
+        info = self.info
+        row, col, height, width = window
         tile_rows, tile_cols, across, per_plane = self._grid()
         all_bands = bands == list(range(info.bands))
         for index in self._segments(window, bands):
@@ -286,15 +327,171 @@ class GeoTiff:
                             target[k] = piece[..., 0]
                 else:
                     target[...] = np.moveaxis(piece if all_bands else piece[..., bands], -1, 0)
-        return out
+
+    def _read_blocks_at_once(self, window, bands, out) -> bool:
+        """Read and decode every block the window needs in as few calls as possible and paste the
+        window into `out`; False where the block-by-block path must read it (and overwrite `out`).
+
+        Why: per block, tifffile's decode path costs tens of microseconds of Python, as much as
+        decoding a whole 8 KiB strip (GDAL writes DEFLATE strips of one such row), and imagecodecs'
+        LZW decoder is slower than libtiff's. So the blocks' bytes are read with one os.pread per run
+        of blocks lying next to each other in the file, then
+          - LZW: wrapped in a small in-memory TIFF whose image is just these blocks (their mosaic,
+            or their rows for strips) and decoded by libtiff (bundled with imagecodecs) in one call;
+          - DEFLATE: each block inflated by libdeflate straight into one buffer, the predictor then
+            undone for all blocks in one call.
+        Anything unusual (an empty or missing block, bytes that fail to decode) returns False, so
+        that the block-by-block path reads the window and reports the exact block."""
+        info = self.info
+        row, col, height, width = window
+        tile_rows, tile_cols, across, per_plane = self._grid()
+        planes = sorted(set(bands)) if info.interleave == "band" else [0]
+        first_row, last_row = row // tile_rows, (row + height - 1) // tile_rows
+        first_col, last_col = col // tile_cols, (col + width - 1) // tile_cols
+        indices = [plane * per_plane + r * across + c for plane in planes
+                   for r in range(first_row, last_row + 1) for c in range(first_col, last_col + 1)]
+        offsets, counts = self._offsets, self._bytecounts
+        if indices[-1] >= min(len(offsets), len(counts)) or not all(counts[i] for i in indices):
+            return False  # missing or empty (sparse) blocks: the per-block path fills or refuses them
+        block_bytes = tile_rows * tile_cols * self._samples * info.dtype.itemsize
+        for index in indices:
+            self._check_block_bytes(index, offsets[index], counts[index])
+            self._check_block_size(index, max(block_bytes, counts[index]))
+        # The runs of blocks to read: blocks in file order, a run ending at a gap of more than
+        # COALESCE_GAP_BYTES (reading a small gap costs less than another system call).
+        runs, place = [], {}  # [start, stop] in the file; block -> (run, offset in the run)
+        for index in sorted(indices, key=offsets.__getitem__):
+            start, stop = offsets[index], offsets[index] + counts[index]
+            if runs and 0 <= start - runs[-1][1] <= COALESCE_GAP_BYTES:
+                runs[-1][1] = max(runs[-1][1], stop)
+            else:
+                runs.append([start, stop])
+            place[index] = (len(runs) - 1, start - runs[-1][0])
+        data = [os.pread(self._fd, stop - start, start) for start, stop in runs]
+        if any(len(chunk) != stop - start for chunk, (start, stop) in zip(data, runs)):
+            return False  # the file changed under us: the per-block path says what is wrong
+        top, left = first_row * tile_rows, first_col * tile_cols
+        # Tiles are whole at the image's edges too; the last strip holds only the image's last rows.
+        bottom = (last_row + 1) * tile_rows if info.tiled else min((last_row + 1) * tile_rows, info.height)
+        mosaic_height, mosaic_width = bottom - top, (last_col - first_col + 1) * tile_cols
+        try:
+            if self._batch == "libtiff":
+                run_at = np.cumsum([8] + [stop - start for start, stop in runs]).tolist()  # after the TIFF header
+                if run_at[-1] + 4096 + 8 * len(indices) >= 2**32:
+                    return False  # more than a classic TIFF's 32-bit offsets can point to
+                block_offsets = [run_at[place[i][0]] + place[i][1] for i in indices]
+                tiff = self._mini_tiff(data, run_at[-1], mosaic_height, mosaic_width, len(planes),
+                                       block_offsets, [counts[i] for i in indices])
+                mosaic = imagecodecs.tiff_decode(tiff)
+                self._paste(mosaic.reshape(len(planes), mosaic_height, mosaic_width, -1), top, left, window, bands, out)
+            else:
+                blocks = self._inflate(indices, data, place, top, bottom)
+                if blocks is None:
+                    return False
+                if not info.tiled:  # the strips' rows, one after another: the rows of the image
+                    self._paste(blocks.reshape(len(planes), mosaic_height, info.width, -1), top, 0, window, bands, out)
+                else:
+                    blocks = blocks.reshape(len(planes), last_row - first_row + 1, last_col - first_col + 1,
+                                            tile_rows, tile_cols, -1)
+                    for r in range(blocks.shape[1]):
+                        for c in range(blocks.shape[2]):
+                            self._paste(blocks[:, r, c], top + r * tile_rows, left + c * tile_cols, window, bands, out)
+        except MemoryError:
+            raise DataError(f"{self.path}: out of memory decoding a {mosaic_height}x{mosaic_width} read; free "
+                            "memory (fewer loader workers) or read smaller windows") from None
+        except Exception:
+            return False  # damaged bytes: the per-block path finds the block and says which it is
+        self.segments_decoded += len(indices)
+        return True
+
+    def _inflate(self, indices, data, place, top, bottom) -> np.ndarray | None:
+        """DEFLATE blocks inflated into one array, predictor undone: (blocks, rows, cols, samples) for
+        tiles, (rows of all strips, width, samples) for strips; None if one inflates to too few bytes."""
+        info, samples = self.info, self._samples
+        tile_rows, tile_cols = info.tile_shape
+        row_bytes = tile_cols * samples * info.dtype.itemsize
+        sizes = [tile_rows * row_bytes] * len(indices)
+        if not info.tiled:  # the image's last strip may be short
+            sizes = [(min(self._block_top(i) + tile_rows, info.height) - self._block_top(i)) * row_bytes for i in indices]
+        buffer = np.empty(sum(sizes), np.uint8)
+        position = 0
+        for index, size in zip(indices, sizes):
+            run, offset = place[index]
+            # libdeflate checks zlib's checksum, and refuses a stream that inflates past `size`.
+            inflated = imagecodecs.deflate_decode(memoryview(data[run])[offset:offset + self._bytecounts[index]],
+                                                  out=buffer[position:position + size])
+            if len(inflated) != size:
+                return None
+            position += size
+        pixels = buffer.view(info.dtype)
+        pixels = pixels.reshape(len(indices), tile_rows, tile_cols, samples) if info.tiled \
+            else pixels.reshape(-1, info.width, samples)
+        # The predictor works along each row of each block (axis -2: columns), restarting at its left edge.
+        if self._page.predictor == 2:
+            imagecodecs.delta_decode(pixels, axis=-2, out=pixels)
+        elif self._page.predictor == 3:
+            pixels = imagecodecs.floatpred_decode(pixels, axis=-2)  # it cannot work in place
+        return pixels
+
+    def _paste(self, block: np.ndarray, top: int, left: int, window, bands, out):
+        """Paste the part of `block` (planes, rows, cols, samples), whose top-left pixel is (top, left)
+        in the image, that lies in `window` into `out`: for pixel interleave one plane of all bands,
+        for band interleave one plane per band in sorted(set(bands))."""
+        row, col, height, width = window
+        y0, y1 = max(row, top), min(row + height, top + block.shape[1])
+        x0, x1 = max(col, left), min(col + width, left + block.shape[2])
+        if y0 >= y1 or x0 >= x1:
+            return
+        piece = block[:, y0 - top:y1 - top, x0 - left:x1 - left]
+        target = out[:, y0 - row:y1 - row, x0 - col:x1 - col]
+        if self.info.interleave == "band":
+            planes = sorted(set(bands))
+            for k, band in enumerate(bands):
+                target[k] = piece[planes.index(band), ..., 0]
+        else:
+            target[...] = np.moveaxis(piece[0] if bands == list(range(self.info.bands)) else piece[0][..., bands], -1, 0)
+
+    def _mini_tiff(self, data: list[bytes], data_end: int, height: int, width: int, planes: int,
+                   block_offsets: list[int], block_counts: list[int]) -> bytes:
+        """A TIFF in memory of these blocks: an 8-byte header, `data` (the blocks' bytes, as read),
+        then the one IFD, giving the file's own codec, predictor, sample type and block size."""
+        info, page = self.info, self._page
+        order = self._tif.byteorder  # libtiff swaps the decoded samples of a big-endian file to native
+        samples = planes if info.interleave == "band" else self._samples
+        short, long_ = (3, "H"), (4, "I")
+        tags = [(256, long_, [width]), (257, long_, [height]), (258, short, [page.bitspersample] * samples),
+                (259, short, [self._codec]), (262, short, [1]),  # photometric: min-is-black, plain samples
+                (277, short, [samples]), (284, short, [2 if info.interleave == "band" else 1]),
+                (317, short, [page.predictor]), (339, short, [page.sampleformat] * samples)]
+        if samples > 1:
+            tags.append((338, short, [0] * (samples - 1)))  # extra samples of no particular meaning
+        if info.tiled:
+            tags += [(322, long_, [info.tile_shape[1]]), (323, long_, [info.tile_shape[0]]),
+                     (324, long_, block_offsets), (325, long_, block_counts)]
+        else:
+            tags += [(273, long_, block_offsets), (278, long_, [info.tile_shape[0]]), (279, long_, block_counts)]
+        tags.sort()
+        ifd_at = data_end + (data_end & 1)  # an IFD starts on a word boundary
+        arrays_at = ifd_at + 2 + 12 * len(tags) + 4
+        entries, arrays = [], []
+        for tag, (kind, code), values in tags:
+            packed = np.asarray(values, order + code).tobytes()
+            if len(packed) <= 4:  # fits in the entry itself
+                entries.append(struct.pack(order + "HHI", tag, kind, len(values)) + packed.ljust(4, b"\0"))
+            else:
+                entries.append(struct.pack(order + "HHII", tag, kind, len(values), arrays_at + sum(map(len, arrays))))
+                arrays.append(packed)
+        head = (b"II*\0" if order == "<" else b"MM\0*") + struct.pack(order + "I", ifd_at)
+        return b"".join([head, *data, b"\0" * (ifd_at - data_end), struct.pack(order + "H", len(tags)),
+                         *entries, b"\0\0\0\0", *arrays])
 
     def _row_chunks(self, y0: int, y1: int) -> list[tuple[int, int]]:
         """Image rows y0..y1-1 of one segment, in the pieces to read them in: all at once, except
-        from uncompressed strips, read a chunk of at most MAX_BLOCK_BYTES of rows at a time."""
+        from uncompressed strips, read a chunk of at most MAX_BLOCK_BYTES (and BATCH_BYTES) of rows at a time."""
         raw_dtype = self._raw_strip_dtype
         if raw_dtype is None:
             return [(y0, y1)]
-        step = max(1, MAX_BLOCK_BYTES // self._row_bytes(raw_dtype))
+        step = max(1, min(MAX_BLOCK_BYTES, BATCH_BYTES) // self._row_bytes(raw_dtype))
         return [(r, min(r + step, y1)) for r in range(y0, y1, step)]
 
     def _allocate(self, bands: int, height: int, width: int) -> np.ndarray:
@@ -350,12 +547,7 @@ class GeoTiff:
             # an empty block costs no memory, whatever size a (damaged) header gives its tiles.
             fill = np.asarray(self._sparse_fill(index), info.dtype)
             return np.broadcast_to(fill, (last - first, info.tile_shape[1], samples))
-        if offset == 0:
-            raise CorruptImageError(f"{self.path}: {kind} {index} has {nbytes} bytes at offset 0, inside the "
-                                    "TIFF header; the file is corrupt")
-        if offset + nbytes > self._file_size:
-            raise CorruptImageError(f"{self.path}: truncated: segment {index} needs bytes up to {offset + nbytes} "
-                                    f"but the file has {self._file_size}; copy or download it again")
+        self._check_block_bytes(index, offset, nbytes)
         fh = self._tif.filehandle
         raw_dtype = self._raw_strip_dtype
         if raw_dtype is not None:
@@ -405,6 +597,16 @@ class GeoTiff:
                                     f"({type(err).__name__}: {err}); the file is corrupt") from err
         self.segments_decoded += 1
         return block[first:last]
+
+    def _check_block_bytes(self, index: int, offset: int, nbytes: int):
+        """Refuse a block whose bytes lie inside the header or past the end of the file."""
+        if offset == 0:
+            kind = "tile" if self.info.tiled else "strip"
+            raise CorruptImageError(f"{self.path}: {kind} {index} has {nbytes} bytes at offset 0, inside the "
+                                    "TIFF header; the file is corrupt")
+        if offset + nbytes > self._file_size:
+            raise CorruptImageError(f"{self.path}: truncated: segment {index} needs bytes up to {offset + nbytes} "
+                                    f"but the file has {self._file_size}; copy or download it again")
 
     def _check_block_size(self, index: int, nbytes: int):
         """Refuse a tile or strip that costs more than MAX_BLOCK_BYTES to decode."""

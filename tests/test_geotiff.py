@@ -267,10 +267,16 @@ def test_out_of_memory_while_decoding_says_so(monkeypatch):
         raise MemoryError
 
     with geotiff.GeoTiff(FIXTURES / "u16_4b_tiled_deflate_pixel.tif") as tif:
+        tif._batch = None  # the block-by-block path
         monkeypatch.setattr(tif._page, "decode", decode_without_memory)
         with pytest.raises(geotiff.DataError, match="u16_4b_tiled_deflate_pixel.tif: out of memory decoding tile 0") as err:
             tif.read((0, 0, 4, 4))
     assert not isinstance(err.value, geotiff.CorruptImageError)  # not a damaged file: skip_corrupt must not skip it
+    with geotiff.GeoTiff(FIXTURES / "u16_4b_striped_lzw_band.tif") as tif:  # all blocks in one libtiff call
+        monkeypatch.setattr(geotiff.imagecodecs, "tiff_decode", decode_without_memory)
+        with pytest.raises(geotiff.DataError, match="u16_4b_striped_lzw_band.tif: out of memory decoding a 21x41") as err:
+            tif.read((0, 0, 20, 20))
+    assert not isinstance(err.value, geotiff.CorruptImageError)
 
 
 # --- damaged offset tables ---------------------------------------------------------------------

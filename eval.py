@@ -51,7 +51,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 import data
 import fsdp_setup
-from mae import load_mae_checkpoint
+from mae import adapt_mae_state_dict, load_mae_checkpoint
 from train import lr_at
 from vit import CONFIGS, ViTConfig, VisionTransformer, get_config
 
@@ -269,8 +269,12 @@ def describe_state(state: dict[str, torch.Tensor]) -> str:
     return what + "; no vit.CONFIGS entry has these dimensions"
 
 
-def load_encoder(spec: str, model: str | None = None, in_chans: int | None = None, img_size: int | None = None):
+def load_encoder(spec: str, model: str | None = None, in_chans: int | None = None, img_size: int | None = None,
+                 log=print):
     """Resolve --encoder into (ViTConfig, encoder state dict or None for random init, description).
+
+    An official-layout file (no vit_config) made for another --img-size or --in-chans is adapted
+    (mae.adapt_mae_state_dict: positions resized, RGB kernels to bands 0, 1, 2); each change is logged.
 
     The shapes are checked against the config on the meta device, so a mismatch fails before any
     image is read, with the key, both shapes and the flags that fit the file.
@@ -316,12 +320,15 @@ def load_encoder(spec: str, model: str | None = None, in_chans: int | None = Non
                          f"The file holds {describe_state(state)}")
     else:
         cfg = get_config(model, **overrides)
+        state, notes = adapt_mae_state_dict(state, cfg, source=f"--encoder {path}")
+        for note in notes:
+            log(f"--encoder {path}: {note}")
     with torch.device("meta"):
         shapes_only = VisionTransformer(cfg)
     try:  # the one loader's checks, on meta copies: shapes only, no data moved
-        load_mae_checkpoint(shapes_only, {k: v.to("meta") for k, v in state.items()})
+        load_mae_checkpoint(shapes_only, {k: v.to("meta") for k, v in state.items()}, source=f"--encoder {path}")
     except ValueError as e:
-        raise ValueError(f"--encoder {path}: {str(e).replace('<state dict>', 'the weights')}. "
+        raise ValueError(f"{e}. "
                          f"The file holds {describe_state(state)}") from None
     return cfg, state, str(path)
 
@@ -785,7 +792,7 @@ def run_finetune(cfg, vit_cfg, state, splits, class_names, device, rank, world_s
 def setup(cfg: EvalConfig, log=print) -> tuple:
     """(ViTConfig, encoder state or None, its description, {seed: split}), with every check that
     needs no model: the encoder file against the flags, the dataset against the encoder."""
-    vit_cfg, state, source = load_encoder(cfg.encoder, cfg.model, cfg.in_chans, cfg.img_size)
+    vit_cfg, state, source = load_encoder(cfg.encoder, cfg.model, cfg.in_chans, cfg.img_size, log)
     splits = {seed: scene_splits(cfg.data, cfg.train_ratio, seed) for seed in cfg.seeds}
     check_scene_data(splits, vit_cfg, cfg, source, log)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,8 @@ import checkpoint
 import data
 import fsdp_setup
 from fsdp_setup import on_every_rank
-from mae import MaskedAutoencoder, load_mae_checkpoint, save_reconstruction_png
+from mae import (MaskedAutoencoder, adapt_mae_state_dict, load_mae_checkpoint, parse_band_map, read_mae_checkpoint,
+                 save_reconstruction_png)
 from vit import get_config
 
 SYNTHETIC_IMAGES = 1_000_000  # `--data synthetic`: MillionAID-sized, generated on the fly
@@ -72,6 +73,7 @@ class TrainConfig:
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
     init: str | None = None  # official-layout MAE/ViT .pth to start from
+    init_rgb_bands: str | None = None  # bands receiving the --init file's red,green,blue kernels; None: 0,1,2
     # data
     data: str = "demo"  # folder, manifest, "synthetic" or "demo"
     bands: str | None = None  # "3,2,1,7": 0-based bands to read; None: all
@@ -151,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--mask-ratio", type=float, help="fraction of patches removed, in (0, 1)")
     add("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false", help="plain pixel targets")
     add("--init", help="start from an official-layout MAE/ViT checkpoint (.pth), e.g. ImageNet MAE weights")
+    add("--init-rgb-bands", help="the data's bands that take --init's red,green,blue kernels (default 0,1,2); "
+        "other bands start from their mean")
     add("--data", help="image folder, manifest file, 'synthetic', or 'demo' (generated sample chips)")
     add("--bands", help="comma-separated 0-based bands to read, e.g. 3,2,1,7 (default: all)")
     add("--stats", help="per-band statistics from `python data.py stats` (default: <data>/stats.json)")
@@ -279,11 +283,16 @@ def load_init_weights(model: torch.nn.Module, cfg: TrainConfig, dist: fsdp_setup
     def read_and_check():
         if not dist.is_main:
             return {}, []
-        state = torch.load(cfg.init, map_location="cpu", weights_only=True)
-        state = state.get("model", state)
-        with torch.device("meta"), warnings.catch_warnings():  # copying into meta tensors is a no-op here
+        with torch.device("meta"):
+            shapes = build_mae(cfg)
+        # Another image size or band count: positions and band kernels adapted, each change logged.
+        state, notes = adapt_mae_state_dict(read_mae_checkpoint(cfg.init), shapes.cfg,
+                                            parse_band_map(cfg.init_rgb_bands), source=f"--init {cfg.init}")
+        for note in notes:
+            log(dist, f"init: {note}")
+        with warnings.catch_warnings():  # copying into meta tensors is a no-op here
             warnings.simplefilter("ignore")
-            missing = load_mae_checkpoint(build_mae(cfg), state)
+            missing = load_mae_checkpoint(shapes, state, source=f"--init {cfg.init}")
         return state, missing
 
     state, missing = on_every_rank(read_and_check, dist)

@@ -443,8 +443,8 @@ def test_init_loads_official_weights(chips, tmp_path):
         offloaded = train.build_model(train.dataclasses.replace(cfg, cpu_offload=True), dist)
         for key, value in offloaded.state_dict().items():
             assert torch.equal(whole(value), weights[key]), key
-        bad = train.dataclasses.replace(cfg, img_size=64)
-        with pytest.raises(ValueError, match="does not fit this model"):
+        bad = train.dataclasses.replace(cfg, model="vit_small")  # another width (size and bands are adapted)
+        with pytest.raises(ValueError, match="mae.pth does not fit this model"):
             train.build_model(bad, dist)
     finally:
         fsdp_setup.cleanup()

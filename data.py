@@ -1,7 +1,7 @@
 """
 data.py — geofm's pretraining data: chips and whole scenes (GeoTIFF, JPEG, PNG) in, normalised
-random crops out, reproducibly. (Evaluation's labelled datasets are in eval.py; geotiff.py reads
-GeoTIFFs, decoding only the tiles a window touches.)
+random crops out, reproducibly. (geotiff.py reads GeoTIFFs, decoding only the tiles a window
+touches; eval.py has the labelled datasets of evaluation.)
 
     open_image, read_image, list_images     any image as (bands, height, width); folders, manifests
     compute_stats, load_stats, Normalizer   per-band statistics; (x - mean) / std
@@ -16,15 +16,13 @@ GeoTIFFs, decoding only the tiles a window touches.)
 A source is a folder (searched recursively for .tif .tiff .jpg .jpeg .png), a manifest file (one
 path per line, relative to the manifest; a line starting with '#' is a comment) or a list.
 
-How an epoch is counted: PretrainDataset has len(files) * chips_per_scene items, and item i is
-a crop of file i // chips_per_scene. Its window (a random crop_size square of the file, or the
-whole file if smaller), the RandomResizedCrop box inside it (area 0.2-1 of the window, MAE's
-setting) and its flip/rotation come from the random stream of (seed, epoch, i) alone, so an
-epoch is exactly reproducible and a resumed run sees the crops of an uninterrupted one. Only the
-box is decoded. A box with more than max_nodata (default 0.5) of its values nodata, NaN or
-infinite is drawn again from the same stream, up to WINDOW_DRAWS draws; then the last is kept.
-chips_per_scene=1 is MAE's one crop per image per epoch, right for chip folders; 100 scenes with
-chips_per_scene=500 make 50000-crop epochs.
+An epoch is len(files) * chips_per_scene items; item i is a crop of file i // chips_per_scene.
+Its window (a random crop_size square, or the whole file if smaller), the RandomResizedCrop box
+in it (0.2-1 of the window's area, MAE's setting) and its flip/rotation come from the random
+stream of (seed, epoch, i) alone: an epoch is exactly reproducible, and a resumed run sees the
+crops of an uninterrupted one. Only the box is decoded. A box with more than max_nodata (0.5)
+of its values nodata, NaN or infinite is drawn again from that stream, up to WINDOW_DRAWS draws,
+the last one kept. chips_per_scene=1 is MAE's one crop per image per epoch, for chip folders.
 
 Normalisation is (x - mean) / std per band, with the statistics of `python data.py stats` (JSON
 "geofm-stats-1": per band of the files mean, std, min, max, pixels; and dtype, nodata). Values
@@ -44,6 +42,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import tifffile
@@ -52,10 +51,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-# The reader, and the errors the whole project raises. GeoTiffInfo, geotiff_info and
-# read_geotiff are re-exported so that data.read_geotiff etc. keep working.
-from geotiff import (CorruptImageError, DataError, GeoTiff, GeoTiffInfo,  # noqa: F401
-                     geotiff_info, nodata_pixel, read_geotiff, sniff)
+# The reader and the errors of the whole project; geotiff_info and read_geotiff are re-exported.
+from geotiff import (CorruptImageError, DataError, GeoTiff, geotiff_info, nodata_pixel,  # noqa: F401
+                     read_geotiff, sniff)
 
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -65,14 +63,6 @@ WINDOW_DRAWS = 8  # draws of a crop box per item at most, while they hold too mu
 
 # -----------------------------------------------------------------------------
 # Reading any image
-
-
-class ImageInfo:
-    """What GeoTiffInfo says of a GeoTIFF, for a JPEG or PNG: size, bands, dtype; never nodata."""
-
-    def __init__(self, path, pixels: np.ndarray):
-        self.path, self.dtype, self.nodata = path, pixels.dtype, None
-        self.bands, self.height, self.width = pixels.shape
 
 
 class PillowImage:
@@ -94,7 +84,9 @@ class PillowImage:
                                     "the file is truncated or corrupt") from err
         # A copy: Pillow's arrays are read-only, and (height, width, bands) is not our order.
         self._pixels = np.array(pixels[None]) if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
-        self.info = ImageInfo(self.path, self._pixels)
+        bands, height, width = self._pixels.shape  # what GeoTiffInfo says of a GeoTIFF; never nodata
+        self.info = SimpleNamespace(path=self.path, bands=bands, height=height, width=width,
+                                    dtype=self._pixels.dtype, nodata=None)
 
     # The same checks, and messages, as GeoTiff's: they read only self.path and self.info.
     _check_window, _check_bands = GeoTiff._check_window, GeoTiff._check_bands
@@ -465,19 +457,12 @@ class PretrainDataset(EpochSeededDataset):
     def num_skipped(self) -> int:
         return int(self._skipped.sum())
 
-    def report_skipped(self) -> int:
-        """Print and reset the count of corrupt files skipped since the last report."""
-        skipped = self.num_skipped
-        if skipped:
-            print(f"epoch {int(self._epoch)}: skipped {skipped} corrupt image reads (paths in the warnings above)",
-                  file=sys.stderr)
-            self._skipped.zero_()
-        return skipped
-
     def set_epoch(self, epoch: int):
-        """Starting a new epoch reports the corrupt files skipped in the one that ended."""
-        if epoch != int(self._epoch):
-            self.report_skipped()
+        """Starting a new epoch reports, and resets, the count of corrupt files skipped in the last."""
+        if epoch != int(self._epoch) and self.num_skipped:
+            print(f"epoch {int(self._epoch)}: skipped {self.num_skipped} corrupt image reads (paths in the "
+                  "warnings above)", file=sys.stderr)
+            self._skipped.zero_()
         super().set_epoch(epoch)
 
 
@@ -493,9 +478,6 @@ class SyntheticDataset(Dataset):
     def __getitem__(self, index) -> torch.Tensor:
         generator = torch.Generator().manual_seed(int(np.random.SeedSequence((self.seed, index)).generate_state(1)[0]))
         return torch.randn(self.in_chans, self.img_size, self.img_size, generator=generator)
-
-    def set_epoch(self, epoch: int):
-        """Nothing to do: item i is the same every epoch. Here so every dataset has set_epoch."""
 
 
 # -----------------------------------------------------------------------------
@@ -651,20 +633,15 @@ def main(argv=None):
     demo.add_argument("folder")
     args = parser.parse_args(argv)
     try:
-        _run_command(args)
+        if args.command == "demo":
+            print(f"wrote chips and {make_demo_chips(args.folder)}")
+            return
+        result = compute_stats(args.source, args.max_files, args.sample_size, args.seed)
     except DataError as err:  # the message already says which file and what to do
         sys.exit(f"error: {err}")
-
-
-def _run_command(args):
-    if args.command == "stats":
-        result = compute_stats(args.source, args.max_files, args.sample_size, args.seed)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.out}: mean {[round(m, 2) for m in result['mean']]}, "
-              f"std {[round(s, 2) for s in result['std']]}")
-    else:
-        print(f"wrote chips and {make_demo_chips(args.folder)}")
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.out}: mean {[round(m, 2) for m in result['mean']]}, std {[round(s, 2) for s in result['std']]}")
 
 
 if __name__ == "__main__":

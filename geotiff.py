@@ -367,25 +367,31 @@ class GeoTiff:
             else:
                 runs.append([start, stop])
             place[index] = (len(runs) - 1, start - runs[-1][0])
-        data = [os.pread(self._fd, stop - start, start) for start, stop in runs]
-        if any(len(chunk) != stop - start for chunk, (start, stop) in zip(data, runs)):
-            return False  # the file changed under us: the per-block path says what is wrong
+        # All runs go into one buffer, after 8 bytes left for a TIFF header (used by the libtiff path).
+        run_at = np.cumsum([8] + [stop - start for start, stop in runs]).tolist()
+        block_at = [run_at[place[i][0]] + place[i][1] for i in indices]  # where each block's bytes land
         top, left = first_row * tile_rows, first_col * tile_cols
         # Tiles are whole at the image's edges too; the last strip holds only the image's last rows.
         bottom = (last_row + 1) * tile_rows if info.tiled else min((last_row + 1) * tile_rows, info.height)
         mosaic_height, mosaic_width = bottom - top, (last_col - first_col + 1) * tile_cols
+        head, ifd_at, ifd = b"", run_at[-1], b""
+        if self._batch == "libtiff":
+            if run_at[-1] + 4096 + 8 * len(indices) >= 2**32:
+                return False  # more than a classic TIFF's 32-bit offsets can point to
+            head, ifd_at, ifd = self._mini_tiff(run_at[-1], mosaic_height, mosaic_width, len(planes),
+                                                block_at, [counts[i] for i in indices])
+        buffer = np.empty(ifd_at + len(ifd), np.uint8)
+        view = memoryview(buffer)
+        for (start, stop), at in zip(runs, run_at):  # straight into the buffer: no bytes objects to join
+            if os.preadv(self._fd, [view[at:at + stop - start]], start) != stop - start:
+                return False  # the file changed under us: the per-block path says what is wrong
+        view[:len(head)], view[run_at[-1]:ifd_at], view[ifd_at:] = head, bytes(ifd_at - run_at[-1]), ifd
         try:
             if self._batch == "libtiff":
-                run_at = np.cumsum([8] + [stop - start for start, stop in runs]).tolist()  # after the TIFF header
-                if run_at[-1] + 4096 + 8 * len(indices) >= 2**32:
-                    return False  # more than a classic TIFF's 32-bit offsets can point to
-                block_offsets = [run_at[place[i][0]] + place[i][1] for i in indices]
-                tiff = self._mini_tiff(data, run_at[-1], mosaic_height, mosaic_width, len(planes),
-                                       block_offsets, [counts[i] for i in indices])
-                mosaic = imagecodecs.tiff_decode(tiff)
+                mosaic = imagecodecs.tiff_decode(buffer)
                 self._paste(mosaic.reshape(len(planes), mosaic_height, mosaic_width, -1), top, left, window, bands, out)
             else:
-                blocks = self._inflate(indices, data, place, top, bottom)
+                blocks = self._inflate(indices, view, block_at)
                 if blocks is None:
                     return False
                 if not info.tiled:  # the strips' rows, one after another: the rows of the image
@@ -404,7 +410,7 @@ class GeoTiff:
         self.segments_decoded += len(indices)
         return True
 
-    def _inflate(self, indices, data, place, top, bottom) -> np.ndarray | None:
+    def _inflate(self, indices, data: memoryview, block_at: list[int]) -> np.ndarray | None:
         """DEFLATE blocks inflated into one array, predictor undone: (blocks, rows, cols, samples) for
         tiles, (rows of all strips, width, samples) for strips; None if one inflates to too few bytes."""
         info, samples = self.info, self._samples
@@ -415,10 +421,9 @@ class GeoTiff:
             sizes = [(min(self._block_top(i) + tile_rows, info.height) - self._block_top(i)) * row_bytes for i in indices]
         buffer = np.empty(sum(sizes), np.uint8)
         position = 0
-        for index, size in zip(indices, sizes):
-            run, offset = place[index]
+        for index, at, size in zip(indices, block_at, sizes):
             # libdeflate checks zlib's checksum, and refuses a stream that inflates past `size`.
-            inflated = imagecodecs.deflate_decode(memoryview(data[run])[offset:offset + self._bytecounts[index]],
+            inflated = imagecodecs.deflate_decode(data[at:at + self._bytecounts[index]],
                                                   out=buffer[position:position + size])
             if len(inflated) != size:
                 return None
@@ -451,10 +456,11 @@ class GeoTiff:
         else:
             target[...] = np.moveaxis(piece[0] if bands == list(range(self.info.bands)) else piece[0][..., bands], -1, 0)
 
-    def _mini_tiff(self, data: list[bytes], data_end: int, height: int, width: int, planes: int,
-                   block_offsets: list[int], block_counts: list[int]) -> bytes:
-        """A TIFF in memory of these blocks: an 8-byte header, `data` (the blocks' bytes, as read),
-        then the one IFD, giving the file's own codec, predictor, sample type and block size."""
+    def _mini_tiff(self, data_end: int, height: int, width: int, planes: int,
+                   block_offsets: list[int], block_counts: list[int]) -> tuple[bytes, int, bytes]:
+        """The rest of a TIFF in memory of these blocks, whose bytes lie from offset 8 to `data_end`:
+        (its 8-byte header, where its IFD starts, the IFD), the IFD giving the file's own codec,
+        predictor, sample type and block size, and the blocks as the whole image."""
         info, page = self.info, self._page
         order = self._tif.byteorder  # libtiff swaps the decoded samples of a big-endian file to native
         samples = planes if info.interleave == "band" else self._samples
@@ -482,8 +488,7 @@ class GeoTiff:
                 entries.append(struct.pack(order + "HHII", tag, kind, len(values), arrays_at + sum(map(len, arrays))))
                 arrays.append(packed)
         head = (b"II*\0" if order == "<" else b"MM\0*") + struct.pack(order + "I", ifd_at)
-        return b"".join([head, *data, b"\0" * (ifd_at - data_end), struct.pack(order + "H", len(tags)),
-                         *entries, b"\0\0\0\0", *arrays])
+        return head, ifd_at, b"".join([struct.pack(order + "H", len(tags)), *entries, b"\0\0\0\0", *arrays])
 
     def _row_chunks(self, y0: int, y1: int) -> list[tuple[int, int]]:
         """Image rows y0..y1-1 of one segment, in the pieces to read them in: all at once, except

@@ -108,6 +108,56 @@ def test_window_decodes_only_the_tiles_it_touches():
         assert tif.window_segments((13, 0, 2, 41), bands=[0]) == [1, 2]
 
 
+# Fixtures whose blocks a read decodes many at a time (LZW through libtiff, DEFLATE through libdeflate).
+BATCHED = {"u16_4b_striped_lzw_band.tif": "libtiff", "f32_3b_striped_lzw_pred3_band.tif": "libtiff",
+           "u16_4b_tiled_deflate_pixel.tif": "deflate", "i16_3b_nodata_striped_deflate_band.tif": "deflate",
+           "f32_3b_tiled_deflate_pred3_pixel.tif": "deflate", "u16_13b_tiled_deflate_band.tif": "deflate",
+           "u16_4b_tiled_deflate_bigtiff.tif": "deflate", "u16_1b_cog.tif": "deflate"}
+
+
+@pytest.mark.parametrize("name", sorted(BATCHED))
+def test_batched_reads_equal_block_by_block_reads(name, monkeypatch):
+    # The same windows and bands read through the batched path, with slabs and read coalescing at their
+    # extremes, and one block at a time through tifffile's decoders; both against GDAL's pixels.
+    full = ARRAYS[LOSSLESS[name][0]]
+    bands = full.shape[0]
+    reads = [(None, None), ((0, 0, 1, 1), None), ((3, 5, 19, 13), [bands - 1, 0]), ((15, 15, 2, 2), [bands // 2] * 2),
+             ((full.shape[1] - 7, full.shape[2] - 9, 7, 9), None)]
+    for batch_bytes, gap in [(geotiff.BATCH_BYTES, geotiff.COALESCE_GAP_BYTES), (1, 0), (2**20, 2**30)]:
+        monkeypatch.setattr(geotiff, "BATCH_BYTES", batch_bytes)  # 1: a slab per block row
+        monkeypatch.setattr(geotiff, "COALESCE_GAP_BYTES", gap)  # 0: a read per run of touching blocks
+        for window, band_list in reads:
+            with geotiff.GeoTiff(FIXTURES / name) as tif:
+                assert tif._batch == BATCHED[name]
+                monkeypatch.setattr(tif, "_read_block_by_block", None)  # the batched path must not fall back
+                batched = tif.read(window, band_list)
+            with geotiff.GeoTiff(FIXTURES / name) as tif:
+                tif._batch = None
+                one_by_one = tif.read(window, band_list)
+            row, col, height, width = window or (0, 0, *full.shape[1:])
+            expected = full[band_list if band_list else slice(None), row:row + height, col:col + width]
+            np.testing.assert_array_equal(batched, expected)
+            np.testing.assert_array_equal(one_by_one, expected)
+
+
+def test_batched_read_counts_and_reads_only_the_blocks_it_needs(tmp_path, monkeypatch):
+    # 64 LZW tiles of 256x256; a 512x512 window touches 9 of them, decoded in one libtiff call
+    # from the bytes of 3 runs of adjacent tiles (one per tile row; noise: tiles far bigger than the gap).
+    path = tmp_path / "scene.tif"
+    scene = np.random.default_rng(0).integers(0, 60000, (2048, 2048), dtype=np.uint16)
+    tifffile.imwrite(path, scene, tile=(256, 256), compression="lzw", predictor=True)
+    preads, decodes = [], []
+    real_preadv, real_decode = geotiff.os.preadv, geotiff.imagecodecs.tiff_decode
+    monkeypatch.setattr(geotiff.os, "preadv", lambda fd, buffers, offset: preads.append(offset) or real_preadv(fd, buffers, offset))
+    monkeypatch.setattr(geotiff.imagecodecs, "tiff_decode", lambda data: decodes.append(len(data)) or real_decode(data))
+    with geotiff.GeoTiff(path) as tif:
+        window = tif.read((700, 900, 512, 512))
+        assert tif.segments_decoded == 9
+        offsets = tif._offsets
+    np.testing.assert_array_equal(window[0], scene[700:1212, 900:1412])
+    assert sorted(preads) == [offsets[r * 8 + 3] for r in (2, 3, 4)] and len(decodes) == 1
+
+
 def test_small_window_of_big_tiled_scene_stays_small(tmp_path):
     path = tmp_path / "scene.tif"
     scene = np.arange(2048 * 2048, dtype=np.uint32).reshape(2048, 2048).astype(np.uint16)

@@ -224,7 +224,9 @@ class GeoTiff:
                 f"{self.path}: compression {compression} with predictor {page.predictor} cannot be decoded "
                 f"({err}). {advice}: `gdal_translate -co COMPRESS=DEFLATE -co TILED=YES in.tif out.tif`") from err
         self._codec = int(page.compression)
-        self._offsets, self._bytecounts = tuple(map(int, page.dataoffsets)), tuple(map(int, page.databytecounts))
+        # As tifffile parsed them: converted with int() where used, not here, because a strip table can
+        # hold 100000 entries, and converting them all would cost an open more than a window's read.
+        self._offsets, self._bytecounts = page.dataoffsets, page.databytecounts
         self._samples = page.shaped[-1]  # samples in a block's pixel: all bands, or one with band interleave
         self._jpegtables = page.jpegtables
         self._lerc_wrapper = page.tags.valueof(50674, (4, 0))[1]  # LercParameters: 0 none, 1 DEFLATE, 2 ZSTD
@@ -350,9 +352,12 @@ class GeoTiff:
         first_col, last_col = col // tile_cols, (col + width - 1) // tile_cols
         indices = [plane * per_plane + r * across + c for plane in planes
                    for r in range(first_row, last_row + 1) for c in range(first_col, last_col + 1)]
-        offsets, counts = self._offsets, self._bytecounts
-        if indices[-1] >= min(len(offsets), len(counts)) or not all(counts[i] for i in indices):
-            return False  # missing or empty (sparse) blocks: the per-block path fills or refuses them
+        if indices[-1] >= min(len(self._offsets), len(self._bytecounts)):
+            return False  # missing blocks: the per-block path reads or refuses them
+        offsets = {i: self._table_entry(self._offsets, i) for i in indices}
+        counts = {i: self._table_entry(self._bytecounts, i) for i in indices}
+        if not all(counts.values()):
+            return False  # empty (sparse) blocks: the per-block path fills them
         block_bytes = tile_rows * tile_cols * self._samples * info.dtype.itemsize
         for index in indices:
             self._check_block_bytes(index, offsets[index], counts[index])
@@ -360,7 +365,7 @@ class GeoTiff:
         # The runs of blocks to read: blocks in file order, a run ending at a gap of more than
         # COALESCE_GAP_BYTES (reading a small gap costs less than another system call).
         runs, place = [], {}  # [start, stop] in the file; block -> (run, offset in the run)
-        for index in sorted(indices, key=offsets.__getitem__):
+        for index in sorted(indices, key=offsets.get):
             start, stop = offsets[index], offsets[index] + counts[index]
             if runs and 0 <= start - runs[-1][1] <= COALESCE_GAP_BYTES:
                 runs[-1][1] = max(runs[-1][1], stop)
@@ -391,7 +396,7 @@ class GeoTiff:
                 mosaic = imagecodecs.tiff_decode(buffer)
                 self._paste(mosaic.reshape(len(planes), mosaic_height, mosaic_width, -1), top, left, window, bands, out)
             else:
-                blocks = self._inflate(indices, view, block_at)
+                blocks = self._inflate(indices, view, block_at, [counts[i] for i in indices])
                 if blocks is None:
                     return False
                 if not info.tiled:  # the strips' rows, one after another: the rows of the image
@@ -410,7 +415,7 @@ class GeoTiff:
         self.segments_decoded += len(indices)
         return True
 
-    def _inflate(self, indices, data: memoryview, block_at: list[int]) -> np.ndarray | None:
+    def _inflate(self, indices, data: memoryview, block_at: list[int], nbytes: list[int]) -> np.ndarray | None:
         """DEFLATE blocks inflated into one array, predictor undone: (blocks, rows, cols, samples) for
         tiles, (rows of all strips, width, samples) for strips; None if one inflates to too few bytes."""
         info, samples = self.info, self._samples
@@ -418,13 +423,13 @@ class GeoTiff:
         row_bytes = tile_cols * samples * info.dtype.itemsize
         sizes = [tile_rows * row_bytes] * len(indices)
         if not info.tiled:  # the image's last strip may be short
-            sizes = [(min(self._block_top(i) + tile_rows, info.height) - self._block_top(i)) * row_bytes for i in indices]
+            per_plane, short = self._grid()[3], (info.height - (self._grid()[3] - 1) * tile_rows) * row_bytes
+            sizes = [short if index % per_plane == per_plane - 1 else size for index, size in zip(indices, sizes)]
         buffer = np.empty(sum(sizes), np.uint8)
         position = 0
-        for index, at, size in zip(indices, block_at, sizes):
+        for at, count, size in zip(block_at, nbytes, sizes):
             # libdeflate checks zlib's checksum, and refuses a stream that inflates past `size`.
-            inflated = imagecodecs.deflate_decode(data[at:at + self._bytecounts[index]],
-                                                  out=buffer[position:position + size])
+            inflated = imagecodecs.deflate_decode(data[at:at + count], out=buffer[position:position + size])
             if len(inflated) != size:
                 return None
             position += size
@@ -546,7 +551,7 @@ class GeoTiff:
                                         "the file is truncated or corrupt")
             offset, nbytes = 0, 0
         else:
-            offset, nbytes = offsets[index], counts[index]
+            offset, nbytes = self._table_entry(offsets, index), self._table_entry(counts, index)
         if nbytes == 0:
             # GDAL's SPARSE_OK writes all-nodata blocks as no bytes at all. A broadcast view: filling
             # an empty block costs no memory, whatever size a (damaged) header gives its tiles.
@@ -602,6 +607,14 @@ class GeoTiff:
                                     f"({type(err).__name__}: {err}); the file is corrupt") from err
         self.segments_decoded += 1
         return block[first:last]
+
+    def _table_entry(self, table, index: int) -> int:
+        """An entry of the offset or byte count table, as an int; a damaged header may give any number."""
+        try:
+            return int(table[index])
+        except (TypeError, ValueError, OverflowError) as err:
+            raise CorruptImageError(f"{self.path}: entry {index} of the block table is {table[index]!r}, not a "
+                                    "byte position; the file is corrupt") from err
 
     def _check_block_bytes(self, index: int, offset: int, nbytes: int):
         """Refuse a block whose bytes lie inside the header or past the end of the file."""

@@ -9,6 +9,8 @@ State-dict keys follow the official layout: encoder keys at top level (`patch_em
 `cls_token`, `pos_embed`, `blocks.N.*`, `norm`) plus `mask_token`, `decoder_embed`,
 `decoder_pos_embed`, `decoder_blocks.N.*`, `decoder_norm`, `decoder_pred`; official MAE checkpoints
 load with `load_state_dict`, and `encoder_state_dict()` loads into a VisionTransformer.
+`load_mae_checkpoint` also starts a model of another image size or band count from them (ImageNet
+RGB weights for multispectral chips): positional tables resized, RGB kernels mapped to chosen bands.
 
     model = MaskedAutoencoder(get_config("vit_base"))
     loss, pred, mask = model(imgs)            # imgs (B, C, H, W), normalised

@@ -153,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--mask-ratio", type=float, help="fraction of patches removed, in (0, 1)")
     add("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false", help="plain pixel targets")
     add("--init", help="start from an official-layout MAE/ViT checkpoint (.pth), e.g. ImageNet MAE weights")
-    add("--init-rgb-bands", help="the data's bands that take --init's red,green,blue kernels (default 0,1,2); "
-        "other bands start from their mean")
+    add("--init-rgb-bands", help="0-based bands (of those the model sees) that take --init's red,green,blue "
+        "kernels (default 0,1,2); the other bands start from their mean, all scaled by 3/bands")
     add("--data", help="image folder, manifest file, 'synthetic', or 'demo' (generated sample chips)")
     add("--bands", help="comma-separated 0-based bands to read, e.g. 3,2,1,7 (default: all)")
     add("--stats", help="per-band statistics from `python data.py stats` (default: <data>/stats.json)")

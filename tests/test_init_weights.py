@@ -48,6 +48,9 @@ def test_identity_load_gives_the_reference_features(tmp_path):
     assert notes == []  # same size, same bands: nothing adapted
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(model(x), reference(x))
+    mapped = VisionTransformer(TINY)  # the identity mapping asked for explicitly: a copy, scaled by 3/3
+    load_mae_checkpoint(mapped, path, band_map=[0, 1, 2], log=notes.append)
+    assert torch.equal(mapped(x), reference(x))
 
 
 def test_learned_table_resized_bicubic_and_bands_mapped(tmp_path):

@@ -403,8 +403,8 @@ def write_scenes(folder, count=2, size=300):
     for i in range(count):
         pixels = rng.integers(100, 5000, (4, size, size), dtype=np.uint16)
         pixels[:, :100, :150] = 0
-        tifffile.imwrite(folder / f"scene_{i}.tif", pixels, photometric="minisblack", planarconfig="separate", tile=(64, 64),
-                         compression="zlib", extratags=[(geotiff.GDAL_NODATA_TAG, "s", 0, "0", True)])
+        tifffile.imwrite(folder / f"scene_{i}.tif", pixels, photometric="minisblack", planarconfig="separate",
+                         tile=(64, 64), compression="zlib", extratags=[(geotiff.GDAL_NODATA_TAG, "s", 0, "0", True)])
     (folder / "stats.json").write_text(json.dumps(data.compute_stats(str(folder), progress=False)))
     return str(folder), str(folder / "stats.json")
 
@@ -437,7 +437,8 @@ def test_scenes_give_chips_per_scene_crops_per_epoch(tmp_path, monkeypatch):
     assert sorted(shards[0] + shards[1]) == list(range(10))
     sampler = data.ResumableDistributedSampler(len(dataset), 0, 1, seed=1)
     batches = list(data.make_loader(dataset, batch_size=5, sampler=sampler, workers=0))
-    assert len(batches) == 2 and torch.equal(torch.cat(batches), torch.stack([items[i] for i in sampler.epoch_order(0)]))
+    assert len(batches) == 2
+    assert torch.equal(torch.cat(batches), torch.stack([items[i] for i in sampler.epoch_order(0)]))
 
 
 def test_nodata_heavy_crops_are_drawn_again(tmp_path):

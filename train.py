@@ -159,11 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--bands", help="comma-separated 0-based bands to read, e.g. 3,2,1,7 (default: all)")
     add("--stats", help="per-band statistics from `python data.py stats` (default: <data>/stats.json)")
     add("--chips-per-scene", type=int, help="random crops per file per epoch, for folders of whole scenes; an "
-        "epoch is files x this many crops (default 1: chip folders)")
-    add("--crop-size", type=int, help="side of the random window read from a bigger file before "
-        "RandomResizedCrop (default 512)")
+        "epoch is files x this many crops (1: chip folders)")
+    add("--crop-size", type=int, help="side of the random window read from a bigger file before RandomResizedCrop")
     add("--max-nodata", type=float, help="redraw a crop with more than this fraction of nodata/NaN values, "
-        "up to 8 draws (default 0.5; 1 keeps all)")
+        "up to 8 draws (1 keeps all)")
     add("--workers", type=int, help="DataLoader worker processes per rank")
     add("--threads", type=int, help="CPU threads of torch's own kernels (0: torch's default)")
     add("--batch-size", type=int, help="images per GPU per optimizer step")

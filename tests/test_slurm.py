@@ -44,7 +44,8 @@ def batch_env(tmp_path, out, chips, restart=0, **extra):
         SLURM_NNODES="1", SLURM_SUBMIT_DIR=str(ROOT), SLURM_RESTART_COUNT=str(restart),
         VENV=sys.prefix, MASTER_PORT=str(free_port()), FAKE_SLURM_REQUEUED=str(tmp_path / "requeued"),
         FAKE_MODULE_LOG=str(tmp_path / "modules"), MODEL="vit_tiny", STRATEGY="full_shard", SHARD_GROUP_SIZE="",
-        DATA=chips, OUT=str(out), USER=env.get("USER", "test"), SOCKET_IFNAME="lo",  # no Slingshot NIC here
+        DATA=chips, OUT=str(out), SOCKET_IFNAME="lo",  # no Slingshot NIC here
+        MIOPEN_USER_DB_PATH=str(tmp_path / "miopen"),  # made by each task (in /tmp of each node on Frontier)
     )
     env.update(extra)
     return env
@@ -73,6 +74,7 @@ def test_job_script_runs_and_its_requeue_resumes(script, per_node, chips, tmp_pa
     assert "(restart 1)" in log
     if script == "frontier.sbatch":
         assert (tmp_path / "modules").read_text().count("module load rocm/") == 2
+        assert (tmp_path / "miopen").is_dir()
 
 
 def test_time_limit_signal_saves_and_requeues(chips, tmp_path):

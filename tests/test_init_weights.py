@@ -183,6 +183,17 @@ def test_train_init_at_another_size_and_band_count(tmp_path, capsys):
         assert weights["pos_embed"].shape == (1, 65, 64)
         loss, _, _ = model(torch.randn(2, 4, 64, 64))
         assert torch.isfinite(loss)
+        # A whole official MAE (decoder included, sin-cos tables): the decoder's outputs follow the bands.
+        mae = MaskedAutoencoder(TINY, 32, 1, 4)
+        mae.init_weights(seed=5)
+        torch.save({"model": mae.state_dict()}, tmp_path / "full.pth")
+        full = train.build_model(train.dataclasses.replace(cfg, init=str(tmp_path / "full.pth")), dist)
+        weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in full.state_dict().items()}
+        pred = mae.decoder_pred.weight.detach().reshape(64, 3, 32)
+        expected_pred = torch.stack([pred[:, 2], pred[:, 1], pred[:, 0], pred.mean(1)], dim=1).reshape(64 * 4, 32)
+        assert torch.allclose(weights["decoder_pred.weight"], expected_pred, atol=1e-7)
+        assert torch.equal(weights["decoder_pos_embed"][0], sincos_pos_embed_2d(32, 8))
+        assert torch.equal(weights["decoder_blocks.0.mlp.fc1.weight"], mae.decoder_blocks[0].mlp.fc1.weight)
     finally:
         fsdp_setup.cleanup()
     out = capsys.readouterr().out

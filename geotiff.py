@@ -63,6 +63,13 @@ intersects, only their bytes are read and decoded, and the overlapping pieces ar
 together, so a crop costs a few 256x256 tiles, not the scene. With band interleave a band
 subset also skips every other band's tiles. Compressed strips gain less: a strip spans the width.
 
+Speed: as fast as GDAL on the same reads (`python tools/bench.py gdal`, BENCHMARKS.md). Python
+costs tens of microseconds per block, as much as decoding an 8 KiB strip, so LZW and DEFLATE
+blocks are decoded many at a time: the runs of adjacent blocks are read with one os.pread each,
+LZW is decoded by libtiff (bundled with imagecodecs, faster than imagecodecs' own LZW) in one
+call, DEFLATE by libdeflate into one buffer whose predictor is then undone in one call. Other
+codecs, and anything unusual (empty blocks, damage), go block by block through tifffile.
+
 Errors name the file and what to do: DataError for files this reader cannot handle and for
 windows or bands outside the image, its subclass CorruptImageError for missing, truncated or
 damaged bytes (what the datasets in data.py may skip with skip_corrupt=True).

@@ -6,6 +6,7 @@
     python tools/bench.py sdpa                   # each attention kernel at MAE's shapes on this card
     python tools/bench.py phases --img-size 64   # forward+backward vs grad norm+AdamW step per layout/AdamW
     python tools/bench.py data [folder] [--workers N] [--chip-size N]   # loader vs bare decode, window vs scene
+    python tools/bench.py gdal [--repeats N] [--size N]   # geotiff.py vs GDAL (rasterio), same files and windows
 
 `sweep` times MAE training steps through train.py's own functions (build_model, build_optimizer,
 train_step) on synthetic images already on the device: what it measures is what train.py runs. Each
@@ -17,7 +18,10 @@ backward at MAE's sequence lengths. `phases` splits a step into forward + backwa
 AdamW step for each layout and AdamW implementation (fused, foreach, for-loop) at a small batch: the
 per-step overheads of FSDP2's hooks and of the optimizer on DTensors. `data` times data.py's
 PretrainDataset against tifffile's bare decode of the same files, and a 512x512 window of a tiled
-10000x10000 scene against reading the whole scene. The layout planner, which needs no device, is
+10000x10000 scene against reading the whole scene. `gdal` times geotiff.py against GDAL (through
+rasterio, a benchmark-only dependency: `pip install -e .[bench]`) on files GDAL wrote in five layouts,
+the same random windows, band subsets and full reads for both, each open-read-close as a loader reads,
+and checks that both return the same pixels. The layout planner, which needs no device, is
 tools/plan.py.
 """
 
@@ -727,6 +731,138 @@ def measure_data(folder, workers: int, repeats: int, scene_size: int, chip_size:
 
 
 # ---------------------------------------------------------------------------------------------
+# gdal: geotiff.py against GDAL (through rasterio) on the same files and windows
+# ---------------------------------------------------------------------------------------------
+
+# The layouts scenes come in, written by GDAL itself (rasterio creation options): name ->
+# (bands, dtype, options). Each is read as a data loader reads: open, read one window, close.
+GDAL_CASES = {
+    "COG, 256² DEFLATE tiles": (4, "uint16", dict(driver="COG", blocksize=256, compress="deflate", predictor=2)),
+    "256² LZW tiles": (4, "uint16", dict(tiled=True, blockxsize=256, blockysize=256, compress="lzw", predictor=2)),
+    "band-interleaved DEFLATE strips": (4, "uint16", dict(interleave="band", compress="deflate", predictor=2)),
+    "uncompressed single strip": (4, "uint16", dict(interleave="pixel", compress="none", blockysize=None)),
+    "256² JPEG tiles, YCbCr": (3, "uint8", dict(tiled=True, blockxsize=256, blockysize=256, compress="jpeg",
+                                                photometric="ycbcr", jpeg_quality=90)),
+}
+# JPEG decoders may differ in rounding and in upsampling the chroma at the edges of 16x16 blocks
+# (GDAL's libjpeg and imagecodecs' libjpeg-turbo do): a pixel may differ by a few levels, the mean by
+# much less. Anything beyond these is a different picture. Lossless layouts must match exactly.
+GDAL_JPEG_TOLERANCE = dict(max=8, mean=0.5)
+
+
+def gdal_case_pixels(size: int, bands: int, dtype: str) -> np.ndarray:
+    """A smooth field with sensor-like noise per band: compresses like a real scene, unlike pure noise."""
+    rng = np.random.default_rng(0)
+    y, x = np.ogrid[0:size, 0:size]
+    out = np.empty((bands, size, size), dtype)
+    for band in range(bands):
+        field = np.sin(y / 300 + band) * np.cos(x / 450 - band)
+        if dtype == "uint8":
+            out[band] = np.clip(128 + 90 * field + rng.normal(0, 6, (size, size)), 0, 255)
+        else:
+            out[band] = 3000 + 1000 * field + rng.normal(0, 30, (size, size))
+    return out
+
+
+def write_gdal_cases(folder: str, size: int) -> dict[str, str]:
+    """Each of GDAL_CASES as a size x size GeoTIFF written by GDAL (rasterio); name -> path."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    paths = {}
+    for number, (name, (bands, dtype, options)) in enumerate(GDAL_CASES.items()):
+        options = dict(options)
+        if options.get("blockysize", 0) is None:
+            options["blockysize"] = size  # one strip for the whole image
+        options.setdefault("driver", "GTiff")
+        paths[name] = path = os.path.join(folder, f"case{number}.tif")
+        with rasterio.open(path, "w", width=size, height=size, count=bands, dtype=dtype, crs="EPSG:32633",
+                           transform=from_origin(500000, 5000000, 10, 10), **options) as dataset:
+            dataset.write(gdal_case_pixels(size, bands, dtype))
+    return paths
+
+
+def gdal_reads(size: int, bands: int, windows: int, fulls: int) -> list[tuple[str, list, list | None]]:
+    """(label, windows, bands) per row of a case: random 256² and 512² windows (the same for both
+    readers), a 512² band subset, and whole-image reads."""
+    rng = np.random.default_rng(1)
+
+    def random_windows(side):
+        corners = rng.integers(0, size - side + 1, (windows, 2))
+        return [(int(r), int(c), side, side) for r, c in corners]
+    subset = [bands - 1, 1]  # out of order, as in --bands 3 1 (band interleave: 2 planes of 4)
+    return [("256² window", random_windows(256), None), ("512² window", random_windows(512), None),
+            (f"512² window, bands {subset}", random_windows(512), subset), ("full read", [None] * fulls, None)]
+
+
+def read_with_gdal(path: str, window, bands: list[int] | None) -> np.ndarray:
+    import rasterio
+    from rasterio.windows import Window
+
+    with rasterio.open(path) as dataset:
+        indexes = [b + 1 for b in bands] if bands is not None else list(range(1, dataset.count + 1))
+        return dataset.read(indexes, window=None if window is None else Window(window[1], window[0], window[3], window[2]))
+
+
+def cmd_gdal(args) -> list[dict]:
+    """geotiff.py's time / GDAL's for the same reads of GDAL-written files, per layout and read: the
+    median of per-read times, open-read-close each (as a loader reads), both readers timed in turn in
+    one run, so that load from other processes slows both alike. Pixels must agree (JPEG: within
+    GDAL_JPEG_TOLERANCE, the largest difference and the largest per-read mean); a disagreement is a
+    failed row and a non-zero exit. Returns the rows."""
+    try:
+        import rasterio
+    except ImportError:
+        raise ValueError("`bench.py gdal` compares with GDAL through rasterio: `pip install rasterio` "
+                         "(or `pip install -e .[bench]`)") from None
+    if args.repeats < 1 or args.size < 1024:
+        raise ValueError(f"--repeats must be >= 1 and --size >= 1024 (512² windows), got {args.repeats}, {args.size}")
+    fulls = max(3, args.repeats // 10)
+    import imagecodecs
+    print(f"geotiff.py (tifffile {tifffile.__version__}, imagecodecs {imagecodecs.__version__}) against GDAL "
+          f"{rasterio.__gdal_version__} (rasterio {rasterio.__version__}); {args.size}² images, {args.repeats} "
+          f"windows and {fulls} full reads per row, one thread each; {os.cpu_count()} CPUs, load average "
+          f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}", flush=True)
+    rows, failures = [], []
+    print("| layout | read | geofm ms | GDAL ms | geofm / GDAL |\n|---|---|---|---|---|")
+    # One GDAL environment for the whole run, so that rasterio sets GDAL up once, not per open.
+    with tempfile.TemporaryDirectory() as tmp, rasterio.Env(GDAL_NUM_THREADS=1):
+        paths = write_gdal_cases(tmp, args.size)
+        for name, path in paths.items():
+            bands, dtype, _ = GDAL_CASES[name]
+            for label, windows, band_subset in gdal_reads(args.size, bands, args.repeats, fulls):
+                times = {"geofm": [], "gdal": []}
+                worst, mean = 0, 0.0
+                for turn, window in enumerate(windows):
+                    readers = [("geofm", lambda: geotiff.read_geotiff(path, window, band_subset)),
+                               ("gdal", lambda: read_with_gdal(path, window, band_subset))]
+                    pixels = {}
+                    for reader, read in readers[::-1] if turn % 2 else readers:  # who goes first alternates
+                        start = time.perf_counter()
+                        pixels[reader] = read()
+                        times[reader].append(time.perf_counter() - start)
+                    a, b = pixels["geofm"], pixels["gdal"]
+                    difference = np.abs(a.astype(np.float64) - b) if a.shape == b.shape else np.array([np.inf])
+                    worst, mean = max(worst, float(difference.max())), max(mean, float(difference.mean()))
+                geofm_s, gdal_s = statistics.median(times["geofm"]), statistics.median(times["gdal"])
+                tolerance = GDAL_JPEG_TOLERANCE if "JPEG" in name else dict(max=0, mean=0)
+                ok = worst <= tolerance["max"] and mean <= tolerance["mean"]
+                row = dict(layout=name, read=label, geofm_ms=geofm_s * 1000, gdal_ms=gdal_s * 1000,
+                           ratio=geofm_s / gdal_s if ok else None, max_pixel_difference=worst,
+                           mean_pixel_difference=mean)
+                rows.append(row)
+                if not ok:
+                    failures.append(f"{name}, {label}")
+                verdict = f"{row['ratio']:.2f}x" if ok else "FAILED: pixels differ"
+                if worst:
+                    verdict += f" (pixels differ by up to {worst:g}, {mean:.2f} on average)"
+                print(f"| {name} | {label} | {row['geofm_ms']:.2f} | {row['gdal_ms']:.2f} | {verdict} |", flush=True)
+    if failures:
+        raise SystemExit(f"error: geotiff.py and GDAL read different pixels in: {'; '.join(failures)}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------
 
@@ -781,12 +917,15 @@ def parse_args(argv=None):
     p.add_argument("--chip-size", type=int, default=256, help="side of the generated chips (without a folder)")
     p.add_argument("--scene-size", type=int, default=None,
                    help="side of the generated scene (default: 10000 without a folder, else 0 = none)")
+    p = sub.add_parser("gdal", help="geotiff.py against GDAL (rasterio) on GDAL-written files: time ratio per layout and read")
+    p.add_argument("--repeats", type=int, default=30, help="random windows per row (full reads: a tenth, at least 3)")
+    p.add_argument("--size", type=int, default=4096, help="side of the generated images")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    command = {"sdpa": cmd_sdpa, "sweep": cmd_sweep, "phases": cmd_phases, "data": cmd_data}[args.command]
+    command = {"sdpa": cmd_sdpa, "sweep": cmd_sweep, "phases": cmd_phases, "data": cmd_data, "gdal": cmd_gdal}[args.command]
     return command(args)
 
 

@@ -241,6 +241,10 @@ def validate(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
         raise ValueError("--sdpa cudnn does not exist on ROCm; use auto, flash, efficient or math")
     int_list(cfg.bands, "--bands")
     int_list(cfg.rgb_bands, "--rgb-bands")
+    if cfg.init_rgb_bands is not None:
+        if cfg.init is None:
+            raise ValueError("--init-rgb-bands says where --init's red, green and blue go; it needs --init")
+        parse_band_map(cfg.init_rgb_bands)
     if cfg.data not in ("demo", "synthetic") and not os.path.exists(cfg.data):
         raise ValueError(f"--data {cfg.data}: no such folder or manifest file (or use --data synthetic / demo)")
     for name in ("init", "stats"):

@@ -479,6 +479,7 @@ def test_init_loads_official_weights(chips, tmp_path):
     (["--threads", "-1"], "--threads must be >= 0"),
     (["--workers", "-1"], "--workers must be >= 0"),
     (["--seed", "-1"], "--seed must be >= 0"),
+    (["--init-rgb-bands", "0,1,2"], "--init-rgb-bands says where --init's red, green and blue go; it needs --init"),
 ])
 def test_user_errors_are_one_clear_line(chips, tmp_path, capsys, extra, message):
     assert train.cli([*args(chips, tmp_path), *extra]) == 2

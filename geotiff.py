@@ -250,6 +250,8 @@ class GeoTiff:
                 self._batch = "libtiff"
             elif self._codec in DEFLATE_CODECS and page.dtype.newbyteorder(self._tif.byteorder).isnative:
                 self._batch = "deflate"
+        if not hasattr(os, "preadv"):  # Windows: the batched path reads with it
+            self._batch = None
         nodata = page.tags.get(GDAL_NODATA_TAG)
         if nodata is not None:
             text = self._nodata_text = str(nodata.value).strip("\x00 ")

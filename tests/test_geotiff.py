@@ -158,6 +158,30 @@ def test_batched_read_counts_and_reads_only_the_blocks_it_needs(tmp_path, monkey
     assert sorted(preads) == [offsets[r * 8 + 3] for r in (2, 3, 4)] and len(decodes) == 1
 
 
+@pytest.mark.parametrize("compression, batch", [("lzw", "libtiff"), ("zlib", None)])
+def test_big_endian_batched_or_block_by_block_and_sparse_blocks_in_a_batched_file(tmp_path, compression, batch):
+    # Big-endian LZW goes to libtiff in a big-endian TIFF of its own, which returns native samples;
+    # big-endian DEFLATE goes block by block (the batched predictor works in native order only).
+    pixels = ARRAYS["u16_4b"][:, :40, :40]
+    path = tmp_path / "motorola.tif"
+    tifffile.imwrite(path, pixels.transpose(1, 2, 0), byteorder=">", tile=(16, 16), compression=compression,
+                     predictor=True, photometric="minisblack", planarconfig="contig")
+    with geotiff.GeoTiff(path) as tif:
+        assert tif._batch == batch
+        read = tif.read((3, 5, 30, 33), bands=[2, 0])
+    assert read.dtype.isnative
+    np.testing.assert_array_equal(read, pixels[[2, 0], 3:33, 5:38])
+    # A sparse tile in a window sends that slab down the block-by-block path, which fills it.
+    path = tmp_path / "sparse.tif"
+    tifffile.imwrite(path, pixels[0], tile=(16, 16), compression=compression, predictor=True,
+                     extratags=[(geotiff.GDAL_NODATA_TAG, "s", 0, "7", True)])
+    make_tile_sparse(path, 4)  # the middle tile of 3x3
+    expected = pixels[:1].copy()
+    expected[:, 16:32, 16:32] = 7
+    np.testing.assert_array_equal(geotiff.read_geotiff(path), expected)
+    np.testing.assert_array_equal(geotiff.read_geotiff(path, window=(0, 0, 16, 40)), expected[:, :16])  # no sparse tile
+
+
 def test_small_window_of_big_tiled_scene_stays_small(tmp_path):
     path = tmp_path / "scene.tif"
     scene = np.arange(2048 * 2048, dtype=np.uint32).reshape(2048, 2048).astype(np.uint16)

@@ -347,8 +347,8 @@ class GeoTiff:
         decoding a whole 8 KiB strip (GDAL writes DEFLATE strips of one such row), and imagecodecs'
         LZW decoder is slower than libtiff's. So the blocks' bytes are read with one os.pread per run
         of blocks lying next to each other in the file, then
-          - LZW: wrapped in a small in-memory TIFF whose image is just these blocks (their mosaic,
-            or their rows for strips) and decoded by libtiff (bundled with imagecodecs) in one call;
+          - LZW: wrapped in a small in-memory TIFF whose image is just these blocks (as its strips)
+            and decoded by libtiff (bundled with imagecodecs) in one call;
           - DEFLATE: each block inflated by libdeflate straight into one buffer, the predictor then
             undone for all blocks in one call.
         Anything unusual (an empty or missing block, bytes that fail to decode) returns False, so
@@ -392,7 +392,11 @@ class GeoTiff:
         if self._batch == "libtiff":
             if run_at[-1] + 4096 + 8 * len(indices) >= 2**32:
                 return False  # more than a classic TIFF's 32-bit offsets can point to
-            head, ifd_at, ifd = self._mini_tiff(run_at[-1], mosaic_height, mosaic_width, len(planes),
+            # Tiles go one above the other, as the strips of an image one tile wide: a tile's rows are
+            # those of such a strip, predictor included, and libtiff decodes strips straight into its
+            # result (tiles it decodes into a buffer first, then copies).
+            stacked = mosaic_height * (last_col - first_col + 1) if info.tiled else mosaic_height
+            head, ifd_at, ifd = self._mini_tiff(run_at[-1], stacked, tile_cols, len(planes),
                                                 block_at, [counts[i] for i in indices])
         buffer = np.empty(ifd_at + len(ifd), np.uint8)
         view = memoryview(buffer)
@@ -402,20 +406,20 @@ class GeoTiff:
         view[:len(head)], view[run_at[-1]:ifd_at], view[ifd_at:] = head, bytes(ifd_at - run_at[-1]), ifd
         try:
             if self._batch == "libtiff":
-                mosaic = imagecodecs.tiff_decode(buffer)
-                self._paste(mosaic.reshape(len(planes), mosaic_height, mosaic_width, -1), top, left, window, bands, out)
+                blocks = imagecodecs.tiff_decode(buffer)
             else:
                 blocks = self._inflate(indices, view, block_at, [counts[i] for i in indices])
                 if blocks is None:
                     return False
-                if not info.tiled:  # the strips' rows, one after another: the rows of the image
-                    self._paste(blocks.reshape(len(planes), mosaic_height, info.width, -1), top, 0, window, bands, out)
-                else:
-                    blocks = blocks.reshape(len(planes), last_row - first_row + 1, last_col - first_col + 1,
-                                            tile_rows, tile_cols, -1)
-                    for r in range(blocks.shape[1]):
-                        for c in range(blocks.shape[2]):
-                            self._paste(blocks[:, r, c], top + r * tile_rows, left + c * tile_cols, window, bands, out)
+            # Either way the blocks' pixels follow each other: plane by plane, then block by block.
+            if not info.tiled:  # the strips' rows, one after another: the rows of the image
+                self._paste(blocks.reshape(len(planes), mosaic_height, info.width, -1), top, 0, window, bands, out)
+            else:
+                blocks = blocks.reshape(len(planes), last_row - first_row + 1, last_col - first_col + 1,
+                                        tile_rows, tile_cols, -1)
+                for r in range(blocks.shape[1]):
+                    for c in range(blocks.shape[2]):
+                        self._paste(blocks[:, r, c], top + r * tile_rows, left + c * tile_cols, window, bands, out)
         except MemoryError:
             raise DataError(f"{self.path}: out of memory decoding a {mosaic_height}x{mosaic_width} read; free "
                             "memory (fewer loader workers) or read smaller windows") from None
@@ -474,7 +478,7 @@ class GeoTiff:
                    block_offsets: list[int], block_counts: list[int]) -> tuple[bytes, int, bytes]:
         """The rest of a TIFF in memory of these blocks, whose bytes lie from offset 8 to `data_end`:
         (its 8-byte header, where its IFD starts, the IFD), the IFD giving the file's own codec,
-        predictor, sample type and block size, and the blocks as the whole image."""
+        predictor and sample type, and the blocks as the strips of a height x width image."""
         info, page = self.info, self._page
         order = self._tif.byteorder  # libtiff swaps the decoded samples of a big-endian file to native
         samples = planes if info.interleave == "band" else self._samples
@@ -485,11 +489,7 @@ class GeoTiff:
                 (317, short, [page.predictor]), (339, short, [page.sampleformat] * samples)]
         if samples > 1:
             tags.append((338, short, [0] * (samples - 1)))  # extra samples of no particular meaning
-        if info.tiled:
-            tags += [(322, long_, [info.tile_shape[1]]), (323, long_, [info.tile_shape[0]]),
-                     (324, long_, block_offsets), (325, long_, block_counts)]
-        else:
-            tags += [(273, long_, block_offsets), (278, long_, [info.tile_shape[0]]), (279, long_, block_counts)]
+        tags += [(273, long_, block_offsets), (278, long_, [info.tile_shape[0]]), (279, long_, block_counts)]
         tags.sort()
         ifd_at = data_end + (data_end & 1)  # an IFD starts on a word boundary
         arrays_at = ifd_at + 2 + 12 * len(tags) + 4

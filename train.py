@@ -139,9 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(flag: str, help: str, to=p, **kwargs):
         dest = kwargs.get("dest", flag[2:].replace("-", "_"))
-        shown, shown_demo = getattr(default, dest), getattr(demo, dest)
-        if "action" not in kwargs:  # defaults come from the dataclasses alone; --help shows them
-            help += f" [default: {shown}" + (f"; demo: {shown_demo}]" if shown_demo != shown else "]")
+        value, demo_value = getattr(default, dest), getattr(demo, dest)
+        # Defaults come from the dataclasses alone; --help shows them (a None default is explained in the help).
+        notes = [f"default: {value}"] * (value is not None) + [f"demo: {demo_value}"] * (demo_value != value)
+        if notes and "action" not in kwargs:
+            help += f" [{'; '.join(notes)}]"
         to.add_argument(flag, help=help, **kwargs)
 
     add("--model", help="vit_tiny, vit_small, vit_base, vit_large, vit_huge, vit_1b, vit_3b, vit_5b, vit_e, vit_15b")

@@ -371,9 +371,10 @@ class GeoTiff:
         for index in indices:
             self._check_block_bytes(index, offsets[index], counts[index])
             self._check_block_size(index, max(block_bytes, counts[index]))
-        if sum(counts.values()) > len(indices) * block_bytes + 2**20:
-            # Blocks larger compressed than decoded: a damaged byte count table, most likely. Read
-            # one at a time, so that memory stays bounded by one block, not by all of them at once.
+        if sum(counts.values()) > 2 * len(indices) * block_bytes + 2**20:
+            # Blocks twice as large compressed as decoded (LZW grows noise by up to ~1.5x, DEFLATE by
+            # a few bytes): a damaged byte count table, most likely. Read one at a time, so that memory
+            # stays bounded by one block, not by all of them at once.
             return False
         # The runs of blocks to read: blocks in file order, a run ending at a gap of more than
         # COALESCE_GAP_BYTES (reading a small gap costs less than another system call).

@@ -208,15 +208,6 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return dataclasses.replace(base, **given)
 
 
-def int_list(text: str | None, flag: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} must be comma-separated integers like 3,2,1, got {text!r}") from None
-
-
 POSITIVE = ("img_size", "in_chans", "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "batch_size",
             "accum_steps", "epochs", "steps", "blr", "lr", "clip_grad", "keep", "max_steps_per_run", "log_every",
             "peak_tflops")
@@ -241,12 +232,10 @@ def validate(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
         raise ValueError(f"--sdpa must be one of {', '.join(SDPA_CHOICES)}, got {cfg.sdpa!r}")
     if cfg.sdpa == "cudnn" and torch.version.hip:  # ROCm builds have flash and efficient (AOTriton), no cuDNN
         raise ValueError("--sdpa cudnn does not exist on ROCm; use auto, flash, efficient or math")
-    int_list(cfg.bands, "--bands")
-    int_list(cfg.rgb_bands, "--rgb-bands")
-    if cfg.init_rgb_bands is not None:
-        if cfg.init is None:
-            raise ValueError("--init-rgb-bands says where --init's red, green and blue go; it needs --init")
-        parse_band_map(cfg.init_rgb_bands)
+    for flag, text in (("--bands", cfg.bands), ("--rgb-bands", cfg.rgb_bands), ("--init-rgb-bands", cfg.init_rgb_bands)):
+        parse_band_map(text, flag)
+    if cfg.init_rgb_bands is not None and cfg.init is None:
+        raise ValueError("--init-rgb-bands says where --init's red, green and blue go; it needs --init")
     if cfg.data not in ("demo", "synthetic") and not os.path.exists(cfg.data):
         raise ValueError(f"--data {cfg.data}: no such folder or manifest file (or use --data synthetic / demo)")
     for name in ("init", "stats"):
@@ -436,13 +425,13 @@ def build_data(cfg: TrainConfig, dist, out: Path):
         stats = os.path.join(source, "stats.json")
     elif stats is None and os.path.isfile(os.path.join(cfg.data, "stats.json")):
         stats = os.path.join(cfg.data, "stats.json")
-    bands = int_list(cfg.bands, "--bands")
+    bands = parse_band_map(cfg.bands, "--bands")
     data_cfg = data.PretrainDataConfig(img_size=cfg.img_size, bands=bands, in_chans=cfg.in_chans, stats=stats,
                                        crop_size=cfg.crop_size, chips_per_scene=cfg.chips_per_scene,
                                        max_nodata=cfg.max_nodata)
     dataset = data.PretrainDataset(source, data_cfg, seed=cfg.seed)
     in_chans = dataset[0].shape[0]  # reads one image: a wrong band selection or stats file fails here
-    if cfg.rgb_bands and max(int_list(cfg.rgb_bands, "--rgb-bands")) >= in_chans:
+    if cfg.rgb_bands and max(parse_band_map(cfg.rgb_bands, "--rgb-bands")) >= in_chans:
         raise ValueError(f"--rgb-bands {cfg.rgb_bands}: the data has {in_chans} bands (0-based indices)")
     mean, std = dataset.normalize.mean, dataset.normalize.std
     if mean is None:  # 3-band uint8: data.py normalises with ImageNet's statistics
@@ -728,7 +717,7 @@ def save_reconstruction(model, imgs, pixel_stats, cfg: TrainConfig, path: Path, 
     noise = torch.rand(imgs.shape[0], mae.cfg.num_patches, generator=generator, device=imgs.device)
     _, pred, mask = model(imgs, mask_ratio=cfg.mask_ratio, noise=noise)
     if dist.is_main:
-        save_reconstruction_png(mae, imgs, pred, mask, path, int_list(cfg.rgb_bands, "--rgb-bands"), pixel_stats)
+        save_reconstruction_png(mae, imgs, pred, mask, path, parse_band_map(cfg.rgb_bands, "--rgb-bands"), pixel_stats)
 
 
 class TrainingDiverged(RuntimeError):

@@ -31,8 +31,9 @@ Supported:
 Refused, with a DataError saying what to do instead (usually re-encoding with
 `gdal_translate -co COMPRESS=DEFLATE -co TILED=YES in.tif out.tif`):
 
-    - compressions imagecodecs has no decoder for (SGILOG, ThunderScan, NeXT, ...), and YCbCr
-      photometric without JPEG compression (GDAL converts those to RGB while reading)
+    - compressions imagecodecs has no decoder for (SGILOG, ThunderScan, NeXT, ...), YCbCr
+      photometric without JPEG compression (GDAL converts those to RGB while reading), and
+      old-style JPEG (compression 6, rare since 1995), whose decoding varies between readers
     - a read whose result is larger than MAX_READ_BYTES (4 GiB): read windows instead. The
       check comes before anything is allocated, so a header claiming 100000x100000 pixels
       fails at once, not after filling most of the memory
@@ -210,7 +211,17 @@ class GeoTiff:
             raise CorruptImageError(f"{self.path}: the {'tile' if page.is_tiled else 'strip'} offset table is "
                                     "missing or lies past the end of the file; the file is truncated or corrupt")
         compression = getattr(page.compression, "name", str(page.compression))
-        if page.photometric == PHOTOMETRIC_YCBCR and page.compression not in (JPEG, OLD_JPEG):
+        if page.compression == OLD_JPEG:
+            # Old-style JPEG (TIFF 6.0's compression 6) has no single layout: its streams lean on
+            # JPEGInterchangeFormat, JPEGQTables, JPEGProc and other tags, and libtiff rebuilds each
+            # strip's JPEG header from them with heuristics of its own. tifffile's reading of such
+            # files measurably differs from GDAL's (up to 44 levels) or fails on files GDAL reads,
+            # so they are refused rather than read differently from what a model is later served.
+            raise DataError(f"{self.path}: old-style JPEG compression (TIFF compression 6) is not supported: "
+                            "its pixels would not match GDAL's. Convert it with GDAL: "
+                            "`gdal_translate -co COMPRESS=JPEG -co TILED=YES in.tif out.tif` (or "
+                            "`-co COMPRESS=DEFLATE` for no further loss)")
+        if page.photometric == PHOTOMETRIC_YCBCR and page.compression != JPEG:
             # GDAL converts such files to RGB while reading; tifffile would return the raw Y, Cb, Cr.
             raise DataError(f"{self.path}: YCbCr colour without JPEG compression (here {compression}) is not "
                             "supported; convert it to RGB with GDAL: "

@@ -336,6 +336,23 @@ def test_ycbcr_without_jpeg_is_refused(tmp_path):
     assert "pip install" not in str(err.value)
 
 
+@pytest.mark.parametrize("name", JPEG)
+def test_old_style_jpeg_is_refused_with_a_conversion_command(tmp_path, name):
+    # A GDAL JPEG file relabelled as old-style JPEG (compression 6): tifffile would decode its
+    # streams, but on real old-style files its pixels differ from GDAL's, so no file of that
+    # compression is read at all.
+    path = tmp_path / "old_jpeg.tif"
+    path.write_bytes((FIXTURES / name).read_bytes())
+    set_tag_value(path, "Compression", 6)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.pages[0].compression == 6
+    with pytest.raises(geotiff.DataError, match=f"{path}: old-style JPEG compression \\(TIFF compression 6\\) is not "
+                                                "supported.*`gdal_translate -co COMPRESS=JPEG -co TILED=YES in.tif out.tif`"):
+        geotiff.read_geotiff(path, window=(0, 0, 4, 4))
+    with pytest.raises(geotiff.DataError, match="old-style JPEG"):
+        geotiff.geotiff_info(path)
+
+
 def test_out_of_memory_while_decoding_says_so(monkeypatch):
     def decode_without_memory(*args, **kwargs):
         raise MemoryError

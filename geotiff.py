@@ -10,7 +10,7 @@ Supported:
     layout       striped or tiled; pixel interleave (all bands in each tile) or band interleave
                  (one set of tiles per band); classic TIFF or BigTIFF; of a COG, the first,
                  full-resolution image (the overviews after it are ignored)
-    compression  none, DEFLATE, LZW, ZSTD, LZMA, PACKBITS, JPEG (RGB or YCbCr), LERC (also
+    compression  none, DEFLATE, LZW, ZSTD, LZMA, PACKBITS, JPEG (RGB or YCbCr, see below), LERC (also
                  LERC_DEFLATE, LERC_ZSTD); the horizontal (2) or floating-point (3) predictor
                  with LZW, DEFLATE, LZMA and ZSTD, the codecs libtiff applies it in (a Predictor
                  tag on other compressions is ignored, as libtiff and GDAL ignore it)
@@ -27,6 +27,14 @@ Supported:
     colour       the stored samples, with no colour conversion: CMYK and CIELab files give their
                  C, M, Y, K or L, a, b bands, as GDAL gives them when opened as `GTIFF_RAW:file.tif`
                  (plain GDAL converts both to RGBA); palette files give the indices
+
+JPEG pixels are libjpeg-turbo's (imagecodecs'), identical to those of GDAL built on libjpeg-turbo
+(Debian, Ubuntu, conda-forge), measured 0 levels apart on tiled, striped and COG files, windows
+and band subsets. GDAL built on IJG libjpeg 9 (the rasterio and fiona wheels on PyPI) gives other
+pixels for YCbCr JPEG, the usual encoding of aerial RGB: libjpeg-turbo upsamples the half-resolution
+Cb and Cr with a triangle filter across 16x16 blocks, libjpeg 9 inside each block with a 16x16 inverse
+DCT, so the two differ by up to ~70 levels where colours change sharply (mean ~3, quality 75).
+RGB JPEG decodes alike in both. Train and serve with the same decoder, or store such data lossless.
 
 Refused, with a DataError saying what to do instead (usually re-encoding with
 `gdal_translate -co COMPRESS=DEFLATE -co TILED=YES in.tif out.tif`):

@@ -34,7 +34,10 @@ and band subsets. GDAL built on IJG libjpeg 9 (the rasterio and fiona wheels on 
 pixels for YCbCr JPEG, the usual encoding of aerial RGB: libjpeg-turbo upsamples the half-resolution
 Cb and Cr with a triangle filter across 16x16 blocks, libjpeg 9 inside each block with a 16x16 inverse
 DCT, so the two differ by up to ~70 levels where colours change sharply (mean ~3, quality 75).
-RGB JPEG decodes alike in both. Train and serve with the same decoder, or store such data lossless.
+RGB JPEG decodes alike in both. To serve a model with such a GDAL, set
+`geotiff.JPEG_CHROMA_UPSAMPLING = "libjpeg9"` before reading: YCbCr JPEG then decodes as libjpeg 9
+does (within 2 levels of libjpeg 9f on every pixel, measured at quality 50 to 100), in about three
+times the time (see _decode_ycbcr_jpeg_as_libjpeg9).
 
 Refused, with a DataError saying what to do instead (usually re-encoding with
 `gdal_translate -co COMPRESS=DEFLATE -co TILED=YES in.tif out.tif`):
@@ -107,6 +110,11 @@ GDAL_NODATA_TAG = 42113
 MAX_READ_BYTES = 4 * 2**30
 # The most one tile or strip may decode to, in bytes: a read touching it decodes all of it.
 MAX_BLOCK_BYTES = 256 * 2**20
+# Whose pixels YCbCr JPEG decodes to (see "JPEG pixels" above), looked up on every read:
+# "libjpeg-turbo" as GDAL built on libjpeg-turbo (Debian, Ubuntu, conda-forge); "libjpeg9" as GDAL
+# built on IJG libjpeg 9 (the rasterio and fiona wheels on PyPI), at about 3x the decoding time.
+JPEG_CHROMA_UPSAMPLING = "libjpeg-turbo"
+JPEG_CHROMA_CHOICES = ("libjpeg-turbo", "libjpeg9")
 
 UNCOMPRESSED, OLD_JPEG, JPEG, LERC = 1, 6, 7, 34887
 # libtiff undoes a Predictor only inside these codecs (LZW, Adobe Deflate, Deflate, LZMA, ZSTD); with
@@ -255,6 +263,9 @@ class GeoTiff:
         self._offsets, self._bytecounts = page.dataoffsets, page.databytecounts
         self._samples = page.shaped[-1]  # samples in a block's pixel: all bands, or one with band interleave
         self._jpegtables = page.jpegtables
+        # YCbCr JPEG with 2x2 chroma subsampling, the one encoding whose pixels depend on the libjpeg.
+        self._subsampled_ycbcr = (page.compression == JPEG and page.photometric == PHOTOMETRIC_YCBCR
+                                  and tuple(page.tags.valueof(530, (2, 2))) != (1, 1))
         self._lerc_wrapper = page.tags.valueof(50674, (4, 0))[1]  # LercParameters: 0 none, 1 DEFLATE, 2 ZSTD
         # Uncompressed strips of whole-byte samples are read row by row (see _block_rows).
         self._raw_strip_dtype = None
@@ -629,8 +640,14 @@ class GeoTiff:
                         raise CorruptImageError(f"{self.path}: {kind} {index} is a {frame[0]}x{frame[1]} JPEG, larger "
                                                 f"than the {info.tile_shape[0]}x{info.tile_shape[1]} {kind}s of the "
                                                 "file; the file is corrupt")
-                block = self._page.decode(data, index, jpegtables=self._jpegtables)[0][0]
-        except CorruptImageError:
+                if self._subsampled_ycbcr and _jpeg_chroma_upsampling() == "libjpeg9":
+                    block = _decode_ycbcr_jpeg_as_libjpeg9(self.path, data, self._jpegtables)
+                    if block.shape != (block_rows, info.tile_shape[1], 3):
+                        raise CorruptImageError(f"{self.path}: {kind} {index} is a {block.shape[0]}x{block.shape[1]} "
+                                                f"JPEG in {block_rows}x{info.tile_shape[1]} {kind}s; the file is corrupt")
+                else:
+                    block = self._page.decode(data, index, jpegtables=self._jpegtables)[0][0]
+        except DataError:  # CorruptImageError, or a JPEG stream the libjpeg 9 path does not handle
             raise
         except MemoryError:
             raise DataError(f"{self.path}: out of memory decoding {kind} {index} ({_size(decoded_bytes)}); free "
@@ -797,6 +814,132 @@ def _jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
             return None
         position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
     return None
+
+
+def _jpeg_chroma_upsampling() -> str:
+    if JPEG_CHROMA_UPSAMPLING not in JPEG_CHROMA_CHOICES:
+        raise DataError(f"geotiff.JPEG_CHROMA_UPSAMPLING is {JPEG_CHROMA_UPSAMPLING!r}; set it to one of "
+                        f"{', '.join(map(repr, JPEG_CHROMA_CHOICES))}")
+    return JPEG_CHROMA_UPSAMPLING
+
+
+def _dct_basis(samples: int) -> np.ndarray:
+    """(samples, 8): the 8 JPEG cosines sampled at `samples` points across a block, scaled so that
+    8 points give the orthonormal DCT JPEG uses and 16 points keep each coefficient's amplitude."""
+    position = np.arange(samples)[:, None]
+    frequency = np.arange(8)[None, :]
+    scale = np.where(frequency == 0, np.sqrt(1 / 8), np.sqrt(2 / 8))
+    return scale * np.cos((2 * position + 1) * frequency * np.pi / (2 * samples))
+
+
+DCT8, DCT16 = _dct_basis(8), _dct_basis(16)
+# The order of a block's 64 values in a DQT segment: entry k is natural (row-major) position ZIGZAG[k].
+ZIGZAG = np.array([0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27, 20,
+                   13, 6, 7, 14, 21, 28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51, 58, 59, 52,
+                   45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63])
+
+
+def _jpeg_segments(data: bytes):
+    """(marker, position, length) of each marker segment of a JPEG stream up to its start of scan."""
+    position = 2  # after the start-of-image marker
+    while position + 4 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        length = int.from_bytes(data[position + 2:position + 4], "big")
+        yield marker, position, length
+        if marker == 0xDA:
+            return
+        position += 2 + length
+
+
+def _jpeg_quantization_tables(data: bytes, tables: dict) -> dict:
+    """Add the DQT tables of `data` to `tables` (id -> 8x8 steps in natural order)."""
+    for marker, position, length in _jpeg_segments(data):
+        if marker != 0xDB:
+            continue
+        at, end = position + 4, position + 2 + length
+        while at < end:
+            precision, table_id = data[at] >> 4, data[at] & 15
+            size = 128 if precision else 64
+            steps = np.frombuffer(data[at + 1:at + 1 + size], ">u2" if precision else "u1")
+            natural = np.empty(64, np.float64)
+            natural[ZIGZAG[:len(steps)]] = steps
+            tables[table_id] = natural.reshape(8, 8)
+            at += 1 + size
+    return tables
+
+
+def _decode_ycbcr_jpeg_as_libjpeg9(path: str, data: bytes, jpegtables: bytes | None) -> np.ndarray:
+    """A YCbCr JPEG block with 2x2-subsampled chroma, as (rows, cols, 3) RGB the way IJG libjpeg 9 decodes it.
+
+    libjpeg-turbo upsamples the half-resolution Cb and Cr with a triangle filter; libjpeg 9 instead
+    takes each 8x8 block of chroma coefficients through a 16x16 inverse DCT (the same 8 cosines,
+    sampled twice as densely), so it never blends neighbouring blocks. imagecodecs offers neither the
+    coefficients nor that transform, hence three steps:
+
+    1. Rewrite the frame header so libjpeg-turbo decodes the same entropy-coded data without
+       upsampling. An MCU (16x16 pixels) holds 4 luma blocks, then Cb, then Cr. Declared with 4x1
+       luma sampling instead of 2x2 (an MCU 32 wide, 8 tall), the same blocks are read in the same
+       order with the same DC predictions, and 4x1 chroma upsampling is plain repetition: every 4th
+       column is the chroma as its 8x8 inverse DCT gave it. The luma blocks only need unshuffling.
+    2. Recover the chroma coefficients with a forward DCT, rounded to multiples of the quantisation
+       steps (as they were stored), which undoes the rounding to whole levels.
+    3. Do the 16x16 inverse DCT and libjpeg's fixed-point YCbCr->RGB conversion here.
+
+    The float transforms here against libjpeg's fixed-point ones leave differences of at most 2."""
+    quantization = _jpeg_quantization_tables(jpegtables, {}) if jpegtables else {}
+    _jpeg_quantization_tables(data, quantization)
+    stream = bytearray(data)
+    frame = None
+    for marker, position, length in _jpeg_segments(data):
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            frame = marker, position
+            break
+    if frame is None or frame[0] not in (0xC0, 0xC1):  # baseline or extended sequential, Huffman coded
+        raise DataError(f"{path}: a JPEG block is not baseline sequential JPEG (frame marker "
+                        f"{'none' if frame is None else hex(frame[0])}), which geotiff.JPEG_CHROMA_UPSAMPLING = "
+                        "'libjpeg9' does not handle; read it with 'libjpeg-turbo' or re-encode the file with "
+                        "`gdal_translate -co COMPRESS=JPEG -co PHOTOMETRIC=YCBCR in.tif out.tif`")
+    at = frame[1]
+    rows, cols = struct.unpack_from(">HH", stream, at + 5)
+    components = [tuple(stream[at + 10 + 3 * i:at + 13 + 3 * i]) for i in range(stream[at + 9])]
+    if [sampling for _, sampling, _ in components] != [0x22, 0x11, 0x11]:
+        raise DataError(f"{path}: a YCbCr JPEG block's sampling factors are "
+                        f"{[hex(sampling) for _, sampling, _ in components]}, not 2x2 luma and 1x1 chroma, which "
+                        "geotiff.JPEG_CHROMA_UPSAMPLING = 'libjpeg9' does not handle; read it with 'libjpeg-turbo'")
+    mcu_rows, mcu_cols = -(-rows // 16), -(-cols // 16)
+    if 32 * mcu_cols > 0xFFFF:
+        raise DataError(f"{path}: JPEG blocks {cols} pixels wide are too wide for geotiff.JPEG_CHROMA_UPSAMPLING = "
+                        "'libjpeg9' (at most 32752); re-tile the file with "
+                        "`gdal_translate -co TILED=YES -co COMPRESS=JPEG -co PHOTOMETRIC=YCBCR in.tif out.tif`")
+    # Whole MCUs, so the chroma of the edge blocks is decoded in full: the 16x16 transform needs all 64 samples.
+    struct.pack_into(">HH", stream, at + 5, 8 * mcu_rows, 32 * mcu_cols)
+    stream[at + 11] = 0x41  # luma sampling 4x1
+    ycc = imagecodecs.jpeg8_decode(bytes(stream), tables=jpegtables, colorspace="YCBCR", outcolorspace="YCBCR")
+    # Luma: each 8x32 strip of an MCU is its 4 blocks side by side; put the last two under the first two.
+    luma = ycc[:, :, 0].reshape(mcu_rows, 8, mcu_cols, 2, 2, 8).transpose(0, 3, 1, 2, 4, 5)
+    luma = luma.reshape(16 * mcu_rows, 16 * mcu_cols)[:rows, :cols].astype(np.int32)
+    chroma = []
+    for component, plane in zip(components[1:], (1, 2)):
+        steps = quantization.get(component[2])
+        if steps is None:
+            raise CorruptImageError(f"{path}: a JPEG block uses quantisation table {component[2]}, which neither "
+                                    "it nor the JPEGTables tag defines; the file is corrupt")
+        blocks = ycc[:, ::4, plane].reshape(mcu_rows, 8, mcu_cols, 8).transpose(0, 2, 1, 3) - 128.0
+        coefficients = np.round(DCT8.T @ blocks @ DCT8 / steps) * steps
+        upsampled = np.floor(DCT16 @ coefficients @ DCT16.T + 128.5).clip(0, 255)
+        chroma.append(upsampled.transpose(0, 2, 1, 3).reshape(16 * mcu_rows, 16 * mcu_cols)[:rows, :cols]
+                      .astype(np.int32) - 128)
+    cb, cr = chroma
+    # libjpeg's conversion (jdcolor.c): 16-bit fixed-point factors, rounded; G shares one rounding.
+    def fixed(factor):
+        return int(factor * 65536 + 0.5)
+    red = luma + ((fixed(1.402) * cr + 32768) >> 16)
+    green = luma + ((-fixed(0.34414) * cb - fixed(0.71414) * cr + 32768) >> 16)
+    blue = luma + ((fixed(1.772) * cb + 32768) >> 16)
+    return np.stack([red, green, blue], axis=-1).clip(0, 255).astype(np.uint8)
 
 
 def _value_range(dtype: np.dtype) -> str:

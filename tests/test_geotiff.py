@@ -44,6 +44,9 @@ JPEG_SOURCES = {"u8_3b_tiled_jpeg.tif": "u8_3b", "u8_3b_striped_jpeg_ycbcr.tif":
                 "u8_3b_aerial_cog_jpeg_ycbcr.tif": "u8_3b_aerial"}
 JPEG = sorted(JPEG_SOURCES)
 YCBCR_JPEG = [name for name in JPEG if "aerial" in name]
+# Windows of those 150x137 files cutting through 16x16 MCUs and 32- or 128-pixel tiles and strips.
+WINDOWS_THROUGH_MCUS = [(0, 0, 150, 137), (7, 9, 50, 61), (15, 15, 2, 2), (8, 24, 17, 9), (31, 31, 3, 3),
+                        (100, 120, 50, 17), (127, 127, 23, 10), (149, 0, 1, 137)]
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -78,8 +81,7 @@ def test_jpeg_geotiff_matches_gdal_decode(name):
 
 
 @pytest.mark.parametrize("name", YCBCR_JPEG)
-@pytest.mark.parametrize("window", [(0, 0, 150, 137), (7, 9, 50, 61), (15, 15, 2, 2), (8, 24, 17, 9),  # through MCUs
-                                    (31, 31, 3, 3), (100, 120, 50, 17), (127, 127, 23, 10), (149, 0, 1, 137)])
+@pytest.mark.parametrize("window", WINDOWS_THROUGH_MCUS)
 @pytest.mark.parametrize("bands", [None, [2], [1, 0], [2, 2, 0]])
 def test_ycbcr_jpeg_window_and_bands_match_gdal(name, window, bands):
     # Chroma is stored at half resolution and upsampled while decoding a whole tile or strip, so a
@@ -89,6 +91,54 @@ def test_ycbcr_jpeg_window_and_bands_match_gdal(name, window, bands):
     pixels = geotiff.read_geotiff(FIXTURES / name, window=window, bands=bands)
     assert pixels.dtype == np.uint8 and pixels.shape == gdal.shape
     assert np.abs(pixels.astype(int) - gdal).max() <= 2
+
+
+@pytest.mark.parametrize("name", YCBCR_JPEG)
+@pytest.mark.parametrize("window", WINDOWS_THROUGH_MCUS)
+@pytest.mark.parametrize("bands", [None, [2], [1, 0]])
+def test_ycbcr_jpeg_as_libjpeg9_matches_gdal_on_libjpeg9(name, window, bands, monkeypatch):
+    # GDAL on IJG libjpeg 9 (rasterio's wheels) upsamples chroma by a 16x16 inverse DCT per block:
+    # its pixels are up to ~70 levels from libjpeg-turbo's here, and the libjpeg9 setting follows them.
+    monkeypatch.setattr(geotiff, "JPEG_CHROMA_UPSAMPLING", "libjpeg9")
+    row, col, h, w = window
+    libjpeg9 = ARRAYS[f"libjpeg9_decoded_{name[:-4]}"].astype(int)[bands if bands else slice(None),
+                                                                     row:row + h, col:col + w]
+    pixels = geotiff.read_geotiff(FIXTURES / name, window=window, bands=bands)
+    assert pixels.dtype == np.uint8 and pixels.shape == libjpeg9.shape
+    assert np.abs(pixels.astype(int) - libjpeg9).max() <= 2
+
+
+def test_libjpeg9_setting_changes_only_subsampled_ycbcr_jpeg(monkeypatch):
+    assert geotiff.JPEG_CHROMA_UPSAMPLING == "libjpeg-turbo"  # the default: GDAL's pixels on most installs
+    turbo = {name: geotiff.read_geotiff(FIXTURES / name) for name in ("u8_3b_tiled_jpeg.tif", "u16_4b_tiled_zstd_band.tif")}
+    libjpeg9 = ARRAYS["libjpeg9_decoded_u8_3b_striped_jpeg_ycbcr"].astype(int)
+    assert np.abs(libjpeg9 - ARRAYS["gdal_decoded_u8_3b_striped_jpeg_ycbcr"]).max() > 2  # the two libraries differ
+    monkeypatch.setattr(geotiff, "JPEG_CHROMA_UPSAMPLING", "libjpeg9")
+    assert np.abs(geotiff.read_geotiff(FIXTURES / "u8_3b_striped_jpeg_ycbcr.tif").astype(int) - libjpeg9).max() <= 2
+    for name, pixels in turbo.items():  # RGB JPEG and lossless files decode alike in both libraries
+        np.testing.assert_array_equal(geotiff.read_geotiff(FIXTURES / name), pixels)
+
+
+def test_unknown_jpeg_chroma_setting_is_refused(monkeypatch):
+    monkeypatch.setattr(geotiff, "JPEG_CHROMA_UPSAMPLING", "libjpeg-9")
+    with pytest.raises(geotiff.DataError, match="geotiff.JPEG_CHROMA_UPSAMPLING is 'libjpeg-9'; set it to one of "
+                                                "'libjpeg-turbo', 'libjpeg9'"):
+        geotiff.read_geotiff(FIXTURES / "u8_3b_aerial_tiled_jpeg_ycbcr.tif", window=(0, 0, 4, 4))
+
+
+def test_libjpeg9_setting_refuses_progressive_jpeg_blocks(tmp_path, monkeypatch):
+    path = tmp_path / "progressive.tif"
+    raw = bytearray((FIXTURES / "u8_3b_aerial_tiled_jpeg_ycbcr.tif").read_bytes())
+    with tifffile.TiffFile(FIXTURES / "u8_3b_aerial_tiled_jpeg_ycbcr.tif") as tif:
+        start = tif.pages[0].dataoffsets[0]
+    frame = raw.index(b"\xff\xc0", start)
+    raw[frame + 1] = 0xC2  # the frame header now says progressive
+    path.write_bytes(bytes(raw))
+    monkeypatch.setattr(geotiff, "JPEG_CHROMA_UPSAMPLING", "libjpeg9")
+    with pytest.raises(geotiff.DataError, match=f"{path}: a JPEG block is not baseline sequential JPEG \\(frame "
+                                                "marker 0xc2\\).*read it with 'libjpeg-turbo'") as err:
+        geotiff.read_geotiff(path, window=(0, 0, 4, 4))
+    assert not isinstance(err.value, geotiff.CorruptImageError)
 
 
 WINDOW_FILES = ["u16_4b_tiled_deflate_pixel.tif", "u16_4b_striped_lzw_band.tif", "u16_4b_tiled_zstd_band.tif",

@@ -221,6 +221,8 @@ def validate(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
             value = getattr(cfg, name)
             if value is not None and not ok(value):  # `not ok`: NaN fails too
                 raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+    if not 0 < cfg.mask_ratio < 1:  # `not`: NaN fails too
+        raise ValueError(f"--mask-ratio must be in (0, 1), got {cfg.mask_ratio}")
     if cfg.batch_size % cfg.accum_steps:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --accum-steps {cfg.accum_steps} "
                          "(the per-GPU batch is split into equal micro-batches)")
@@ -233,7 +235,10 @@ def validate(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
     if cfg.sdpa == "cudnn" and torch.version.hip:  # ROCm builds have flash and efficient (AOTriton), no cuDNN
         raise ValueError("--sdpa cudnn does not exist on ROCm; use auto, flash, efficient or math")
     for flag, text in (("--bands", cfg.bands), ("--rgb-bands", cfg.rgb_bands), ("--init-rgb-bands", cfg.init_rgb_bands)):
-        parse_band_map(text, flag)
+        if any(b < 0 for b in parse_band_map(text, flag) or []):
+            raise ValueError(f"{flag} {text}: band indices are 0-based and not negative")
+    if cfg.rgb_bands is not None and len(parse_band_map(cfg.rgb_bands, "--rgb-bands")) not in (1, 3):
+        raise ValueError(f"--rgb-bands {cfg.rgb_bands}: give three bands (red,green,blue) or one (grey)")
     if cfg.init_rgb_bands is not None and cfg.init is None:
         raise ValueError("--init-rgb-bands says where --init's red, green and blue go; it needs --init")
     if cfg.data not in ("demo", "synthetic") and not os.path.exists(cfg.data):
@@ -391,14 +396,15 @@ def prepare_run_folder(cfg: TrainConfig, dist) -> tuple[Path, Path | None]:
         if out.is_dir():
             earlier = [p.name for p in (out / "config.json", out / "metrics.jsonl", out / "latest") if p.exists()]
             earlier += sorted(p.name for p in out.glob("step-*"))
-        if earlier and not cfg.resume and cfg.data != "demo":
+        if earlier and not cfg.resume and not (cfg.data == "demo" and earlier_demo(out)):
             raise ValueError(f"{out} holds an earlier run ({', '.join(earlier[:4])}); "
                              "pass --resume to continue it, or choose a new --out")
 
     on_every_rank(check, dist)
     # The newest checkpoint that verifies; folders passed over are logged with the reason, and
     # step folders of which none verifies stop the run (nothing is deleted).
-    previous = checkpoint.select_checkpoint(out, log=print, dist=dist) if cfg.resume and out.is_dir() else None
+    # (Decided by the flags alone: every rank must agree on entering select_checkpoint's collectives.)
+    previous = checkpoint.select_checkpoint(out, log=print, dist=dist) if cfg.resume else None
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         old = [*out.glob("step-*"), *out.glob(".tmp-step-*"), *out.glob("recon-step-*.png"), out / "latest"]
@@ -408,6 +414,15 @@ def prepare_run_folder(cfg: TrainConfig, dist) -> tuple[Path, Path | None]:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
     checkpoint.barrier(dist)
     return out, previous
+
+
+def earlier_demo(out: Path) -> bool:
+    """Only a folder that an earlier demo wrote may be cleared by the demo: `python train.py --out
+    runs/vit3b` without --data is the demo, and must not delete a real run's checkpoints."""
+    try:
+        return json.loads((out / "config.json").read_text())["data"] == "demo"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def build_data(cfg: TrainConfig, dist, out: Path):
@@ -433,12 +448,9 @@ def build_data(cfg: TrainConfig, dist, out: Path):
     in_chans = dataset[0].shape[0]  # reads one image: a wrong band selection or stats file fails here
     if cfg.rgb_bands and max(parse_band_map(cfg.rgb_bands, "--rgb-bands")) >= in_chans:
         raise ValueError(f"--rgb-bands {cfg.rgb_bands}: the data has {in_chans} bands (0-based indices)")
-    mean, std = dataset.normalize.mean, dataset.normalize.std
-    if mean is None:  # 3-band uint8: data.py normalises with ImageNet's statistics
-        mean, std = [v * 255 for v in data.IMAGENET_MEAN], [v * 255 for v in data.IMAGENET_STD]
-    elif bands is not None and len(mean) != len(bands):
-        mean, std = [mean[b] for b in bands], [std[b] for b in bands]
-    return dataset, (torch.tensor(mean), torch.tensor(std)), in_chans
+    info = data.open_image(dataset.paths[0]).info  # the picture undoes exactly the normalisation applied
+    mean, std = dataset.normalize.band_stats(dataset.paths[0], info.bands, bands, info.dtype)
+    return dataset, (torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)), in_chans
 
 
 def resolve_schedule(cfg: TrainConfig, num_images: int, steps_per_epoch: int, global_batch: int) -> TrainConfig:
@@ -570,11 +582,12 @@ def should_draw(step: int, cfg: TrainConfig, reason: str | None) -> bool:
 def check_finite(record: dict, model, dist, save_now: bool, last_saved: Path | None) -> None:
     """Stop on a non-finite loss, or non-finite weights before a save: a checkpoint never holds NaN."""
     bad_step = record.pop("first_bad_step")
+    what = "loss"
     if bad_step is None and save_now and not checkpoint.params_finite(model, dist):
-        bad_step = record["step"]
+        bad_step, what = record["step"], "weights"
     if bad_step is not None:
         raise TrainingDiverged(
-            f"loss is not finite at step {bad_step}; stopping without writing a checkpoint. Last good checkpoint: "
+            f"{what} not finite at step {bad_step}; stopping without writing a checkpoint. Last good checkpoint: "
             f"{last_saved or 'none (this run saved none)'}. Resume from it with a lower --lr/--blr, a longer "
             "warmup or --clip-grad.")
 
@@ -702,9 +715,16 @@ def check_resumable(folder: Path, cfg: TrainConfig, mae) -> None:
 
 
 def trim_metrics(path: Path, step: int) -> None:
-    """Drop records after the resumed step (written after that checkpoint by a killed run); a fresh start empties the file."""
+    """Drop records after the resumed step (written after that checkpoint by a killed run), and a
+    line a crash left half-written; a fresh start empties the file."""
+    def kept(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+
     if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        lines = [line for line in path.read_text(errors="replace").splitlines() if kept(line)]
         checkpoint.write_atomic(path, "".join(line + "\n" for line in lines))
 
 

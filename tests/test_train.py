@@ -471,7 +471,8 @@ def test_init_loads_official_weights(chips, tmp_path):
     (["--lr", "nan"], "--lr must be positive"),
     (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
     (["--peak-tflops", "-5"], "--peak-tflops must be positive"),
-    (["--mask-ratio", "0"], "--mask-ratio 0.0 must remove some and keep some of the 16 patches"),
+    (["--mask-ratio", "0"], "--mask-ratio must be in (0, 1), got 0.0"),
+    (["--mask-ratio", "nan"], "--mask-ratio must be in (0, 1), got nan"),
     (["--mask-ratio", "0.99"], "--mask-ratio 0.99 must remove some and keep some"),
     (["--img-size", "0"], "--img-size must be positive"),
     (["--img-size", "-64"], "--img-size must be positive"),
@@ -479,6 +480,8 @@ def test_init_loads_official_weights(chips, tmp_path):
     (["--threads", "-1"], "--threads must be >= 0"),
     (["--workers", "-1"], "--workers must be >= 0"),
     (["--seed", "-1"], "--seed must be >= 0"),
+    (["--rgb-bands", "-1"], "--rgb-bands -1: band indices are 0-based and not negative"),
+    (["--rgb-bands", "0,1"], "--rgb-bands 0,1: give three bands (red,green,blue) or one (grey)"),
     (["--init-rgb-bands", "0,1,2"], "--init-rgb-bands says where --init's red, green and blue go; it needs --init"),
 ])
 def test_user_errors_are_one_clear_line(chips, tmp_path, capsys, extra, message):
@@ -507,6 +510,35 @@ def test_refuses_to_overwrite_a_run_without_resume(chips, reference, tmp_path, c
     (tmp_path / "a-file").write_text("x")
     assert train.cli(args(chips, tmp_path / "a-file")) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_the_demo_never_clears_another_runs_folder(chips, reference, capsys):
+    """`python train.py --out <a real run>` (--data forgotten) is the demo; it must refuse, not delete."""
+    before = sorted(p.name for p in reference.iterdir())
+    assert train.cli(["--out", str(reference), "--steps", "2"]) == 2
+    assert "holds an earlier run" in capsys.readouterr().err
+    assert sorted(p.name for p in reference.iterdir()) == before
+
+
+def test_resume_survives_a_half_written_metrics_line(chips, reference, tmp_path):
+    """A crash during an append leaves a partial last line: --resume drops it instead of failing."""
+    assert train.main(args(chips, tmp_path, "--max-steps-per-run", "5")) == 0
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')
+    assert train.main(args(chips, tmp_path, "--resume")) == 0
+    assert losses(tmp_path) == losses(reference)
+
+
+def test_picture_stats_follow_the_band_selection(chips, tmp_path):
+    """The picture undoes exactly the normalisation applied: with --bands 3,2,1,0 the display mean and
+    std are the stats file's, reordered (the stats hold all 4 bands of the files)."""
+    stats = json.load(open(os.path.join(chips, "stats.json")))
+    cfg = train.parse_args(args(chips, tmp_path, "--bands", "3,2,1,0"))
+    cfg = train.dataclasses.replace(cfg, img_size=32)
+    _, (mean, std), in_chans = train.build_data(cfg, fsdp_setup.Dist(0, 0, 1, torch.device("cpu")), tmp_path)
+    assert in_chans == 4
+    assert mean.tolist() == pytest.approx([stats["mean"][b] for b in (3, 2, 1, 0)])
+    assert std.tolist() == pytest.approx([stats["std"][b] for b in (3, 2, 1, 0)])
 
 
 def test_pictures_follow_keep(chips, tmp_path):

@@ -53,7 +53,7 @@ from vit import ViTConfig, VisionTransformer
 
 STEP_DIR = re.compile(r"step-([0-9]+)")  # always with fullmatch: `$` would accept "step-5\n"
 CHECKSUMS = "checksums.json"
-TRAIN_STATE_KEYS = ("step", "world_size", "vit_config")  # what checkpoint.py itself reads
+TRAIN_STATE_KEYS = ("step", "epoch", "epoch_index", "world_size", "vit_config", "config")  # what a resume reads
 RANK_STATE_KEYS = ("mask_generator", "torch_cpu")
 FIX = ("the save was interrupted or files were damaged or removed; "
        "resume from an earlier step-N or move this folder away")
@@ -198,8 +198,8 @@ def _read_json(path: Path):
         return json.loads(path.read_bytes())
     except OSError as err:
         raise ValueError(f"is unreadable ({err.strerror or err})") from None
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"is not JSON ({err})") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, absurd nesting
+        raise ValueError(f"is not JSON ({type(err).__name__})") from None
 
 
 def _read_manifest(folder: Path) -> dict[str, dict]:
@@ -520,12 +520,16 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--ckpt", required=True, help="run folder (its newest loadable checkpoint) or a step-N folder")
     parser.add_argument("--out", required=True, help="output .pt file")
     args = parser.parse_args(argv[1:])
+    out = Path(args.out)
     try:
+        if not out.parent.is_dir():
+            raise ValueError(f"--out {out}: no folder {out.parent}")
         exported = export_encoder(args.ckpt)
-    except ValueError as err:  # no loadable checkpoint there: the message, no traceback (as train.py's cli)
+        torch.save(exported, out.with_name(out.name + ".tmp"))  # complete or absent, as every file here
+        os.replace(out.with_name(out.name + ".tmp"), out)
+    except (ValueError, OSError) as err:  # the message, no traceback (as train.py's cli)
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
-    torch.save(exported, args.out)
     print(f"wrote {args.out}: encoder of step {exported['step']} ({len(exported['model'])} tensors, "
           f"{exported['vit_config']['img_size']} px, {exported['vit_config']['in_chans']} bands)")
     return 0

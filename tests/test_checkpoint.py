@@ -52,6 +52,8 @@ def test_export_command_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("error: --ckpt") and "neither a step-N checkpoint folder" in err and "Traceback" not in err
     assert not (tmp_path / "encoder.pt").exists()
     assert checkpoint.cli([]) == 2 and "usage: python checkpoint.py export" in capsys.readouterr().err
+    assert checkpoint.cli(["export", "--ckpt", str(tmp_path), "--out", str(tmp_path / "no" / "enc.pt")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --out {tmp_path / 'no' / 'enc.pt'}: no folder")
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fsynced descriptors through Linux's /proc")

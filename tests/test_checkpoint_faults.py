@@ -12,7 +12,6 @@ import json
 import os
 import pickle
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -43,6 +42,12 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def state_of(step: int, world_size: int = 1) -> dict:
+    """train_state.json as train.py writes it (the keys a resume reads)."""
+    return {"step": step, "epoch": 0, "epoch_index": 0, "world_size": world_size, "config": {},
+            "vit_config": dataclasses.asdict(CFG)}
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A run folder with step-1 and step-2 (and the weights of each), in one process group kept for the module."""
@@ -55,7 +60,7 @@ def saved(tmp_path_factory):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        train_state = {"step": step, "epoch": 0, "world_size": 1, "vit_config": dataclasses.asdict(CFG)}
+        train_state = state_of(step)
         checkpoint.save_checkpoint(out, model, optimizer, train_state, dist, torch.Generator(), keep=3, log=print)
         states[step] = weights(model)
     yield out, states, dist
@@ -200,7 +205,7 @@ def test_a_save_after_the_fallback_keeps_the_damaged_folder(run, capsys):
     folder = checkpoint.select_checkpoint(out, log=logs.append)
     model, optimizer = build(seed=123)
     checkpoint.load_checkpoint(folder, model, optimizer, dist, torch.Generator(), verified=True)
-    train_state = {"step": 2, "epoch": 0, "world_size": 1, "vit_config": dataclasses.asdict(CFG)}
+    train_state = state_of(2)
     checkpoint.save_checkpoint(out, model, optimizer, train_state, dist, torch.Generator(), keep=3, log=logs.append)
     assert listing(out / "damaged-step-2") == damaged
     assert "kept" in logs[-1] and "damaged-step-2" in logs[-1] and "__0_0.distcp differs" in logs[-1]
@@ -216,7 +221,7 @@ def test_a_save_below_an_unloadable_newer_folder_keeps_it(run):
     (out / "step-2" / "rank-00000.json").unlink()
     damaged = listing(out / "step-2")
     model, optimizer = build(seed=0)
-    train_state = {"step": 1, "epoch": 0, "world_size": 1, "vit_config": dataclasses.asdict(CFG)}
+    train_state = state_of(1)
     checkpoint.save_checkpoint(out, model, optimizer, train_state, dist, torch.Generator(), keep=1, log=lambda m: None)
     assert listing(out / "damaged-step-2") == damaged
     assert sorted(p.name for p in out.iterdir()) == ["damaged-step-2", "latest", "step-1"]
@@ -350,7 +355,7 @@ def _two_rank_fallback(rank: int, out: str) -> None:
     try:
         model, optimizer = build(seed=0)
         for step in (1, 2):
-            train_state = {"step": step, "epoch": 0, "world_size": 2, "vit_config": dataclasses.asdict(CFG)}
+            train_state = state_of(step, world_size=2)
             checkpoint.save_checkpoint(out, model, optimizer, train_state, dist, torch.Generator(), keep=3)
         checkpoint.barrier(dist)
         if rank == 0:  # rank 1's shard of step-2 garbled: found by whichever rank checks that file

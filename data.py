@@ -635,14 +635,19 @@ def main(argv=None):
     try:
         if args.command == "demo":
             print(f"wrote chips and {make_demo_chips(args.folder)}")
-            return
+            return 0
+        for flag, value in (("--max-files", args.max_files), ("--sample-size", args.sample_size)):
+            if value < 1:
+                raise ValueError(f"{flag} must be positive, got {value}")
         result = compute_stats(args.source, args.max_files, args.sample_size, args.seed)
-    except DataError as err:  # the message already says which file and what to do
-        sys.exit(f"error: {err}")
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    except (ValueError, OSError) as err:  # DataError is a ValueError: its message names the file and the fix
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}: mean {[round(m, 2) for m in result['mean']]}, std {[round(s, 2) for s in result['std']]}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

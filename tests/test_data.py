@@ -80,7 +80,7 @@ def test_stats_are_nodata_aware_and_cli_writes_them(tmp_path, capsys):
     paths = [FIXTURES / "i16_3b_nodata_tiled_zstd_pixel.tif", FIXTURES / "i16_3b_nodata_striped_deflate_band.tif"]
     manifest = tmp_path / "manifest.txt"
     manifest.write_text("# two copies of the same pixels\n" + "\n".join(os.path.relpath(p, tmp_path) for p in paths) + "\n")
-    data.main(["stats", str(manifest), "--out", str(tmp_path / "stats.json")])
+    assert data.main(["stats", str(manifest), "--out", str(tmp_path / "stats.json")]) == 0
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert "2/2 files" in capsys.readouterr().err  # progress output
     source = ARRAYS["i16_3b_nodata"].astype(float)
@@ -90,6 +90,15 @@ def test_stats_are_nodata_aware_and_cli_writes_them(tmp_path, capsys):
         np.testing.assert_allclose([stats["mean"][b], stats["std"][b]], [valid.mean(), valid.std()], rtol=1e-9)
         assert (stats["min"][b], stats["max"][b]) == (valid.min(), valid.max())
     assert stats["nodata"] == -9999 and data.load_stats(tmp_path / "stats.json") == (stats["mean"], stats["std"])
+
+
+def test_stats_cli_errors_are_one_line(tmp_path, capsys):
+    assert data.main(["stats", str(FIXTURES), "--out", str(tmp_path / "s.json"), "--max-files", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --max-files must be positive, got 0"
+    assert data.main(["stats", str(tmp_path / "missing"), "--out", str(tmp_path / "s.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "missing" in err and "Traceback" not in err
+    assert not (tmp_path / "s.json").exists()
 
 
 def test_manifest_comments_are_whole_lines_and_paths_may_hold_hashes(tmp_path):

@@ -264,9 +264,10 @@ class GeoTiff:
         self._offsets, self._bytecounts = page.dataoffsets, page.databytecounts
         self._samples = page.shaped[-1]  # samples in a block's pixel: all bands, or one with band interleave
         self._jpegtables = page.jpegtables
-        # YCbCr JPEG with 2x2 chroma subsampling, the one encoding whose pixels depend on the libjpeg.
+        # YCbCr JPEG with subsampled chroma, the one encoding whose pixels depend on the libjpeg.
+        self._ycbcr_subsampling = tuple(page.tags.valueof(530, (2, 2)))  # YCbCrSubSampling (h, v)
         self._subsampled_ycbcr = (page.compression == JPEG and page.photometric == PHOTOMETRIC_YCBCR
-                                  and tuple(page.tags.valueof(530, (2, 2))) != (1, 1))
+                                  and self._ycbcr_subsampling != (1, 1))
         self._lerc_wrapper = page.tags.valueof(50674, (4, 0))[1]  # LercParameters: 0 none, 1 DEFLATE, 2 ZSTD
         # Uncompressed strips of whole-byte samples are read row by row (see _block_rows).
         self._raw_strip_dtype = None
@@ -642,6 +643,10 @@ class GeoTiff:
                                                 f"than the {info.tile_shape[0]}x{info.tile_shape[1]} {kind}s of the "
                                                 "file; the file is corrupt")
                 if self._subsampled_ycbcr and _jpeg_chroma_upsampling() == "libjpeg9":
+                    if self._ycbcr_subsampling != (2, 2):
+                        raise DataError(f"{self.path}: YCbCr subsampling {self._ycbcr_subsampling} is not handled "
+                                        "by geotiff.JPEG_CHROMA_UPSAMPLING = 'libjpeg9', only (2, 2); read it with "
+                                        "'libjpeg-turbo'")
                     block = _decode_ycbcr_jpeg_as_libjpeg9(self.path, data, self._jpegtables)
                     if block.shape != (block_rows, info.tile_shape[1], 3):
                         raise CorruptImageError(f"{self.path}: {kind} {index} is a {block.shape[0]}x{block.shape[1]} "
@@ -913,9 +918,9 @@ def _decode_ycbcr_jpeg_as_libjpeg9(path: str, data: bytes, jpegtables: bytes | N
     rows, cols = struct.unpack_from(">HH", stream, at + 5)
     components = [tuple(stream[at + 10 + 3 * i:at + 13 + 3 * i]) for i in range(stream[at + 9])]
     if [sampling for _, sampling, _ in components] != [0x22, 0x11, 0x11]:
-        raise DataError(f"{path}: a YCbCr JPEG block's sampling factors are "
-                        f"{[hex(sampling) for _, sampling, _ in components]}, not 2x2 luma and 1x1 chroma, which "
-                        "geotiff.JPEG_CHROMA_UPSAMPLING = 'libjpeg9' does not handle; read it with 'libjpeg-turbo'")
+        raise CorruptImageError(f"{path}: a JPEG block's sampling factors "
+                                f"{[hex(sampling) for _, sampling, _ in components]} are not the 2x2 luma and 1x1 "
+                                "chroma of the file's YCbCrSubSampling tag; the file is corrupt")
     mcu_rows, mcu_cols = -(-rows // 16), -(-cols // 16)
     if 32 * mcu_cols > 0xFFFF:
         raise DataError(f"{path}: JPEG blocks {cols} pixels wide are too wide for geotiff.JPEG_CHROMA_UPSAMPLING = "

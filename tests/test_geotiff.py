@@ -119,6 +119,27 @@ def test_libjpeg9_setting_changes_only_subsampled_ycbcr_jpeg(monkeypatch):
         np.testing.assert_array_equal(geotiff.read_geotiff(FIXTURES / name), pixels)
 
 
+def test_libjpeg9_setting_refuses_other_subsampling_and_calls_disagreeing_blocks_corrupt(tmp_path, monkeypatch):
+    monkeypatch.setattr(geotiff, "JPEG_CHROMA_UPSAMPLING", "libjpeg9")
+    source = FIXTURES / "u8_3b_aerial_tiled_jpeg_ycbcr.tif"
+    other = tmp_path / "ycbcr_2x1.tif"
+    other.write_bytes(source.read_bytes())
+    set_tag_value(other, "YCbCrSubSampling", 1, index=1)  # the tag now says 2x1, the blocks still 2x2
+    with pytest.raises(geotiff.DataError, match=f"{other}: YCbCr subsampling \\(2, 1\\) is not handled by "
+                                                "geotiff.JPEG_CHROMA_UPSAMPLING = 'libjpeg9'"):
+        geotiff.read_geotiff(other, window=(0, 0, 4, 4))
+    damaged = tmp_path / "damaged.tif"
+    raw = bytearray(source.read_bytes())
+    with tifffile.TiffFile(source) as tif:
+        start = tif.pages[0].dataoffsets[0]
+    frame = raw.index(b"\xff\xc0", start)
+    raw[frame + 14] = 0x12  # Cb's sampling factors in tile 0's frame header
+    damaged.write_bytes(bytes(raw))
+    with pytest.raises(geotiff.CorruptImageError, match=f"{damaged}: a JPEG block's sampling factors "
+                                                        "\\['0x22', '0x12', '0x11'\\] are not"):
+        geotiff.read_geotiff(damaged, window=(0, 0, 4, 4))
+
+
 def test_unknown_jpeg_chroma_setting_is_refused(monkeypatch):
     monkeypatch.setattr(geotiff, "JPEG_CHROMA_UPSAMPLING", "libjpeg-9")
     with pytest.raises(geotiff.DataError, match="geotiff.JPEG_CHROMA_UPSAMPLING is 'libjpeg-9'; set it to one of "
@@ -677,6 +698,29 @@ def test_fuzzed_files_give_data_errors_or_right_pixels(tmp_path, name):
         pixels = read_damaged(path)
         if pixels is not None and checksummed and any(position in block for block in data_bytes):
             np.testing.assert_array_equal(pixels, expected, err_msg=f"{name} byte {position} = {value}")
+
+
+@pytest.mark.parametrize("name", YCBCR_JPEG)
+def test_fuzzed_ycbcr_jpeg_as_libjpeg9_gives_data_errors_or_pixels(tmp_path, name, monkeypatch):
+    # The libjpeg 9 path parses and rewrites each block's JPEG header itself: damage there must end
+    # as a DataError too, never another exception, and a truncated file that reads reads right.
+    monkeypatch.setattr(geotiff, "JPEG_CHROMA_UPSAMPLING", "libjpeg9")
+    raw = (FIXTURES / name).read_bytes()
+    expected = geotiff.read_geotiff(FIXTURES / name)
+    rng = np.random.default_rng(sum(raw[:4096]) + 9)
+    path = tmp_path / name
+    for cut in sorted(rng.integers(8, len(raw), 8)):
+        path.write_bytes(raw[:cut])
+        pixels = read_damaged(path)
+        if pixels is not None:
+            np.testing.assert_array_equal(pixels, expected, err_msg=f"{name} cut at {cut}")
+    with tifffile.TiffFile(FIXTURES / name) as tif:
+        first_block = tif.pages[0].dataoffsets[0]
+    for position, value in zip(rng.integers(first_block, first_block + 400, 40), rng.integers(0, 256, 40)):
+        damaged = bytearray(raw)  # the first block's headers and the start of its data
+        damaged[position] = value
+        path.write_bytes(bytes(damaged))
+        read_damaged(path)
 
 
 def test_jpeg_header_larger_than_its_tile_is_corrupt_not_allocated(tmp_path):

@@ -29,16 +29,18 @@ Supported:
                  (plain GDAL converts both to RGBA); palette files give the indices
 
 JPEG pixels are libjpeg-turbo's (imagecodecs'), identical to those of GDAL built on libjpeg-turbo
-(Debian, Ubuntu, conda-forge), measured 0 levels apart on tiled, striped and COG files, windows
-and band subsets. GDAL built on IJG libjpeg 9 (the rasterio and fiona wheels on PyPI) gives other
-pixels for YCbCr JPEG, the usual encoding of aerial RGB: libjpeg-turbo upsamples the half-resolution
-Cb and Cr with a triangle filter across 16x16 blocks, libjpeg 9 inside each block with a 16x16 inverse
-DCT, so the two differ by up to ~70 levels where colours change sharply (mean ~3, quality 75).
-RGB JPEG decodes alike in both. To serve a model with such a GDAL, set
-`geotiff.JPEG_CHROMA_UPSAMPLING = "libjpeg9"` before reading: YCbCr JPEG then decodes as libjpeg 9
-does: within 2 levels of libjpeg 9f on every pixel of the test files, at quality 50 to 100 (only
-pure noise at quality 100 left 5 values in 600,000 off by 3 or 4), in about three times the time
-(see _decode_ycbcr_jpeg_as_libjpeg9).
+(Debian's and Ubuntu's packages, conda-forge's since 2023): 0 levels apart on tiled, striped and
+COG files, windows and band subsets (Debian 12's GDAL 3.6). GDAL built on IJG libjpeg 9 (the
+rasterio wheels on PyPI: rasterio 1.4, GDAL 3.10, libjpeg 9f) gives other pixels for YCbCr JPEG,
+the usual encoding of aerial RGB: libjpeg-turbo upsamples the half-resolution Cb and Cr with a
+triangle filter across 16x16 blocks, libjpeg 9 inside each block with a 16x16 inverse DCT, so the
+two differ by up to ~70 levels where colours change sharply (mean ~3 at quality 75). RGB JPEG
+decodes alike in both. To train on the pixels such a GDAL will serve, set
+`geotiff.JPEG_CHROMA_UPSAMPLING = "libjpeg9"` before reading (in every process that reads: forked
+data loader workers inherit it, spawned ones import geotiff afresh). YCbCr JPEG then decodes as
+libjpeg 9 does, within 2 levels on every pixel of the files tried, quality 50 to 100 (only pure
+noise at quality 100 left 5 values in 600,000 off by 3 or 4), in about three times the time (see
+_decode_ycbcr_jpeg_as_libjpeg9).
 
 Refused, with a DataError saying what to do instead (usually re-encoding with
 `gdal_translate -co COMPRESS=DEFLATE -co TILED=YES in.tif out.tif`):
@@ -113,7 +115,7 @@ MAX_READ_BYTES = 4 * 2**30
 MAX_BLOCK_BYTES = 256 * 2**20
 # Whose pixels YCbCr JPEG decodes to (see "JPEG pixels" above), looked up on every read:
 # "libjpeg-turbo" as GDAL built on libjpeg-turbo (Debian, Ubuntu, conda-forge); "libjpeg9" as GDAL
-# built on IJG libjpeg 9 (the rasterio and fiona wheels on PyPI), at about 3x the decoding time.
+# built on IJG libjpeg 9 (the rasterio wheels on PyPI), at about 3x the decoding time.
 JPEG_CHROMA_UPSAMPLING = "libjpeg-turbo"
 JPEG_CHROMA_CHOICES = ("libjpeg-turbo", "libjpeg9")
 

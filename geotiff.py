@@ -911,8 +911,8 @@ def _decode_ycbcr_jpeg_as_libjpeg9(path: str, data: bytes, jpegtables: bytes | N
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             frame = marker, position
             break
-    if frame is None or frame[0] not in (0xC0, 0xC1):  # baseline or extended sequential, Huffman coded
-        raise DataError(f"{path}: a JPEG block is not baseline sequential JPEG (frame marker "
+    if frame is None or frame[0] not in (0xC0, 0xC1) or data[frame[1] + 4] != 8:  # 8-bit sequential Huffman
+        raise DataError(f"{path}: a JPEG block is not 8-bit baseline sequential JPEG (frame marker "
                         f"{'none' if frame is None else hex(frame[0])}), which geotiff.JPEG_CHROMA_UPSAMPLING = "
                         "'libjpeg9' does not handle; read it with 'libjpeg-turbo' or re-encode the file with "
                         "`gdal_translate -co COMPRESS=JPEG -co PHOTOMETRIC=YCBCR in.tif out.tif`")

@@ -156,7 +156,7 @@ def test_libjpeg9_setting_refuses_progressive_jpeg_blocks(tmp_path, monkeypatch)
     raw[frame + 1] = 0xC2  # the frame header now says progressive
     path.write_bytes(bytes(raw))
     monkeypatch.setattr(geotiff, "JPEG_CHROMA_UPSAMPLING", "libjpeg9")
-    with pytest.raises(geotiff.DataError, match=f"{path}: a JPEG block is not baseline sequential JPEG \\(frame "
+    with pytest.raises(geotiff.DataError, match=f"{path}: a JPEG block is not 8-bit baseline sequential JPEG \\(frame "
                                                 "marker 0xc2\\).*read it with 'libjpeg-turbo'") as err:
         geotiff.read_geotiff(path, window=(0, 0, 4, 4))
     assert not isinstance(err.value, geotiff.CorruptImageError)

@@ -900,7 +900,8 @@ def _decode_ycbcr_jpeg_as_libjpeg9(path: str, data: bytes, jpegtables: bytes | N
        steps (as they were stored), which undoes the rounding to whole levels.
     3. Do the 16x16 inverse DCT and libjpeg's fixed-point YCbCr->RGB conversion here.
 
-    The float transforms here against libjpeg's fixed-point ones leave differences of at most 2 (and
+    The float transforms here against libjpeg's fixed-point ones leave differences of at most 2, on
+    about 1 pixel in 1000 (and
     where the chroma was clipped to 0..255 and stored with quantisation steps of 1, quality 100, step 2
     cannot always undo the rounding: a few values in a million are then 3 or 4 off)."""
     quantization = _jpeg_quantization_tables(jpegtables, {}) if jpegtables else {}
@@ -947,10 +948,12 @@ def _decode_ycbcr_jpeg_as_libjpeg9(path: str, data: bytes, jpegtables: bytes | N
         coefficients = ((DCT8.T @ samples).reshape(-1, 8) @ DCT8).reshape(mcu_rows, 8, mcu_cols, 8)  # u, v
         steps = steps[:, None, :]
         coefficients = np.round(coefficients / steps) * steps
-        upsampled = DCT16 @ (coefficients.reshape(-1, 8) @ DCT16.T).reshape(mcu_rows, 8, 16 * mcu_cols)
-        upsampled = upsampled.reshape(16 * mcu_rows, 16 * mcu_cols)[:rows, :cols]
+        # libjpeg's integer transform rounds between its passes (columns first), to a quarter of its
+        # intermediate unit (sqrt(8) levels); doing the same here cuts the mean difference tenfold.
+        columns = np.floor(DCT16 @ coefficients.reshape(mcu_rows, 8, 8 * mcu_cols) * (4 * 8**0.5) + 0.5)
+        upsampled = (columns.reshape(-1, 8) @ DCT16.T).reshape(16 * mcu_rows, 16 * mcu_cols)[:rows, :cols]
         # Rounded and limited to 0..255 as libjpeg stores a sample, kept centred on 0 (in place: speed).
-        np.floor(np.add(upsampled, 0.5, out=upsampled), out=upsampled)
+        np.floor(np.add(upsampled / (4 * 8**0.5), 0.5, out=upsampled), out=upsampled)
         chroma.append(np.clip(upsampled, -128, 127, out=upsampled).astype(np.int32))
     cb, cr = chroma
     # libjpeg's conversion (jdcolor.c): 16-bit fixed-point factors, each product rounded, except

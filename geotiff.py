@@ -39,7 +39,7 @@ decodes alike in both. To train on the pixels such a GDAL will serve, set
 `geotiff.JPEG_CHROMA_UPSAMPLING = "libjpeg9"` before reading (in every process that reads: forked
 data loader workers inherit it, spawned ones import geotiff afresh). YCbCr JPEG then decodes as
 libjpeg 9 does, within 2 levels on every pixel of the files tried, quality 50 to 100 (only pure
-noise at quality 100 left 5 values in 600,000 off by 3 or 4), in about three times the time (see
+noise at quality 100 left 4 values in 600,000 off by 3 or 4), in about three times the time (see
 _decode_ycbcr_jpeg_as_libjpeg9).
 
 Refused, with a DataError saying what to do instead (usually re-encoding with
@@ -900,10 +900,10 @@ def _decode_ycbcr_jpeg_as_libjpeg9(path: str, data: bytes, jpegtables: bytes | N
        steps (as they were stored), which undoes the rounding to whole levels.
     3. Do the 16x16 inverse DCT and libjpeg's fixed-point YCbCr->RGB conversion here.
 
-    The float transforms here against libjpeg's fixed-point ones leave differences of at most 2, on
-    about 1 pixel in 1000 (and
-    where the chroma was clipped to 0..255 and stored with quantisation steps of 1, quality 100, step 2
-    cannot always undo the rounding: a few values in a million are then 3 or 4 off)."""
+    Measured against libjpeg 9f: up to quality 95, 1 value in 1000 is 1 or 2 levels off (float
+    transforms here, fixed-point ones there). At quality 100 the quantisation steps are 1, so step 2
+    cannot undo the rounding: 1 value in 6 is 1 or 2 off, and where pure noise drove the chroma past
+    0..255 a few values in a million are 3 or 4 off."""
     quantization = _jpeg_quantization_tables(jpegtables, {}) if jpegtables else {}
     _jpeg_quantization_tables(data, quantization)
     stream = bytearray(data)

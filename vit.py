@@ -18,7 +18,6 @@ Quick check of the model table:  python vit.py
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch

@@ -515,7 +515,7 @@ def test_two_ranks_match_one_process(scenes, tmp_path):
     batches are the same images; augmentation depends on the image index only), the knn CLI path."""
     run_ranks(_on_ranks, 2, args=(scenes["root"], scenes["encoder"], str(tmp_path), 2))
     _on_ranks(0, scenes["root"], scenes["encoder"], str(tmp_path), 1)
-    two, one = torch.load(tmp_path / "scores_2.pt"), torch.load(tmp_path / "scores_1.pt")
+    two, one = (torch.load(tmp_path / f"scores_{n}.pt", weights_only=True) for n in (2, 1))
     assert two.shape == (32, 4) and torch.allclose(two, one, rtol=1e-4, atol=1e-7)  # logits ~3e-3, measured diff ~1e-8, (two - one).abs().max()
     assert not torch.allclose(one, one[:1].expand_as(one))  # it learned something image-dependent
     knn = [json.loads((tmp_path / f"knn_{w}" / "results.json").read_text()) for w in (1, 2)]

@@ -329,7 +329,7 @@ def _worker_2x2(rank: int, out_dir: str) -> None:
 def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("fsdp")
     run_ranks(_worker, WORLD, args=(str(out_dir),), timeout_s=240)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module")
@@ -374,7 +374,7 @@ def test_layout_trains_like_one_process(ranks, reference, layout):
 
 def test_hybrid_2x2_mesh_on_4_ranks_trains_like_one_process(reference, tmp_path):
     run_ranks(_worker_2x2, 4, args=(str(tmp_path),), timeout_s=180)
-    runs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)]
+    runs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(4)]
     for run in runs:
         assert max(abs(a - b) for a, b in zip(run["losses"], reference["losses"])) < 1e-5
         torch.testing.assert_close(torch.tensor(run["norms"]), torch.tensor(reference["norms"]), rtol=1e-5, atol=0)

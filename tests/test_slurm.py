@@ -85,9 +85,10 @@ def test_time_limit_signal_saves_and_requeues(chips, tmp_path):
                "--ckpt-every", "0"]
     job = subprocess.Popen(command, env=batch_env(tmp_path, out, chips, GCDS_PER_NODE="2"))
     try:
-        metrics = out / "metrics.jsonl"
+        metrics, deadline = out / "metrics.jsonl", time.monotonic() + 300  # a hang guard, not a budget
         while not (metrics.exists() and metrics.read_text().count("\n") >= 2):  # training is under way
             assert job.poll() is None, (out / "slurm-4242.out").read_text()
+            assert time.monotonic() < deadline, "the job never started training"
             time.sleep(0.2)
         job.send_signal(signal.SIGUSR1)
         assert job.wait(timeout=120) == 0, (out / "slurm-4242.out").read_text()

@@ -78,7 +78,7 @@ def full_checkpoint(folder, tmp_path):
     """Every tensor of a DCP checkpoint, read by torch's own converter (not by checkpoint.py's code)."""
     target = tmp_path / f"full-{os.path.basename(folder)}.pt"
     dcp_to_torch_save(str(folder), str(target))
-    return torch.load(target, weights_only=False)
+    return torch.load(target, weights_only=True)
 
 
 @pytest.fixture(scope="module")

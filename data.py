@@ -559,6 +559,16 @@ def stop_loader_workers() -> None:
     signal.signal(signal.SIGCHLD, torch_handler)
 
 
+def error_message(err: Exception) -> str:
+    """An error's own message. One raised in a DataLoader worker arrives in the main process with the
+    worker's whole traceback as its message, whose last line is 'module.ErrorType: message' (the
+    message that names the file): train.py and eval.py print just that."""
+    text = str(err)
+    if "\nOriginal Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def make_loader(dataset, batch_size, sampler, workers=4, pin_memory=True, drop_last=True) -> DataLoader:
     """A DataLoader with worker processes that stay alive between epochs and prefetch ahead."""
     extra = dict(persistent_workers=True, prefetch_factor=4) if workers > 0 else {}

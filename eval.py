@@ -820,7 +820,7 @@ def run(cfg: EvalConfig, log=print) -> dict:
                 raise
             # The other ranks wait for this one in a collective it will never join: end the process
             # and let torchrun (or srun --kill-on-bad-exit=1) stop them.
-            print(f"error: [rank {rank}] {user_message(err)}", file=sys.stderr, flush=True)
+            print(f"error: [rank {rank}] {data.error_message(err)}", file=sys.stderr, flush=True)
             os._exit(2)
         # train_ratio: the one the split used (0.8 for folders without --train-ratio; None: the list
         # files' split). top5_k: below 5 classes "top-5" is top-C, 100% by construction.
@@ -896,14 +896,6 @@ def parse_args(argv=None) -> EvalConfig:
     return EvalConfig(**vars(p.parse_args(argv)))
 
 
-def user_message(err: Exception) -> str:
-    """The error's own message. An error in a DataLoader worker arrives in the main process with the
-    worker's traceback as its message, whose last line is 'module.ErrorType: message'."""
-    text = str(err)
-    if "\nOriginal Traceback" in text:
-        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
-    return text
-
 
 def main(argv=None) -> int:
     """`python eval.py ...`. A user error (flags, data, encoder file) prints `error: <message>`, on
@@ -913,7 +905,7 @@ def main(argv=None) -> int:
         run(parse_args(argv))
     except (ValueError, FileNotFoundError) as err:
         if rank == 0:
-            print(f"error: {user_message(err)}", file=sys.stderr, flush=True)
+            print(f"error: {data.error_message(err)}", file=sys.stderr, flush=True)
         return 2
     return 0
 

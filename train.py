@@ -778,17 +778,8 @@ def cli(argv: list[str] | None = None) -> int:
         return main(argv)
     except (ValueError, TrainingDiverged) as err:  # user errors and divergence: the message, no traceback
         if rank == 0:
-            print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+            print(f"error: {data.error_message(err)}", file=sys.stderr, flush=True)
         return 1 if isinstance(err, TrainingDiverged) else 2
-
-
-def one_line(err: Exception) -> str:
-    """A loader worker's error arrives as 'Caught DataError in DataLoader worker process 0.' and the
-    worker's whole traceback: keep its last line, the message that names the file."""
-    message = str(err).strip()
-    if message.startswith("Caught ") and "Original Traceback" in message:
-        message = message.splitlines()[-1].split(": ", 1)[-1]
-    return message
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import time
@@ -51,7 +50,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 import data
 import fsdp_setup
-from mae import adapt_mae_state_dict, load_mae_checkpoint
+from mae import adapt_mae_state_dict, load_mae_checkpoint, read_checkpoint_file
 from train import lr_at
 from vit import CONFIGS, ViTConfig, VisionTransformer, get_config
 
@@ -293,20 +292,17 @@ def load_encoder(spec: str, model: str | None = None, in_chans: int | None = Non
         except ValueError as e:
             raise ValueError(f"--encoder {path}: {e}") from None
     elif path.is_file():
-        try:  # the official MAE code pickles its argparse Namespace into checkpoints: a harmless bag of values
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(e)) or re.match(r"(.*)", str(e))
-            raise ValueError(f"--encoder {path}: not a checkpoint torch.load(weights_only=True) can read "
-                             f"({reason.group(1).strip()}); export one with `python checkpoint.py export --ckpt <run> "
-                             "--out encoder.pt`") from None
+        try:
+            ckpt = read_checkpoint_file(path)
+        except ValueError as e:
+            raise ValueError(f"--encoder {e}; an encoder of a training run comes from `python checkpoint.py export "
+                             "--ckpt <run> --out encoder.pt`") from None
     else:
         raise ValueError(f"--encoder {spec}: no such file or folder; give an encoder .pt, a training run "
                          "folder, or `random` with --model")
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"--encoder {path}: expected a state dict or {{'model': state dict}}, got {type(ckpt).__name__}")
     state = ckpt.get("model", ckpt)  # official MAE files wrap it in "model"; timm files are bare
+    if not isinstance(state, dict):
+        raise ValueError(f"--encoder {path}: its \"model\" entry is a {type(state).__name__}, not a state dict")
     state = {k: v for k, v in state.items() if torch.is_tensor(v) and not k.startswith(NON_ENCODER_PREFIXES)}
     if "vit_config" in ckpt:
         cfg = ViTConfig(**ckpt["vit_config"])

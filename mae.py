@@ -216,8 +216,9 @@ def mae_forward_flops(cfg: ViTConfig, mask_ratio: float = 0.75, decoder_embed_di
 SAFE_CHECKPOINT_GLOBALS = [argparse.Namespace]
 
 
-def read_mae_checkpoint(path: str) -> dict[str, torch.Tensor]:
-    """The state dict of an official-layout .pth (bare, or under "model"), read without running code."""
+def read_checkpoint_file(path) -> dict:
+    """A .pth file as a dict, read without running code (the official MAE's run checkpoints also hold
+    their argparse.Namespace: the one class allowed besides tensors, containers and numbers)."""
     try:
         with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -229,7 +230,15 @@ def read_mae_checkpoint(path: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not readable as a checkpoint without running code ({reason}); "
                          "torch.load(weights_only=True) reads tensors, containers and numbers, and here "
                          "argparse.Namespace, nothing else") from None
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: expected a state dict, or a checkpoint with one under \"model\"")
+    return checkpoint
+
+
+def read_mae_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """The state dict of an official-layout .pth (bare, or under "model"), read without running code."""
+    checkpoint = read_checkpoint_file(path)
+    state = checkpoint.get("model", checkpoint)
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{path}: expected a state dict, or a checkpoint with one under \"model\"")
     return state

@@ -187,7 +187,8 @@ def dcp_load(state: dict, folder: Path, **kwargs) -> None:
     except CheckpointException as err:
         error = next(iter(err.failures.values()))[0]  # DCP wraps each rank's failure as (exception, traceback)
         reason = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-        raise ValueError(f"{folder} could not be loaded: {reason[-1].strip()}") from err
+        # DCP reports a failure on every rank alike: every rank stops with this one line (exit 2).
+        raise fsdp_setup.AllRanksError(f"{folder} could not be loaded: {reason[-1].strip()}") from err
 
 
 # --- Verifying a checkpoint folder, choosing one --------------------------------------------------

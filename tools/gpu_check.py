@@ -208,6 +208,9 @@ def run_process(argv: list[str], env: dict[str, str], limit_s: float | None, log
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             return EXIT_TIME_LIMIT
+        except BaseException:  # Ctrl-C: its own session does not get SIGINT, so end it here, not leave it on the GPU
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
     return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell reports it
 
 
@@ -276,7 +279,7 @@ def print_environment() -> None:
 # the summary: targets met or not, every sweep row, the attention kernels
 # ---------------------------------------------------------------------------------------------
 
-EXIT_WORDS = {"124": "exit 124: time limit", "137": "killed (time limit)", "skipped": "skipped: time budget"}
+EXIT_WORDS = {"124": "exit 124: time limit", "137": "killed (out of memory, or from outside)", "skipped": "skipped: time budget"}
 
 
 def read_steps(work: str) -> list[tuple[str, str, str]]:

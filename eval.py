@@ -50,7 +50,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 import data
 import fsdp_setup
-from mae import adapt_mae_state_dict, load_mae_checkpoint, read_checkpoint_file
+from mae import adapt_mae_state_dict, load_mae_checkpoint, parse_band_map, read_checkpoint_file
 from train import lr_at
 from vit import CONFIGS, ViTConfig, VisionTransformer, get_config
 
@@ -697,7 +697,7 @@ def check_scene_data(splits: dict, vit_cfg: ViTConfig, cfg: EvalConfig, source: 
     selected = file_bands if cfg.bands is None else len(cfg.bands)
     if selected != vit_cfg.in_chans:
         have = f"{file_bands}" + (f" ({selected} selected by --bands)" if cfg.bands is not None else "")
-        example = " ".join(str(min(b, file_bands - 1)) for b in range(vit_cfg.in_chans))
+        example = ",".join(str(min(b, file_bands - 1)) for b in range(vit_cfg.in_chans))
         other = "--in-chans" if cfg.encoder == "random" else "an encoder pretrained on them"
         raise ValueError(f"the encoder {source} expects {vit_cfg.in_chans} bands, the images of --data {cfg.data} "
                          f"have {have} (e.g. {first[0]}): pick {vit_cfg.in_chans} of them with --bands (0-based, "
@@ -868,7 +868,7 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--model", default=None, help=f"architecture for 'random' and files without vit_config: {', '.join(CONFIGS)}")
     p.add_argument("--in-chans", type=int, default=None, help="input bands, for files without vit_config")
     p.add_argument("--img-size", type=int, default=None, help="input size in pixels, for files without vit_config")
-    p.add_argument("--bands", type=int, nargs="+", default=None, help="band indices (0-based) to read from each image")
+    p.add_argument("--bands", default=None, help="comma-separated 0-based bands to read from each image, e.g. 3,2,1 (as train.py)")
     p.add_argument("--stats", default=None, help="per-band mean/std JSON (`python data.py stats`), as in pretraining; 3-band uint8 images default to ImageNet's")
     p.add_argument("--epochs", type=int, default=None, help="default: 90 (linprobe); 100 for B and smaller, 50 for L and up (finetune)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step per process: feature extraction, fine-tuning")
@@ -889,7 +889,8 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--strategy", default=d.strategy, choices=fsdp_setup.STRATEGIES, help="finetune: layout across the torchrun/srun processes, as in training")
     p.add_argument("--shard-group-size", type=int, default=None, help="finetune: GPUs sharding one replica (hybrid_shard)")
     p.add_argument("--mixed-precision", default=d.mixed_precision, choices=("auto", *fsdp_setup.PRECISIONS), help="finetune: auto is bf16 on GPU, fp32 on CPU")
-    return EvalConfig(**vars(p.parse_args(argv)))
+    args = vars(p.parse_args(argv))
+    return EvalConfig(**{**args, "bands": parse_band_map(args["bands"], "--bands")})
 
 
 

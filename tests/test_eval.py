@@ -415,7 +415,7 @@ def test_list_file_layout_multiband(tmp_path):
     assert out["num_train"] == 16 and out["num_test"] == 16 and out["top1"] >= 75.0
     assert out["train_ratio"] is None  # train.txt / val.txt are the split
     with pytest.raises(ValueError, match=r"encoder random init \(vit_tiny\) expects 3 bands, the images of --data .* "
-                                         r"have 4 \(e.g. .*tif\): pick 3 of them with --bands \(0-based, e.g. --bands 0 1 2\)"):
+                                         r"have 4 \(e.g. .*tif\): pick 3 of them with --bands \(0-based, e.g. --bands 0,1,2\)"):
         ev.run(ev.EvalConfig(mode="knn", encoder="random", model="vit_tiny", data=str(root), stats=str(root / "stats.json"),
                              out=str(tmp_path / "o"), workers=0), log=lambda *a: None)
     three = ev.run(ev.EvalConfig(mode="knn", encoder="random", model="vit_tiny", data=str(root), bands=[0, 1, 2],
@@ -463,7 +463,7 @@ def test_cli_user_errors_are_one_line_and_exit_2(scenes, tmp_path, capsys):
         (("--data", str(broken), "--workers", "2"), f"{bad}: unreadable TIFF header"),  # raised in a loader worker
         (("--data", scenes["root"], "--model", "vit_base", "--encoder", scenes["encoder"]), "--model vit_base contradicts"),
         (("--data", scenes["root"], "--in-chans", "4"), r"expects 4 bands, the images of --data .* have 3 .*"
-                                                        r"--bands 0 1 2 2\), or use --in-chans"),
+                                                        r"--bands 0,1,2,2\), or use --in-chans"),
     ]
     for args, message in cases:
         code, err = cli(*args)
@@ -520,3 +520,9 @@ def test_two_ranks_match_one_process(scenes, tmp_path):
     assert not torch.allclose(one, one[:1].expand_as(one))  # it learned something image-dependent
     knn = [json.loads((tmp_path / f"knn_{w}" / "results.json").read_text()) for w in (1, 2)]
     assert knn[0]["runs"][0]["confusion"] == knn[1]["runs"][0]["confusion"]
+
+
+def test_bands_flag_is_written_as_in_train_py():
+    assert ev.parse_args(["knn", "--encoder", "random", "--data", "x", "--bands", "3,2,1"]).bands == [3, 2, 1]
+    with pytest.raises(ValueError, match="--bands must be comma-separated 0-based band indices"):
+        ev.parse_args(["knn", "--encoder", "random", "--data", "x", "--bands", "3 2"])

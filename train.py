@@ -1,6 +1,6 @@
-"""train.py — MAE pretraining of a ViT, from a 2-minute CPU demo to a thousand GPUs, with exact resume.
+"""train.py — MAE pretraining of a ViT, from a one-minute CPU demo to a thousand GPUs, with exact resume.
 
-    python train.py                 # the demo: a tiny ViT MAE on generated 4-band chips, CPU, ~1 min
+    python train.py                 # the demo: a tiny ViT MAE on generated 4-band chips, ~1 min on 2 CPU cores
     torchrun --standalone --nproc_per_node=8 train.py --model vit_3b --data /data/millionaid \
         --strategy hybrid_shard --shard-group-size 1 --batch-size 32 --epochs 800 --out runs/vit3b --resume
     srun -N128 --ntasks-per-node=8 -c7 --gpus-per-task=1 --gpu-bind=closest --signal=USR1@180 --kill-on-bad-exit=1 \
@@ -117,7 +117,7 @@ class TrainConfig:
 
 def demo_config() -> TrainConfig:
     """`python train.py` without --data: a 4-band 64 px sample, a ViT-Tiny with a small decoder, and an
-    lr high enough that the loss falls visibly within a minute or two on 2 CPU cores. One compute
+    lr high enough that the loss falls visibly within about a minute on 2 CPU cores. One compute
     thread and one loader process: a model this small gains nothing from a second thread, and threads
     that compete with the loader for 2 cores stall badly."""
     return TrainConfig(
@@ -432,11 +432,8 @@ def build_data(cfg: TrainConfig, dist, out: Path):
         in_chans = cfg.in_chans or 3
         return data.SyntheticDataset(SYNTHETIC_IMAGES, in_chans, cfg.img_size, cfg.seed), None, in_chans
     source, stats = cfg.data, cfg.stats
-    if cfg.data == "demo":
+    if cfg.data == "demo":  # setup_run wrote the sample
         source = str(out / "sample-chips")
-        if dist.is_main and not os.path.isfile(os.path.join(source, "stats.json")):
-            data.make_demo_chips(source, n=256)  # 64 px, 4 bands (blue ... short-wave infrared)
-        checkpoint.barrier(dist)
         stats = os.path.join(source, "stats.json")
     elif stats is None and os.path.isfile(os.path.join(cfg.data, "stats.json")):
         stats = os.path.join(cfg.data, "stats.json")
@@ -478,6 +475,10 @@ def setup_run(cfg: TrainConfig, dist):
     out, previous = prepare_run_folder(cfg, dist)
     cfg = dataclasses.replace(cfg, img_size=cfg.img_size or get_config(cfg.model).img_size, out=str(out),
                               mixed_precision=fsdp_setup.resolve_mixed_precision(cfg.mixed_precision, dist.device))
+    if cfg.data == "demo":  # rank 0 writes the sample once; on_every_rank's agreement is the barrier after it
+        sample = out / "sample-chips"
+        on_every_rank(lambda: dist.is_main and not (sample / "stats.json").is_file()
+                      and data.make_demo_chips(str(sample), n=256), dist)
     dataset, pixel_stats, in_chans = on_every_rank(lambda: build_data(cfg, dist, out), dist)
     cfg = dataclasses.replace(cfg, in_chans=in_chans, rgb_bands=cfg.rgb_bands or ("0,1,2" if in_chans >= 3 else "0"))
     steps_per_epoch = len(dataset) // dist.world_size // cfg.batch_size

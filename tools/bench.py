@@ -744,9 +744,10 @@ GDAL_CASES = {
     "256² JPEG tiles, YCbCr": (3, "uint8", dict(tiled=True, blockxsize=256, blockysize=256, compress="jpeg",
                                                 photometric="ycbcr", jpeg_quality=90)),
 }
-# JPEG decoders may differ in rounding and in upsampling the chroma at the edges of 16x16 blocks
-# (GDAL's libjpeg and imagecodecs' libjpeg-turbo do): a pixel may differ by a few levels, the mean by
-# much less. Anything beyond these is a different picture. Lossless layouts must match exactly.
+# The rasterio wheel's GDAL decodes JPEG with IJG libjpeg 9, imagecodecs with libjpeg-turbo: they
+# upsample YCbCr chroma differently (geotiff.JPEG_CHROMA_UPSAMPLING = "libjpeg9" follows libjpeg 9),
+# so a pixel may differ by a few levels on this smooth test image, the mean by much less. Anything
+# beyond these is a different picture. Lossless layouts must match exactly.
 GDAL_JPEG_TOLERANCE = dict(max=8, mean=0.5)
 
 

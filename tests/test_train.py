@@ -272,6 +272,14 @@ def test_resume_is_bit_exact_on_one_rank(chips, reference, tmp_path, layout):
     assert all(torch.equal(exported["model"][k], expected["model"][k]) for k in expected["model"])
 
 
+def test_resume_with_loader_workers_across_an_epoch(chips, reference, tmp_path):
+    """Persistent loader workers (their own copy of the dataset, the epoch passed through shared
+    memory) give the same batches as none, interrupted or not, across the epoch boundary at step 8."""
+    assert train.main(args(chips, tmp_path, "--workers", "1", "--max-steps-per-run", "5")) == 0
+    assert train.main(args(chips, tmp_path, "--workers", "1", "--resume")) == 0
+    assert losses(tmp_path) == losses(reference)
+
+
 def test_sigterm_saves_exits_zero_and_resumes(chips, reference, tmp_path, monkeypatch):
     # During the 4th step, as SLURM would, at any moment.
     monkeypatch.setattr(train, "train_step", on_call(4, train.train_step, lambda: os.kill(os.getpid(), signal.SIGTERM)))

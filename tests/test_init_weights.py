@@ -207,6 +207,10 @@ def test_eval_encoder_official_file_at_another_size_and_band_count(tmp_path):
     cfg, state, _ = ev.load_encoder(path, model="vit_tiny", in_chans=4, img_size=64, log=notes.append)
     assert (cfg.in_chans, cfg.img_size) == (4, 64)
     assert state["patch_embed.proj.weight"].shape == (64, 4, 8, 8) and state["pos_embed"].shape == (1, 65, 64)
+    # By hand: bands 0-2 take the file's RGB kernels, band 3 their mean, all scaled by 3/4.
+    rgb = reference_vit().state_dict()["patch_embed.proj.weight"]
+    expected = torch.cat([rgb, rgb.mean(dim=1, keepdim=True)], dim=1) * 0.75
+    torch.testing.assert_close(state["patch_embed.proj.weight"], expected, rtol=0, atol=1e-7)
     assert len(notes) == 2 and all(n.startswith(f"--encoder {path}") for n in notes)
     encoder = ev.build_encoder(cfg, state)
     assert encoder(torch.randn(1, 4, 64, 64)).shape == (1, 65, 64)

@@ -653,6 +653,10 @@ class GeoTiff:
                     if block.shape != (block_rows, info.tile_shape[1], 3):
                         raise CorruptImageError(f"{self.path}: {kind} {index} is a {block.shape[0]}x{block.shape[1]} "
                                                 f"JPEG in {block_rows}x{info.tile_shape[1]} {kind}s; the file is corrupt")
+                elif self._codec == JPEG and samples == 1 and info.bands > 1:
+                    # Band-interleaved JPEG: each plane is a one-component (grey) JPEG; tifffile asks libjpeg
+                    # for the file's RGB or YCbCr colour space and fails ("Bogus JPEG colorspace").
+                    block = imagecodecs.jpeg8_decode(data, tables=self._jpegtables)[..., None]
                 else:
                     block = self._page.decode(data, index, jpegtables=self._jpegtables)[0][0]
         except DataError:  # CorruptImageError, or a JPEG stream the libjpeg 9 path does not handle

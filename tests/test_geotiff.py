@@ -41,9 +41,11 @@ LOSSLESS = {
 # the usual encoding of aerial RGB, with sharp colour edges where decoders' chroma upsampling can differ.
 JPEG_SOURCES = {"u8_3b_tiled_jpeg.tif": "u8_3b", "u8_3b_striped_jpeg_ycbcr.tif": "u8_3b",
                 "u8_3b_aerial_tiled_jpeg_ycbcr.tif": "u8_3b_aerial", "u8_3b_aerial_striped_jpeg_ycbcr.tif": "u8_3b_aerial",
-                "u8_3b_aerial_cog_jpeg_ycbcr.tif": "u8_3b_aerial"}
+                "u8_3b_aerial_cog_jpeg_ycbcr.tif": "u8_3b_aerial", "u8_3b_aerial_tiled_jpeg_band.tif": "u8_3b_aerial",
+                "u8_3b_aerial_striped_jpeg_band.tif": "u8_3b_aerial"}
 JPEG = sorted(JPEG_SOURCES)
-YCBCR_JPEG = [name for name in JPEG if "aerial" in name]
+YCBCR_JPEG = [name for name in JPEG if "aerial" in name and "ycbcr" in name]
+BAND_JPEG = [name for name in JPEG if name.endswith("_band.tif")]  # one grey JPEG stream per band plane
 # Windows of those 150x137 files cutting through 16x16 MCUs and 32- or 128-pixel tiles and strips.
 WINDOWS_THROUGH_MCUS = [(0, 0, 150, 137), (7, 9, 50, 61), (15, 15, 2, 2), (8, 24, 17, 9), (31, 31, 3, 3),
                         (100, 120, 50, 17), (127, 127, 23, 10), (149, 0, 1, 137)]
@@ -80,7 +82,7 @@ def test_jpeg_geotiff_matches_gdal_decode(name):
     assert np.abs(pixels - source).mean() < (3 if source.shape == (3, 48, 64) else 12)
 
 
-@pytest.mark.parametrize("name", YCBCR_JPEG)
+@pytest.mark.parametrize("name", YCBCR_JPEG + BAND_JPEG)
 @pytest.mark.parametrize("window", WINDOWS_THROUGH_MCUS)
 @pytest.mark.parametrize("bands", [None, [2], [1, 0], [2, 2, 0]])
 def test_ycbcr_jpeg_window_and_bands_match_gdal(name, window, bands):

@@ -183,8 +183,8 @@ def test_a_step_past_its_time_limit_is_ended_with_its_children(tmp_path):
     # The child starts a grandchild in the same process group; both must be gone after the limit.
     code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
             "print(p.pid, flush=True); time.sleep(600)")
-    # The limit only has to outlast the child's start (printing the pid); what is tested is the kill.
-    assert gpu_check.run_process([sys.executable, "-c", code], {}, 10, str(tmp_path / "slow.log")) == 124
+    # The limit only has to outlast the child's start (printing the pid: well under a second); the kill is tested.
+    assert gpu_check.run_process([sys.executable, "-c", code], {}, 5, str(tmp_path / "slow.log")) == 124
     grandchild = int((tmp_path / "slow.log").read_text().split()[0])
     for _ in range(600):  # the signal is delivered at once; the exit itself may take the scheduler a moment
         if not alive(grandchild):

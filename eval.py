@@ -50,7 +50,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 import data
 import fsdp_setup
-from mae import adapt_mae_state_dict, load_mae_checkpoint, parse_band_map, read_checkpoint_file
+from mae import adapt_mae_state_dict, check_mae_state, load_mae_checkpoint, parse_band_map, read_checkpoint_file
 from train import lr_at
 from vit import CONFIGS, ViTConfig, VisionTransformer, get_config
 
@@ -321,8 +321,8 @@ def load_encoder(spec: str, model: str | None = None, in_chans: int | None = Non
             log(f"--encoder {path}: {note}")
     with torch.device("meta"):
         shapes_only = VisionTransformer(cfg)
-    try:  # the one loader's checks, on meta copies: shapes only, no data moved
-        load_mae_checkpoint(shapes_only, {k: v.to("meta") for k, v in state.items()}, source=f"--encoder {path}")
+    try:  # the loader's checks against a meta copy: shapes only, no data moved
+        check_mae_state(shapes_only, state, source=f"--encoder {path}")
     except ValueError as e:
         raise ValueError(f"{e}. "
                          f"The file holds {describe_state(state)}") from None

@@ -368,6 +368,14 @@ def load_mae_checkpoint(model: nn.Module, checkpoint: dict | str, source: str | 
     state, notes = adapt_mae_state_dict(state, model.cfg, band_map, source)
     for note in notes:
         (log or print)(f"{source}: {note}")
+    missing = check_mae_state(model, state, source)
+    model.load_state_dict(state, strict=False)
+    return missing
+
+
+def check_mae_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> list[str]:
+    """The loader's checks alone (a meta-device model will do): every key of `state` fits `model`,
+    no encoder weight is missing. Returns the model keys `state` lacks (decoder ones only)."""
     own = model.state_dict()
     unexpected = sorted(set(state) - set(own))
     wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -380,7 +388,6 @@ def load_mae_checkpoint(model: nn.Module, checkpoint: dict | str, source: str | 
     missing = sorted(set(own) - set(state))
     if any(not k.startswith(("decoder_", "mask_token")) for k in missing):
         raise ValueError(f"{source} lacks encoder weights: {missing[:5]}")
-    model.load_state_dict(state, strict=False)
     return missing
 
 

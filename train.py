@@ -38,7 +38,6 @@ import resource
 import shutil
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +49,7 @@ import checkpoint
 import data
 import fsdp_setup
 from fsdp_setup import on_every_rank
-from mae import (MaskedAutoencoder, adapt_mae_state_dict, load_mae_checkpoint, parse_band_map, read_mae_checkpoint,
+from mae import (MaskedAutoencoder, adapt_mae_state_dict, check_mae_state, parse_band_map, read_mae_checkpoint,
                  save_reconstruction_png)
 from vit import get_config
 
@@ -289,10 +288,7 @@ def load_init_weights(model: torch.nn.Module, cfg: TrainConfig, dist: fsdp_setup
                                             parse_band_map(cfg.init_rgb_bands), source=f"--init {cfg.init}")
         for note in notes:
             log(dist, f"init: {note}")
-        with warnings.catch_warnings():  # copying into meta tensors is a no-op here
-            warnings.simplefilter("ignore")
-            missing = load_mae_checkpoint(shapes, state, source=f"--init {cfg.init}")
-        return state, missing
+        return state, check_mae_state(shapes, state, source=f"--init {cfg.init}")
 
     state, missing = on_every_rank(read_and_check, dist)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)

@@ -4,7 +4,6 @@
 or nothing: one process, the same code path). `parallelize(model, strategy, ...)` applies activation
 checkpointing, per-block torch.compile, FSDP2 `fully_shard` per Block then the root (or DDP), and
 materialises a meta-device model shard by shard. Rank 0 logs one `[fsdp] ...` line per decision.
-Launching, and the reasons behind each row of the table: docs/fsdp.md.
 
     dist_info = init_distributed()
     with torch.device("meta"):
@@ -12,23 +11,8 @@ Launching, and the reasons behind each row of the table: docs/fsdp.md.
     validate_layout("hybrid_shard", 1, dist_info.world_size)       # cheap, before heavy work
     model = parallelize(model, "hybrid_shard", shard_group_size=1)  # sharded, on dist_info.device
 
-The paper's FSDP1 settings (Tsaris et al. 2024) and what this file does with FSDP2 instead:
-
-| paper (FSDP1)                         | here (FSDP2, `fully_shard`)                                             |
-|---------------------------------------|-------------------------------------------------------------------------|
-| FULL_SHARD                            | `full_shard`: mesh (shard=world), reshard_after_forward=True            |
-| SHARD_GRAD_OP                         | `shard_grad_op`: mesh (shard=world), reshard_after_forward=False        |
-| HYBRID_SHARD, k GPUs per group        | `hybrid_shard`, shard_group_size=k: mesh (replicate=world/k, shard=k)   |
-| HYBRID_SHARD, 1 GPU per group         | k=1: data parallel; FSDP2 all-reduces (FSDP1 may not: pytorch#154888)   |
-| NO_SHARD                              | `no_shard`: mesh (world, 1), reshard_after_forward=False                |
-| DDP baseline                          | `ddp`: torch DistributedDataParallel                                    |
-| auto_wrap_policy (transformer blocks) | explicit `fully_shard` on every vit.Block, patch_embed, then the root   |
-| BackwardPrefetch.BACKWARD_PRE         | FSDP2's default (implicit prefetch in backward), nothing to set         |
-| limit_all_gathers=True                | not needed: FSDP2 bounds in-flight all-gathers with stream events       |
-| MixedPrecision(param, reduce, buffer) | MixedPrecisionPolicy(param_dtype, reduce_dtype); buffers stay fp32      |
-| sync_module_states / param_init_fn    | meta build + per-shard init from one seed (identical to 1 GPU)          |
-| no_sync()                             | `set_grad_sync(model, False)` on non-final accumulation steps           |
-| CPUOffload(offload_params=True)       | `cpu_offload=True`: params, grads and AdamW state in host memory        |
+The paper's FSDP1 settings (Tsaris et al. 2024) and their FSDP2 equivalents, row by row, with the
+reasons: docs/fsdp.md.
 """
 
 from __future__ import annotations
@@ -88,7 +72,7 @@ class LaunchEnv:
     rank: int
     local_rank: int
     world_size: int
-    master_addr: str | None = None  # only needed for slurm; torchrun passes its own store
+    master_addr: str | None = None  # slurm only; torchrun passes its own store
     master_port: int | None = None
 
 
@@ -209,9 +193,8 @@ class StopRequest:
 
 
 def exit_rank_failed(rank: int) -> None:
-    """Print the exception being handled with this rank, then end the process now (exit code 3).
-    os._exit, not a return: destroy_process_group, atexit handlers and the DataLoader workers' join
-    can block while the other ranks sit in a collective, so the launcher might never notice."""
+    """Print the exception being handled, then end the process at once (exit code 3): a normal exit's
+    destroy_process_group, atexit and worker joins can block while the other ranks wait in a collective."""
     print(f"[rank {rank}] failed; ending this process so that the launcher stops the job:\n"
           f"{traceback.format_exc()}", file=sys.stderr, end="", flush=True)
     sys.stdout.flush()
@@ -224,10 +207,9 @@ def exit_rank_failed(rank: int) -> None:
 def checkpoint_every(activation_checkpointing: str | int) -> int:
     """'none' -> 0, 'full' -> 1, k (int or digit string) -> k: checkpoint every k-th Block."""
     value = activation_checkpointing
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
     if value in ("none", "full"):
         return int(value == "full")
+    value = int(value) if isinstance(value, str) and value.strip().isdigit() else value
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
     raise ValueError(f"activation_checkpointing (--ac) must be 'none', 'full' or a positive integer k "
@@ -273,11 +255,10 @@ def validate_layout(strategy: str, shard_group_size: int | None, world_size: int
 
 
 def resolve_mixed_precision(mixed_precision: str, device: torch.device) -> str:
-    """`auto`: bf16 on a GPU; fp32 on a CPU, where bf16 is slow and not bit-stable across thread
-    counts (fp32 keeps the demo and the tests exact)."""
-    if mixed_precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return mixed_precision
+    """`auto`: bf16 on a GPU; fp32 on a CPU, where bf16 is slow and not bit-stable across thread counts."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    return "bf16" if device.type == "cuda" else "fp32"
 
 
 def _default_device() -> torch.device:
@@ -293,17 +274,10 @@ def apply_activation_checkpointing(blocks: list[nn.Module], every: int) -> None:
     and torch.compile; RNG state preserved, so drop path draws the same mask when recomputed."""
     chosen = [block for i, block in enumerate(blocks) if (i + 1) % every == 0]
     for block in chosen:
-        block.forward = _checkpointed(block.forward)
+        block.forward = functools.wraps(block.forward)(
+            functools.partial(checkpoint, block.forward, use_reentrant=False, preserve_rng_state=True))
     kind = "full" if every == 1 else f"every {every}th block"
     log(f"activation checkpointing {kind}: {len(chosen)}/{len(blocks)} blocks (non-reentrant, RNG preserved)")
-
-
-def _checkpointed(forward):
-    @functools.wraps(forward)
-    def checkpointed_forward(*args, **kwargs):
-        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
-
-    return checkpointed_forward
 
 
 def apply_compile(blocks: list[nn.Module]) -> None:
@@ -355,8 +329,7 @@ def apply_fsdp(model: nn.Module, blocks: list[nn.Module], strategy: str, shard_g
         how = "pinned; the optimizer steps on the CPU" if device.type == "cuda" else "no GPU here, so nothing moves"
         log(f"cpu offload: sharded fp32 params, grads and AdamW state in host memory ({how})")
     compute, reduce = ("bf16" if dtype == torch.bfloat16 else "fp32" for dtype in FSDP_DTYPES[mixed_precision])
-    log(f"mixed precision {mixed_precision}: params/compute {compute}, gradient reduction {reduce}, "
-        "master weights fp32")
+    log(f"mixed precision {mixed_precision}: params/compute {compute}, gradient reduction {reduce}, fp32 master")
     # MAE returns pred as a slice (a view); it is never modified in place, so FSDP2's warning
     # about in-place ops on views is noise on every rank.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
@@ -378,8 +351,8 @@ def apply_ddp(model: nn.Module, device: torch.device, mixed_precision: str) -> n
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     log(f"layout ddp: DistributedDataParallel over {dist.get_world_size()} ranks, gradients as bucket views")
     reduce = "bf16" if mixed_precision == "bf16-reduce" else "fp32"
-    log(f"mixed precision {mixed_precision}: " + (f"autocast bf16, {reduce} gradient all-reduce"
-                                                   if mixed_precision != "fp32" else "fp32"))
+    how = f"autocast bf16, {reduce} gradient all-reduce" if mixed_precision != "fp32" else "fp32"
+    log(f"mixed precision {mixed_precision}: {how}")
     return ddp
 
 
@@ -411,9 +384,9 @@ def init_sharded_(model: nn.Module, device: torch.device, seed: int, param_devic
             param.copy_(full)
     _move_buffers(model, device)  # FSDP2 leaves buffers alone: they must be where the compute is
     model.init_buffers()  # the fixed sin-cos position embeddings
-    sharded = any(isinstance(p, DTensor) for p in model.parameters())
     where = f"{device}" + (f" (parameter shards on {param_device})" if param_device and param_device != device else "")
-    log(f"init: meta model materialised on {where}, initialised {'per shard ' if sharded else ''}from seed {seed}")
+    per_shard = "per shard " if any(isinstance(p, DTensor) for p in model.parameters()) else ""
+    log(f"init: meta model materialised on {where}, initialised {per_shard}from seed {seed}")
 
 
 def parallelize(model: nn.Module, strategy: str, shard_group_size: int | None = None, mixed_precision: str = "bf16",
@@ -469,7 +442,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     max_norm=math.inf (train.py without --clip-grad): only the norm, the gradients are not touched.
     FSDP2's gradients are DTensors: torch reduces their norm over the shard dimension only."""
     params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm == math.inf:  # the norm half of clip_grad_norm_, without multiplying every gradient by 1
+    if max_norm == math.inf:  # the norm alone: no multiplying every gradient by 1
         total_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     else:
         total_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)

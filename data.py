@@ -1,22 +1,14 @@
 """
-data.py — geofm's pretraining data: chips and whole scenes (GeoTIFF, JPEG, PNG) in, normalised
-random crops out, reproducibly. (geotiff.py reads GeoTIFFs, decoding only the tiles a window
-touches; eval.py has the labelled datasets of evaluation.)
-
-    open_image, read_image, list_images     any image as (bands, height, width); folders, manifests
-    compute_stats, load_stats, Normalizer   per-band statistics; (x - mean) / std
-    PretrainDataConfig, PretrainDataset     MAE's random crops, one per chip or many per scene
-    ResumableDistributedSampler, make_loader
-    SyntheticDataset, make_demo_chips       random tensors for benchmarks; the demo's sample chips
+data.py — geofm's pretraining data: chips and whole scenes (GeoTIFF, JPEG, PNG) in, normalised random
+crops out, reproducibly: item i of an epoch is a crop of file i // chips_per_scene, drawn from the random
+stream of (seed, epoch, i) alone. geotiff.py reads GeoTIFFs; eval.py has the labelled datasets of evaluation.
+Errors are geotiff.py's DataError (a ValueError) and CorruptImageError.
 
     python data.py stats <folder|manifest> --out stats.json   per-band statistics
     python data.py demo <folder>                             write the demo's sample chips
     python tools/bench.py data [folder]                      crops/s against a bare decode
 
-Item i of an epoch is a crop of file i // chips_per_scene drawn from the random stream of (seed, epoch, i)
-alone, so epochs are reproducible and a resumed run sees the crops of an uninterrupted one. Errors are
-DataError (a ValueError) and CorruptImageError, from geotiff.py. Sources, crops, nodata, statistics and
-the sampler in detail: docs/data.md.
+Sources, crops, nodata, statistics, the sampler and the loader's workers in detail: docs/data.md.
 """
 
 import argparse
@@ -147,34 +139,34 @@ def compute_stats(source, max_files=500, sample_size=512, seed=0, progress=True)
         with open_image(path) as image:
             info = image.info
             height, width = min(info.height, sample_size), min(info.width, sample_size)
-            pixels = image.read((rng.integers(info.height - height + 1), rng.integers(info.width - width + 1),
-                                 height, width))
+            window = (rng.integers(info.height - height + 1), rng.integers(info.width - width + 1), height, width)
+            pixels = image.read(window)
         if i == 0:
-            first, bands = info, len(pixels)
-            count, mean, m2 = np.zeros(bands), np.zeros(bands), np.zeros(bands)
-            low, high = np.full(bands, np.inf), np.full(bands, -np.inf)
-        elif len(pixels) != bands:
-            raise DataError(f"{path} has {len(pixels)} bands but {paths[0]} has {bands}; "
+            first = info
+            count, mean, m2 = np.zeros(info.bands), np.zeros(info.bands), np.zeros(info.bands)
+            low, high = np.full(info.bands, np.inf), np.full(info.bands, -np.inf)
+        elif info.bands != first.bands:
+            raise DataError(f"{path} has {info.bands} bands but {paths[0]} has {first.bands}; "
                             "statistics need files with the same bands (use separate folders or manifests)")
         invalid = invalid_values(pixels, info.nodata)
-        valid = np.ones(pixels.shape, bool) if invalid is None else ~invalid
-        x, valid = pixels.reshape(bands, -1).astype(np.float64), valid.reshape(bands, -1)
-        n = valid.sum(1)
-        file_mean = np.where(valid, x, 0).sum(1) / np.maximum(n, 1)
-        delta, total = file_mean - mean, count + n
-        mean += delta * n / np.maximum(total, 1)
-        m2 += (np.where(valid, x - file_mean[:, None], 0) ** 2).sum(1) + delta ** 2 * count * n / np.maximum(total, 1)
-        count = total
-        low = np.minimum(low, np.where(valid, x, np.inf).min(1))
-        high = np.maximum(high, np.where(valid, x, -np.inf).max(1))
+        for b, band in enumerate(pixels):
+            valid = (band if invalid is None else band[~invalid[b]]).astype(np.float64).ravel()
+            if valid.size == 0:
+                continue
+            n, file_mean = valid.size, valid.mean()
+            delta, total = file_mean - mean[b], count[b] + n
+            mean[b] += delta * n / total
+            m2[b] += ((valid - file_mean) ** 2).sum() + delta ** 2 * count[b] * n / total
+            count[b] = total
+            low[b], high[b] = min(low[b], valid.min()), max(high[b], valid.max())
         if progress and (i + 1 == len(paths) or (i + 1) % max(1, len(paths) // 50) == 0):
             end = "\n" if i + 1 == len(paths) else ""
             print(f"\rstats: {i + 1}/{len(paths)} files", end=end, file=sys.stderr, flush=True)
     if (count == 0).any():
         raise DataError(f"{source}: band(s) {np.flatnonzero(count == 0).tolist()} have no valid pixels in the sample")
-    return {"format": "geofm-stats-1", "bands": bands, "dtype": np.dtype(first.dtype).name, "nodata": first.nodata,
-            "mean": mean.tolist(), "std": np.sqrt(m2 / count).tolist(), "min": low.tolist(), "max": high.tolist(),
-            "pixels": count.astype(int).tolist(), "files": len(paths), "source": str(source)}
+    return {"format": "geofm-stats-1", "bands": first.bands, "dtype": np.dtype(first.dtype).name,
+            "nodata": first.nodata, "mean": mean.tolist(), "std": np.sqrt(m2 / count).tolist(), "min": low.tolist(),
+            "max": high.tolist(), "pixels": count.astype(int).tolist(), "files": len(paths), "source": str(source)}
 
 
 def load_stats(path) -> tuple[list[float], list[float]]:
@@ -519,12 +511,6 @@ def make_loader(dataset, batch_size, sampler, workers=4, pin_memory=True, drop_l
                       worker_init_fn=ignore_stop_signals, **extra)
 
 
-def _smooth_noise(rng, size, cells) -> np.ndarray:
-    """Values in [0, 1] varying smoothly over about size/cells pixels."""
-    grid = torch.from_numpy(rng.random((1, 1, cells + 1, cells + 1), dtype=np.float32))
-    return F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=True)[0, 0].clamp(0, 1).numpy()
-
-
 def make_demo_chips(folder, n=64, size=64, bands=4, seed=0) -> str:
     """Write n uint16 `bands`-band GeoTIFF chips that look like land cover, plus stats.json; returns the
     stats path. Smooth patches of water, vegetation, soil and built-up areas crossed by roads, each with
@@ -545,12 +531,17 @@ def make_demo_chips(folder, n=64, size=64, bands=4, seed=0) -> str:
                (34735, "H", len(geokeys), geokeys, True)]
     tile = 256 if size >= 256 else 16 * max(1, size // 32)
     y, x = np.mgrid[0:size, 0:size]
+
+    def smooth_noise(cells):  # values in [0, 1] varying smoothly over about size/cells pixels
+        grid = torch.from_numpy(rng.random((1, 1, cells + 1, cells + 1), dtype=np.float32))
+        return F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=True)[0, 0].clamp(0, 1).numpy()
+
     for i in range(n):
-        land = np.digitize(_smooth_noise(rng, size, 3), [0.3, 0.6, 0.8])
+        land = np.digitize(smooth_noise(3), [0.3, 0.6, 0.8])
         for _ in range(rng.integers(0, 3)):  # straight roads with built-up spectra
             angle, offset = rng.uniform(0, np.pi), rng.uniform(0, size)
             land[np.abs((x - size / 2) * np.sin(angle) - (y - size / 2) * np.cos(angle) + offset - size / 2) < 1.2] = 3
-        texture = 1 + 0.15 * (_smooth_noise(rng, size, 8) - 0.5)
+        texture = 1 + 0.15 * (smooth_noise(8) - 0.5)
         reflectance = spectra[land].transpose(2, 0, 1) * texture + rng.normal(0, 0.004, (bands, size, size))
         digital_numbers = np.clip(reflectance * 10000, 0, 65535).astype(np.uint16)  # Sentinel-2 L2A scaling
         tifffile.imwrite(os.path.join(folder, f"chip_{i:04d}.tif"), digital_numbers, photometric="minisblack",

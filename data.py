@@ -336,10 +336,10 @@ class PretrainDataConfig:
     skip_corrupt: bool = False  # skip and count corrupt files instead of stopping with an error
 
     def __post_init__(self):
-        for name, flag in [("img_size", "--img-size"), ("crop_size", "--crop-size"),
-                           ("chips_per_scene", "--chips-per-scene")]:
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-                raise DataError(f"{name}={getattr(self, name)!r} (train.py {flag}) must be a whole number >= 1")
+        for name in ("img_size", "crop_size", "chips_per_scene"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise DataError(f"{name}={value!r} (train.py --{name.replace('_', '-')}) must be a whole number >= 1")
         if not 0 <= self.max_nodata <= 1:
             raise DataError(f"max_nodata={self.max_nodata} (train.py --max-nodata) is a fraction of a crop's "
                             "values, in [0, 1]; 1 keeps every crop")

@@ -387,10 +387,8 @@ class PretrainDataset(EpochSeededDataset):
                 if invalid is None or invalid.mean() <= cfg.max_nodata:
                     break
         if invalid is None and pixels.dtype == np.uint8:
-            # Resized first, as torchvision does, on torch's uint8 kernel (several times cheaper than
-            # in float); normalising the small result also makes the flipped view contiguous.
-            small = random_dihedral(resize(torch.from_numpy(pixels), size, size).numpy(), rng)
-            return self.normalize(small, path, info.bands, cfg.bands, None)
+            # Resized first, as torchvision does, on torch's uint8 kernel (several times cheaper than in float).
+            pixels = resize(torch.from_numpy(pixels), size, size).numpy()
         x = self.normalize(random_dihedral(pixels, rng), path, info.bands, cfg.bands, info.nodata)
         return resize(x, size, size)
 

@@ -525,7 +525,8 @@ def make_demo_chips(folder, n=64, size=64, bands=4, seed=0) -> str:
     ])
     # Tiled DEFLATE GeoTIFFs in UTM zone 33N, as GDAL writes them: 10 m pixels, projected, pixel-is-area.
     geokeys = [1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32633]
-    geotags = [(33550, "d", 3, (10.0, 10.0, 0.0), True), (33922, "d", 6, (0, 0, 0, 500000.0, 4500000.0, 0), True),
+    geotags = [(33550, "d", 3, (10.0, 10.0, 0.0), True),  # pixel size
+               (33922, "d", 6, (0.0, 0.0, 0.0, 500000.0, 4500000.0, 0.0), True),  # the top-left corner's position
                (34735, "H", len(geokeys), geokeys, True)]
     tile = 256 if size >= 256 else 16 * max(1, size // 32)
     y, x = np.mgrid[0:size, 0:size]

@@ -1,35 +1,14 @@
 """
-data.py — geofm's pretraining data: chips and whole scenes (GeoTIFF, JPEG, PNG) in, normalised
-random crops out, reproducibly. (geotiff.py reads GeoTIFFs, decoding only the tiles a window
-touches; eval.py has the labelled datasets of evaluation.)
-
-    open_image, read_image, list_images     any image as (bands, height, width); folders, manifests
-    compute_stats, load_stats, Normalizer   per-band statistics; (x - mean) / std
-    PretrainDataConfig, PretrainDataset     MAE's random crops, one per chip or many per scene
-    ResumableDistributedSampler, make_loader
-    SyntheticDataset, make_demo_chips       random tensors for benchmarks; the demo's sample chips
+data.py — geofm's pretraining data: chips and whole scenes (GeoTIFF, JPEG, PNG) in, normalised random
+crops out, reproducibly: item i of an epoch is a crop of file i // chips_per_scene, drawn from the random
+stream of (seed, epoch, i) alone. geotiff.py reads GeoTIFFs; eval.py has the labelled datasets of evaluation.
+Errors are geotiff.py's DataError (a ValueError) and CorruptImageError.
 
     python data.py stats <folder|manifest> --out stats.json   per-band statistics
     python data.py demo <folder>                             write the demo's sample chips
     python tools/bench.py data [folder]                      crops/s against a bare decode
 
-A source is a folder (searched recursively for .tif .tiff .jpg .jpeg .png), a manifest file (one
-path per line, relative to the manifest; a line starting with '#' is a comment) or a list.
-
-An epoch is len(files) * chips_per_scene items; item i is a crop of file i // chips_per_scene.
-Its window (a random crop_size square, or the whole file if smaller), the RandomResizedCrop box
-in it (0.2-1 of the window's area, MAE's setting) and its flip/rotation come from the random
-stream of (seed, epoch, i) alone: an epoch is exactly reproducible, and a resumed run sees the
-crops of an uninterrupted one. Only the box is decoded. A box with more than max_nodata (0.5)
-of its values nodata, NaN or infinite is drawn again from that stream, up to WINDOW_DRAWS draws,
-the last one kept. chips_per_scene=1 is MAE's one crop per image per epoch, for chip folders.
-
-Normalisation is (x - mean) / std per band, with the statistics of `python data.py stats` (JSON
-"geofm-stats-1": per band of the files mean, std, min, max, pixels; and dtype, nodata). Values
-equal to the file's GDAL_NODATA tag, NaN and infinities become 0, the band mean; a tag no pixel
-of the dtype can hold (-9999 in uint16) marks nothing, as in GDAL. Without statistics only 3-band
-uint8 images work (ImageNet's mean/std, as MAE): a guessed scale for 16-bit or float bands would
-be silently wrong. Errors are DataError (a ValueError) and CorruptImageError, from geotiff.py.
+Sources, crops, nodata, statistics, the sampler and the loader's workers in detail: docs/data.md.
 """
 
 import argparse
@@ -61,10 +40,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 WINDOW_DRAWS = 8  # draws of a crop box per item at most, while they hold too much nodata
 
 
-# -----------------------------------------------------------------------------
-# Reading any image
-
-
 class PillowImage:
     """A JPEG or PNG, decoded whole when opened (they are small), read like a GeoTiff."""
 
@@ -83,16 +58,15 @@ class PillowImage:
             raise CorruptImageError(f"{self.path}: Pillow could not decode it ({err}); "
                                     "the file is truncated or corrupt") from err
         # A copy: Pillow's arrays are read-only, and (height, width, bands) is not our order.
-        self._pixels = np.array(pixels[None]) if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
-        bands, height, width = self._pixels.shape  # what GeoTiffInfo says of a GeoTIFF; never nodata
+        self._pixels = np.array(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1), order="C")
+        bands, height, width = self._pixels.shape
         self.info = SimpleNamespace(path=self.path, bands=bands, height=height, width=width,
                                     dtype=self._pixels.dtype, nodata=None)
 
-    # The same checks, and messages, as GeoTiff's: they read only self.path and self.info.
+    # GeoTiff's checks and messages: they read only self.path and self.info.
     _check_window, _check_bands = GeoTiff._check_window, GeoTiff._check_bands
 
     def read(self, window=None, bands=None) -> np.ndarray:
-        """Pixels of `window` = (row, col, height, width) for `bands`, as (bands, height, width)."""
         row, col, height, width = self._check_window(window)
         pixels = self._pixels if bands is None else self._pixels[self._check_bands(bands)]
         return pixels[:, row:row + height, col:col + width]
@@ -105,9 +79,8 @@ class PillowImage:
 
 
 def open_image(path) -> GeoTiff | PillowImage:
-    """Any supported image, opened for reads: a GeoTiff (decodes only the tiles a window touches)
-    or a PillowImage (JPEG, PNG). Both have .info (height, width, bands, dtype, nodata) and
-    .read(window, bands); use it as a context manager. The file's first bytes decide, not its name."""
+    """Any supported image, opened for reads as a context manager with .info (height, width, bands, dtype,
+    nodata) and .read(window, bands). The file's first bytes decide its kind, not its name."""
     path = str(path)
     try:
         kind = sniff(path)
@@ -123,19 +96,19 @@ def read_image(path, window=None, bands=None) -> np.ndarray:
 
 
 def list_images(source) -> list[str]:
-    """Image paths from a folder (recursive, sorted), a manifest file, or a list of paths."""
+    """Image paths from a folder (recursive, sorted), an image, a manifest file or a list of paths."""
     if isinstance(source, (list, tuple)):
         paths = [str(p) for p in source]
     elif os.path.isdir(source):
         paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(source)
                        for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+    elif os.path.isfile(source) and str(source).lower().endswith(IMAGE_EXTENSIONS):
+        paths = [str(source)]
     elif os.path.isfile(source):
-        if str(source).lower().endswith(IMAGE_EXTENSIONS):
-            return [str(source)]
-        base = os.path.dirname(os.path.abspath(source))
         with open(source) as f:
             lines = [line.strip() for line in f]
         # Only whole lines are comments: '#' is a legal character in a path.
+        base = os.path.dirname(os.path.abspath(source))
         paths = [os.path.join(base, line) for line in lines if line and not line.startswith("#")]
     else:
         raise DataError(f"{source}: no such folder or manifest file")
@@ -145,41 +118,35 @@ def list_images(source) -> list[str]:
     return paths
 
 
-# -----------------------------------------------------------------------------
-# Statistics and normalisation
-
-
 def invalid_values(pixels: np.ndarray, nodata) -> np.ndarray | None:
     """Where `pixels` are nodata, NaN or infinite; None where no value can be. The tag is compared
     in the file's dtype (nodata_pixel): a float32 file's "0.1" matches its float32 pixels."""
     value = nodata_pixel(nodata, pixels.dtype)
     invalid = None if value is None else pixels == value
-    if pixels.dtype.kind == "f":  # integers cannot be NaN or infinite
+    if pixels.dtype.kind == "f":
         invalid = ~np.isfinite(pixels) if invalid is None else invalid | ~np.isfinite(pixels)
     return invalid
 
 
 def compute_stats(source, max_files=500, sample_size=512, seed=0, progress=True) -> dict:
-    """Per-band mean/std/min/max over a random sample of files (one random window each),
-    skipping nodata and NaN pixels. Means and variances are merged per file (Chan et al.),
-    which stays accurate over billions of 16-bit pixels where a sum of squares would not."""
+    """Per-band mean/std/min/max of the valid pixels of one random window from each of a random sample of
+    files. Means and variances merge per file (Chan et al.): accurate over billions of 16-bit pixels."""
     paths = list_images(source)
     rng = np.random.default_rng(seed)
     if max_files is not None and len(paths) > max_files:
         paths = [paths[i] for i in sorted(rng.choice(len(paths), max_files, replace=False))]
-    first = None  # (path, bands, dtype, nodata) of the first file: the others must have its bands
     for i, path in enumerate(paths):
         with open_image(path) as image:
             info = image.info
             height, width = min(info.height, sample_size), min(info.width, sample_size)
             window = (rng.integers(info.height - height + 1), rng.integers(info.width - width + 1), height, width)
             pixels = image.read(window)
-        if first is None:
-            first = (path, pixels.shape[0], info.dtype, info.nodata)
-            count, mean, m2 = (np.zeros(pixels.shape[0]) for _ in range(3))
-            low, high = np.full(pixels.shape[0], np.inf), np.full(pixels.shape[0], -np.inf)
-        elif pixels.shape[0] != first[1]:
-            raise DataError(f"{path} has {pixels.shape[0]} bands but {first[0]} has {first[1]}; "
+        if i == 0:
+            first = info
+            count, mean, m2 = np.zeros(info.bands), np.zeros(info.bands), np.zeros(info.bands)
+            low, high = np.full(info.bands, np.inf), np.full(info.bands, -np.inf)
+        elif info.bands != first.bands:
+            raise DataError(f"{path} has {info.bands} bands but {paths[0]} has {first.bands}; "
                             "statistics need files with the same bands (use separate folders or manifests)")
         invalid = invalid_values(pixels, info.nodata)
         for b, band in enumerate(pixels):
@@ -193,13 +160,13 @@ def compute_stats(source, max_files=500, sample_size=512, seed=0, progress=True)
             count[b] = total
             low[b], high[b] = min(low[b], valid.min()), max(high[b], valid.max())
         if progress and (i + 1 == len(paths) or (i + 1) % max(1, len(paths) // 50) == 0):
-            done = i + 1 == len(paths)
-            print(f"\rstats: {i + 1}/{len(paths)} files", end="\n" if done else "", file=sys.stderr, flush=True)
+            end = "\n" if i + 1 == len(paths) else ""
+            print(f"\rstats: {i + 1}/{len(paths)} files", end=end, file=sys.stderr, flush=True)
     if (count == 0).any():
         raise DataError(f"{source}: band(s) {np.flatnonzero(count == 0).tolist()} have no valid pixels in the sample")
-    return {"format": "geofm-stats-1", "bands": first[1], "dtype": np.dtype(first[2]).name, "nodata": first[3],
-            "mean": mean.tolist(), "std": np.sqrt(m2 / count).tolist(), "min": low.tolist(), "max": high.tolist(),
-            "pixels": count.astype(int).tolist(), "files": len(paths), "source": str(source)}
+    return {"format": "geofm-stats-1", "bands": first.bands, "dtype": np.dtype(first.dtype).name,
+            "nodata": first.nodata, "mean": mean.tolist(), "std": np.sqrt(m2 / count).tolist(), "min": low.tolist(),
+            "max": high.tolist(), "pixels": count.astype(int).tolist(), "files": len(paths), "source": str(source)}
 
 
 def load_stats(path) -> tuple[list[float], list[float]]:
@@ -224,24 +191,18 @@ def load_stats(path) -> tuple[list[float], list[float]]:
 
 
 class Normalizer:
-    """Per-band (x - mean) / std, with nodata and NaN set to 0, from a stats file or ImageNet.
-
-    A file of another dtype than the statistics were computed on (a uint8 quicklook among uint16
-    scenes) is normalised anyway, with a warning naming the file and both dtypes, once per dtype
-    and process (each DataLoader worker warns once): int16 and uint16 files of one sensor share a
-    scale, so refusing would stop mixes that are fine, while an 8-bit file among 16-bit ones is
-    almost certainly a mistake that should not pass unseen.
-    """
+    """Per-band (x - mean) / std with nodata, NaN and infinities set to 0, with the statistics of a stats file
+    or, for 3-band uint8 only, ImageNet's. A file of another dtype than the statistics' is normalised anyway,
+    with a warning once per dtype and process (docs/data.md says why)."""
 
     def __init__(self, stats_path=None):
-        self.stats_path = stats_path
-        self.mean, self.std = load_stats(stats_path) if stats_path else (None, None)
-        self.stats_dtype = None  # the dtype the statistics were computed on, where the file says
+        self.stats_path, self.mean, self.std, self.stats_dtype = stats_path, None, None, None
         if stats_path:
+            self.mean, self.std = load_stats(stats_path)
             with open(stats_path) as f:
-                self.stats_dtype = json.load(f).get("dtype")
+                self.stats_dtype = json.load(f).get("dtype")  # what the statistics were computed on, if said
         self._dtypes_seen = {self.stats_dtype}
-        self._cache = {}  # (file bands, selection, dtype) -> float32 (mean, 1/std) columns
+        self._cache = {}  # (file bands, selection, dtype) -> float32 (mean, 1 / std) columns
 
     def band_stats(self, path, file_bands, bands, dtype) -> tuple[np.ndarray, np.ndarray]:
         selected = list(range(file_bands)) if bands is None else list(bands)
@@ -258,22 +219,18 @@ class Normalizer:
         raise DataError(f"{self.stats_path} has statistics for {len(self.mean)} bands but {path} has {file_bands} "
                         f"({len(selected)} selected); compute statistics on the same kind of files")
 
-    def columns(self, path, file_bands, bands, dtype) -> tuple[np.ndarray, np.ndarray]:
-        """(mean, 1 / std) of the selected bands as float32 (C, 1, 1) arrays, cached."""
-        key = (file_bands, None if bands is None else tuple(bands), np.dtype(dtype))
-        if key not in self._cache:
-            if self.stats_dtype is not None and np.dtype(dtype).name not in self._dtypes_seen:
-                self._dtypes_seen.add(np.dtype(dtype).name)
-                warnings.warn(f"{path} is {np.dtype(dtype).name} but the statistics in {self.stats_path} are of "
-                              f"{self.stats_dtype} files; normalising it with them anyway. If its values have another "
-                              "scale, convert it or keep it apart, with statistics of its own", stacklevel=2)
-            mean, std = self.band_stats(path, file_bands, bands, dtype)
-            self._cache[key] = tuple(np.asarray(v, np.float32).reshape(-1, 1, 1) for v in (mean, 1 / std))
-        return self._cache[key]
-
     def __call__(self, pixels: np.ndarray, path, file_bands, bands, nodata) -> torch.Tensor:
         """float32 (C, H, W), C-contiguous: the conversion also pays for a flipped view's copy."""
-        mean, inv_std = self.columns(path, file_bands, bands, pixels.dtype)
+        key = (file_bands, None if bands is None else tuple(bands), pixels.dtype)
+        if key not in self._cache:
+            if self.stats_dtype is not None and pixels.dtype.name not in self._dtypes_seen:
+                self._dtypes_seen.add(pixels.dtype.name)
+                warnings.warn(f"{path} is {pixels.dtype.name} but the statistics in {self.stats_path} are of "
+                              f"{self.stats_dtype} files; normalising it with them anyway. If its values have another "
+                              "scale, convert it or keep it apart, with statistics of its own", stacklevel=2)
+            mean, std = self.band_stats(path, file_bands, bands, pixels.dtype)
+            self._cache[key] = tuple(np.asarray(v, np.float32).reshape(-1, 1, 1) for v in (mean, 1 / std))
+        mean, inv_std = self._cache[key]
         x = pixels.astype(np.float32, order="C")
         x -= mean
         x *= inv_std
@@ -284,8 +241,8 @@ class Normalizer:
 
 
 def check_bands(bands):
-    """Raise naming the `bands` setting when it can select no file's bands: not a list of integers,
-    empty, or with a negative index. A repeated index is fine: [0, 0, 0] gives a grey band three channels."""
+    """Raise naming the `bands` setting when it can select no file's bands. A repeated index is fine:
+    [0, 0, 0] gives a grey band three channels."""
     if bands is None:
         return
     if isinstance(bands, (str, bytes)) or not isinstance(bands, (Sequence, np.ndarray)) or not all(
@@ -313,10 +270,6 @@ def check_band_count(path, file_bands, bands, in_chans):
                         f"in_chans={in_chans}; remove the file from the dataset or fix in_chans/bands")
 
 
-# -----------------------------------------------------------------------------
-# Augmentation, with torch only
-
-
 def random_resized_box(rng, height, width, scale, ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
     """(top, left, h, w) covering a random `scale` fraction of the area at a random aspect
     ratio (Inception-style RandomResizedCrop); a central crop if ten draws don't fit."""
@@ -336,8 +289,8 @@ def random_resized_box(rng, height, width, scale, ratio=(3 / 4, 4 / 3)) -> tuple
 
 
 def random_dihedral(pixels: np.ndarray, rng) -> np.ndarray:
-    """One of the 8 flips/90-degree rotations; all are valid views of overhead imagery.
-    Works on views of the raw array, so the float conversion that follows pays the copy."""
+    """One of the 8 flips/90-degree rotations, all valid views of overhead imagery. A view: the float
+    conversion that follows pays the copy."""
     pixels = np.rot90(pixels, k=int(rng.integers(4)), axes=(1, 2))
     return pixels[:, :, ::-1] if rng.integers(2) else pixels
 
@@ -350,10 +303,6 @@ def resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     shrink = height < x.shape[-2] or width < x.shape[-1]
     batch = x[None].contiguous(memory_format=torch.channels_last) if x.dtype == torch.uint8 else x[None]
     return F.interpolate(batch, size=(height, width), mode="bilinear", align_corners=False, antialias=shrink)[0]
-
-
-# -----------------------------------------------------------------------------
-# Datasets
 
 
 class EpochSeededDataset(Dataset):
@@ -387,10 +336,10 @@ class PretrainDataConfig:
     skip_corrupt: bool = False  # skip and count corrupt files instead of stopping with an error
 
     def __post_init__(self):
-        for name, flag in [("img_size", "--img-size"), ("crop_size", "--crop-size"),
-                           ("chips_per_scene", "--chips-per-scene")]:
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-                raise DataError(f"{name}={getattr(self, name)!r} (train.py {flag}) must be a whole number >= 1")
+        for name in ("img_size", "crop_size", "chips_per_scene"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise DataError(f"{name}={value!r} (train.py --{name.replace('_', '-')}) must be a whole number >= 1")
         if not 0 <= self.max_nodata <= 1:
             raise DataError(f"max_nodata={self.max_nodata} (train.py --max-nodata) is a fraction of a crop's "
                             "values, in [0, 1]; 1 keeps every crop")
@@ -398,7 +347,7 @@ class PretrainDataConfig:
 
 class PretrainDataset(EpochSeededDataset):
     """MAE's random crops: float32 (C, img_size, img_size), normalised per band. Item i is a crop
-    of file i // chips_per_scene; the module docstring says how it is drawn."""
+    of file i // chips_per_scene in a random crop_size window; docs/data.md says how it is drawn."""
 
     def __init__(self, source, cfg: PretrainDataConfig | None = None, seed=0):
         super().__init__(seed)
@@ -429,7 +378,7 @@ class PretrainDataset(EpochSeededDataset):
 
     def load(self, path, rng) -> torch.Tensor:
         cfg, size = self.cfg, self.cfg.img_size
-        with open_image(path) as image:  # a big GeoTIFF decodes only the tiles of the box
+        with open_image(path) as image:
             info = image.info
             check_band_count(path, info.bands, cfg.bands, cfg.in_chans)
             for _ in range(WINDOW_DRAWS):
@@ -438,11 +387,8 @@ class PretrainDataset(EpochSeededDataset):
                 if invalid is None or invalid.mean() <= cfg.max_nodata:
                     break
         if invalid is None and pixels.dtype == np.uint8:
-            # 8-bit images (JPEG, PNG, RGB GeoTIFF) are resized first, as torchvision does, on
-            # torch's uint8 kernel (several times cheaper than in float); normalising the small
-            # result also makes the flipped view contiguous.
-            small = random_dihedral(resize(torch.from_numpy(pixels), size, size).numpy(), rng)
-            return self.normalize(small, path, info.bands, cfg.bands, None)
+            # Resized first, as torchvision does, on torch's uint8 kernel (several times cheaper than in float).
+            pixels = resize(torch.from_numpy(pixels), size, size).numpy()
         x = self.normalize(random_dihedral(pixels, rng), path, info.bands, cfg.bands, info.nodata)
         return resize(x, size, size)
 
@@ -480,22 +426,11 @@ class SyntheticDataset(Dataset):
         return torch.randn(self.in_chans, self.img_size, self.img_size, generator=generator)
 
 
-# -----------------------------------------------------------------------------
-# Sampling and loading
-
-
 class ResumableDistributedSampler(Sampler[int]):
-    """Disjoint per-rank shards of a fresh permutation each epoch, resumable mid-epoch.
-
-    The permutation comes from torch.Generator seeded with seed + epoch, so every rank
-    computes the same one and takes every world_size-th index from its rank. The
-    position is (epoch, index): index counts the samples this rank has been handed in the
-    epoch, and iteration continues from it. Behind a DataLoader with workers the sampler
-    runs ahead of the model by the prefetched batches, so save the position from your step
-    counter, {"epoch": epoch, "index": steps_this_epoch * batch_size}, and load_state_dict it.
-    Call set_epoch(epoch) before each epoch; it restarts at index 0 only for a new epoch,
-    so set_epoch after load_state_dict of the same epoch keeps the resume point.
-    """
+    """Disjoint per-rank shards of a permutation from torch.Generator(seed + epoch), resumable mid-epoch
+    from (epoch, index), index counting the samples this rank was handed this epoch. Save the position
+    from the step counter, not from state_dict() (workers prefetch ahead); docs/data.md has the recipe.
+    set_epoch restarts at index 0 only for a new epoch, so it keeps a loaded resume point."""
 
     def __init__(self, dataset_len, rank, world_size, seed=0, shuffle=True, drop_last=True):
         if not 0 <= rank < world_size:
@@ -523,12 +458,11 @@ class ResumableDistributedSampler(Sampler[int]):
     def epoch_order(self, epoch: int) -> list[int]:
         """This rank's full index order for `epoch`."""
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            order = torch.randperm(self.dataset_len, generator=generator).tolist()
+            order = torch.randperm(self.dataset_len, generator=torch.Generator().manual_seed(self.seed + epoch))
         else:
-            order = list(range(self.dataset_len))
+            order = torch.arange(self.dataset_len)
         total = self.num_samples * self.world_size
-        order = (order * math.ceil(total / len(order)))[:total]  # drop the tail, or pad by wrapping
+        order = (order.tolist() * math.ceil(total / self.dataset_len))[:total]  # drop the tail, or pad by wrapping
         return order[self.rank:total:self.world_size]
 
     def __iter__(self):
@@ -549,9 +483,8 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 def stop_loader_workers() -> None:
-    """Kill the loader's workers after a failure. They ignore SIGTERM (ignore_stop_signals), which is
-    how Python's exit stops them: it would wait for them forever. torch's SIGCHLD handler is set
-    aside meanwhile, or it would report the kill as a second, confusing loader failure."""
+    """Kill the loader's workers after a failure: they ignore SIGTERM, so Python's exit would wait for them
+    forever. torch's SIGCHLD handler is set aside meanwhile, or it would report a second loader failure."""
     torch_handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for worker in multiprocessing.active_children():
         worker.kill()
@@ -560,9 +493,8 @@ def stop_loader_workers() -> None:
 
 
 def error_message(err: Exception) -> str:
-    """An error's own message. One raised in a DataLoader worker arrives in the main process with the
-    worker's whole traceback as its message, whose last line is 'module.ErrorType: message' (the
-    message that names the file): train.py and eval.py print just that."""
+    """An error's own message. A DataLoader worker's error arrives with the worker's traceback as its
+    message; its last line, 'module.ErrorType: message', ends with the message that names the file."""
     text = str(err)
     if "\nOriginal Traceback" in text:
         text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
@@ -577,32 +509,10 @@ def make_loader(dataset, batch_size, sampler, workers=4, pin_memory=True, drop_l
                       worker_init_fn=ignore_stop_signals, **extra)
 
 
-# -----------------------------------------------------------------------------
-# Built-in sample data and the command line
-
-
-def _smooth_noise(rng, size, cells) -> np.ndarray:
-    """Values in [0, 1] varying smoothly over about size/cells pixels."""
-    grid = torch.from_numpy(rng.random((1, 1, cells + 1, cells + 1), dtype=np.float32))
-    return F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=True)[0, 0].clamp(0, 1).numpy()
-
-
-def _write_geotiff(path, pixels: np.ndarray, pixel_metres=10.0, origin=(500000.0, 4500000.0)):
-    """A tiled DEFLATE GeoTIFF in UTM zone 33N, as GDAL would write one."""
-    geokeys = [1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32633]  # projected, pixel-is-area, EPSG:32633
-    tile = 256 if min(pixels.shape[1:]) >= 256 else 16 * max(1, min(pixels.shape[1:]) // 32)
-    tifffile.imwrite(path, pixels, photometric="minisblack", planarconfig="separate", tile=(tile, tile),
-                     compression="zlib", predictor=True, extratags=[
-                         (33550, "d", 3, (pixel_metres, pixel_metres, 0.0), True),
-                         (33922, "d", 6, (0.0, 0.0, 0.0, origin[0], origin[1], 0.0), True),
-                         (34735, "H", len(geokeys), geokeys, True)])
-
-
 def make_demo_chips(folder, n=64, size=64, bands=4, seed=0) -> str:
-    """Write n uint16 `bands`-band GeoTIFF chips that look like land cover, plus stats.json;
-    returns the stats path. Water, vegetation, soil and built-up areas as smooth patches
-    crossed by roads, each with its own reflectance spectrum over the bands, so a model
-    has real structure to learn (spatial and spectral), unlike white noise."""
+    """Write n uint16 `bands`-band GeoTIFF chips that look like land cover, plus stats.json; returns the
+    stats path. Smooth patches of water, vegetation, soil and built-up areas crossed by roads, each with
+    its own spectrum: real spatial and spectral structure to learn, unlike white noise."""
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     wavelength = np.linspace(0, 1, bands)  # band 0 ~ blue ... last band ~ short-wave infrared
@@ -613,16 +523,29 @@ def make_demo_chips(folder, n=64, size=64, bands=4, seed=0) -> str:
         0.10 + 0.20 * wavelength,  # bare soil: brightening towards the infrared
         0.22 + 0.03 * wavelength,  # built-up: bright and flat
     ])
+    # Tiled DEFLATE GeoTIFFs in UTM zone 33N, as GDAL writes them: 10 m pixels, projected, pixel-is-area.
+    geokeys = [1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32633]
+    geotags = [(33550, "d", 3, (10.0, 10.0, 0.0), True),  # pixel size
+               (33922, "d", 6, (0.0, 0.0, 0.0, 500000.0, 4500000.0, 0.0), True),  # the top-left corner's position
+               (34735, "H", len(geokeys), geokeys, True)]
+    tile = 256 if size >= 256 else 16 * max(1, size // 32)
     y, x = np.mgrid[0:size, 0:size]
+
+    def smooth_noise(cells):  # values in [0, 1] varying smoothly over about size/cells pixels
+        grid = torch.from_numpy(rng.random((1, 1, cells + 1, cells + 1), dtype=np.float32))
+        return F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=True)[0, 0].clamp(0, 1).numpy()
+
     for i in range(n):
-        land = np.digitize(_smooth_noise(rng, size, 3), [0.3, 0.6, 0.8])
+        land = np.digitize(smooth_noise(3), [0.3, 0.6, 0.8])
         for _ in range(rng.integers(0, 3)):  # straight roads with built-up spectra
             angle, offset = rng.uniform(0, np.pi), rng.uniform(0, size)
             land[np.abs((x - size / 2) * np.sin(angle) - (y - size / 2) * np.cos(angle) + offset - size / 2) < 1.2] = 3
-        texture = 1 + 0.15 * (_smooth_noise(rng, size, 8) - 0.5)
+        texture = 1 + 0.15 * (smooth_noise(8) - 0.5)
         reflectance = spectra[land].transpose(2, 0, 1) * texture + rng.normal(0, 0.004, (bands, size, size))
         digital_numbers = np.clip(reflectance * 10000, 0, 65535).astype(np.uint16)  # Sentinel-2 L2A scaling
-        _write_geotiff(os.path.join(folder, f"chip_{i:04d}.tif"), digital_numbers)
+        tifffile.imwrite(os.path.join(folder, f"chip_{i:04d}.tif"), digital_numbers, photometric="minisblack",
+                         planarconfig="separate", tile=(tile, tile), compression="zlib", predictor=True,
+                         extratags=geotags)
     stats_path = os.path.join(folder, "stats.json")
     with open(stats_path, "w") as f:
         json.dump(compute_stats(folder, max_files=None, progress=False), f, indent=1)
@@ -630,7 +553,6 @@ def make_demo_chips(folder, n=64, size=64, bands=4, seed=0) -> str:
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description="geofm data tools")
     commands = parser.add_subparsers(dest="command", required=True)
     stats = commands.add_parser("stats", help="per-band mean/std/min/max of a folder or manifest")
@@ -639,8 +561,7 @@ def main(argv=None):
     stats.add_argument("--max-files", type=int, default=500, help="random sample of this many files")
     stats.add_argument("--sample-size", type=int, default=512, help="read a random window this big from each")
     stats.add_argument("--seed", type=int, default=0)
-    demo = commands.add_parser("demo", help="write the built-in sample chips and stats.json")
-    demo.add_argument("folder")
+    commands.add_parser("demo", help="write the built-in sample chips and stats.json").add_argument("folder")
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":

@@ -25,7 +25,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -45,41 +45,61 @@ from vit import CONFIGS, ViTConfig, VisionTransformer, get_config
 MODES = ("linprobe", "knn", "finetune")
 
 
+def flag(default, help: str, **argparse_options):
+    """A config field that is also a command-line flag: its --help text and argparse options ride along."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=dict(help=help, **argparse_options))
+    return field(default=default, metadata=dict(help=help, **argparse_options))
+
+
 @dataclass
 class EvalConfig:
-    mode: str = "linprobe"  # linprobe | knn | finetune
-    encoder: str = ""  # encoder .pt, training run folder, or "random"
-    data: str = ""  # class-per-subfolder root, or a folder/list file with train.txt + val.txt (scene_splits)
-    train_ratio: float | None = None  # training fraction per class; None: the list files' split, else 0.8
-    seeds: list[int] = field(default_factory=lambda: [0])  # one run each (split + head init); mean ± std
-    out: str = "runs/eval"  # results.json, confusion matrices, cached features
-    model: str | None = None  # vit.CONFIGS name, for "random" and files without vit_config
-    in_chans: int | None = None  # input bands, for files without vit_config
-    img_size: int | None = None  # input size, for files without vit_config
-    bands: list[int] | None = None  # band indices to read from each image
-    stats: str | None = None  # per-band mean/std JSON (`python data.py stats`); 3-band uint8 needs none
-    epochs: int | None = None  # None: 90 (linprobe); the recipe's 100 (B) / 50 (L and up) (finetune)
-    batch_size: int = 64  # images per step per process: feature extraction, fine-tuning
-    workers: int = 4  # data-loading processes per process
-    cache_features: bool = False  # save the frozen features in --out and reuse them next time
-    # linear probe
-    probe_batch_size: int = 256  # recipe: 16384 on ImageNet; small sets need more steps per epoch
-    probe_optimizer: str = "sgd"  # sgd | lars (the recipe's; see train_linear_probe)
-    probe_blr: float = 0.1  # lr = blr * batch / 256, as the recipe
-    probe_flip: bool = False  # also train on the features of flipped training images
-    # kNN
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    # fine-tuning; None = the MAE recipe for the encoder's size (finetune_recipe)
-    blr: float | None = None
-    layer_decay: float | None = None
-    drop_path: float | None = None
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.1
-    warmup_epochs: int = 5
-    strategy: str = "ddp"  # fsdp_setup layout: ddp | no_shard | full_shard | shard_grad_op | hybrid_shard
-    shard_group_size: int | None = None  # hybrid_shard only
-    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | bf16-reduce | fp32
+    mode: str = flag("linprobe", "knn: no training, quick; linprobe: the paper's protocol; finetune: full fine-tuning",
+                     choices=MODES)
+    encoder: str = flag("", "encoder .pt (`checkpoint.py export`, or an official MAE/timm ViT with --model), "
+                        "a training run folder, or 'random'", required=True)
+    data: str = flag("", "scene dataset: a root with one subfolder of images per class, or a folder / train.txt "
+                     "with train.txt + val.txt ('relative/path label' lines)", required=True)
+    train_ratio: float | None = flag(None, "training fraction per class (UCM 0.5/0.8, AID 0.2/0.5, NWPU 0.1/0.2); "
+                                     "default: the list files' split, else 0.8", type=float)
+    seeds: list[int] = flag([0], "one run per seed (split and head); reports mean ± std", cli_name="seed", type=int,
+                            nargs="+")
+    out: str = flag("runs/eval", "output folder: results.json, confusion_seed*.csv/png, features*.pt")
+    model: str | None = flag(None, f"architecture for 'random' and files without vit_config: {', '.join(CONFIGS)}")
+    in_chans: int | None = flag(None, "input bands, for files without vit_config", type=int)
+    img_size: int | None = flag(None, "input size in pixels, for files without vit_config", type=int)
+    bands: list[int] | None = flag(None, "comma-separated 0-based bands to read from each image, e.g. 3,2,1 "
+                                   "(as train.py)")
+    stats: str | None = flag(None, "per-band mean/std JSON (`python data.py stats`), as in pretraining; "
+                             "3-band uint8 images default to ImageNet's")
+    epochs: int | None = flag(None, "default: 90 (linprobe); 100 for B and smaller, 50 for L and up (finetune)",
+                              type=int)
+    batch_size: int = flag(64, "images per step per process: feature extraction, fine-tuning", type=int)
+    workers: int = flag(4, "data-loading processes per process", type=int)
+    cache_features: bool = flag(False, "save frozen features in --out and reuse them when encoder and images match",
+                                action="store_true")
+    probe_batch_size: int = flag(256, "linprobe: head batch on the cached features", type=int)
+    probe_optimizer: str = flag("sgd", "linprobe: lars is the recipe's, for MillionAID-scale sets",
+                                choices=["sgd", "lars"])
+    probe_blr: float = flag(0.1, "linprobe: base lr, lr = blr * batch / 256", type=float)
+    probe_flip: bool = flag(False, "linprobe: also train on features of horizontally flipped training images",
+                            action="store_true")
+    knn_k: int = flag(20, "knn: neighbours that vote", type=int)
+    knn_temperature: float = flag(0.07, "knn: vote weight exp(cosine / T)", type=float)
+    blr: float | None = flag(None, "finetune: base lr, lr = blr * batch * processes / 256; default 5e-4 (B), "
+                             "1e-3 (L and up)", type=float)
+    layer_decay: float | None = flag(None, "finetune: layer-wise lr decay; default 0.65 (B), 0.75 (L and up)",
+                                     type=float)
+    drop_path: float | None = flag(None, "finetune: stochastic depth; default 0.1 (B), 0.2 (L), 0.3 (H and up)",
+                                   type=float)
+    weight_decay: float = flag(0.05, "finetune: AdamW weight decay", type=float)
+    label_smoothing: float = flag(0.1, "finetune: label smoothing", type=float)
+    warmup_epochs: int = flag(5, "finetune: linear warmup epochs", type=int)
+    strategy: str = flag("ddp", "finetune: layout across the torchrun/srun processes, as in training",
+                         choices=fsdp_setup.STRATEGIES)
+    shard_group_size: int | None = flag(None, "finetune: GPUs sharding one replica (hybrid_shard)", type=int)
+    mixed_precision: str = flag("auto", "finetune: auto is bf16 on GPU, fp32 on CPU",
+                                choices=("auto", *fsdp_setup.PRECISIONS))
 
 
 # ---- scene datasets ----
@@ -832,41 +852,18 @@ def validate(cfg: EvalConfig) -> None:
 
 
 def parse_args(argv=None) -> EvalConfig:
-    d = EvalConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("mode", choices=MODES, help="knn: no training, quick; linprobe: the paper's protocol; finetune: full fine-tuning")
-    p.add_argument("--encoder", required=True, help="encoder .pt (`checkpoint.py export`, or an official MAE/timm ViT with --model), a training run folder, or 'random'")
-    p.add_argument("--data", required=True, help="scene dataset: a root with one subfolder of images per class, or a folder / train.txt with train.txt + val.txt ('relative/path label' lines)")
-    p.add_argument("--train-ratio", type=float, default=None, help="training fraction per class (UCM 0.5/0.8, AID 0.2/0.5, NWPU 0.1/0.2); default: the list files' split, else 0.8")
-    p.add_argument("--seed", dest="seeds", type=int, nargs="+", default=d.seeds, help="one run per seed (split and head); reports mean ± std")
-    p.add_argument("--out", default=d.out, help="output folder: results.json, confusion_seed*.csv/png, features*.pt")
-    p.add_argument("--model", default=None, help=f"architecture for 'random' and files without vit_config: {', '.join(CONFIGS)}")
-    p.add_argument("--in-chans", type=int, default=None, help="input bands, for files without vit_config")
-    p.add_argument("--img-size", type=int, default=None, help="input size in pixels, for files without vit_config")
-    p.add_argument("--bands", default=None, help="comma-separated 0-based bands to read from each image, e.g. 3,2,1 (as train.py)")
-    p.add_argument("--stats", default=None, help="per-band mean/std JSON (`python data.py stats`), as in pretraining; 3-band uint8 images default to ImageNet's")
-    p.add_argument("--epochs", type=int, default=None, help="default: 90 (linprobe); 100 for B and smaller, 50 for L and up (finetune)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step per process: feature extraction, fine-tuning")
-    p.add_argument("--workers", type=int, default=d.workers, help="data-loading processes per process")
-    p.add_argument("--cache-features", action="store_true", help="save frozen features in --out and reuse them when encoder and images match")
-    p.add_argument("--probe-batch-size", type=int, default=d.probe_batch_size, help="linprobe: head batch on the cached features")
-    p.add_argument("--probe-optimizer", default=d.probe_optimizer, choices=["sgd", "lars"], help="linprobe: lars is the recipe's, for MillionAID-scale sets")
-    p.add_argument("--probe-blr", type=float, default=d.probe_blr, help="linprobe: base lr, lr = blr * batch / 256")
-    p.add_argument("--probe-flip", action="store_true", help="linprobe: also train on features of horizontally flipped training images")
-    p.add_argument("--knn-k", type=int, default=d.knn_k, help="knn: neighbours that vote")
-    p.add_argument("--knn-temperature", type=float, default=d.knn_temperature, help="knn: vote weight exp(cosine / T)")
-    p.add_argument("--blr", type=float, default=None, help="finetune: base lr, lr = blr * batch * processes / 256; default 5e-4 (B), 1e-3 (L and up)")
-    p.add_argument("--layer-decay", type=float, default=None, help="finetune: layer-wise lr decay; default 0.65 (B), 0.75 (L and up)")
-    p.add_argument("--drop-path", type=float, default=None, help="finetune: stochastic depth; default 0.1 (B), 0.2 (L), 0.3 (H and up)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="finetune: AdamW weight decay")
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="finetune: label smoothing")
-    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs, help="finetune: linear warmup epochs")
-    p.add_argument("--strategy", default=d.strategy, choices=fsdp_setup.STRATEGIES, help="finetune: layout across the torchrun/srun processes, as in training")
-    p.add_argument("--shard-group-size", type=int, default=None, help="finetune: GPUs sharding one replica (hybrid_shard)")
-    p.add_argument("--mixed-precision", default=d.mixed_precision, choices=("auto", *fsdp_setup.PRECISIONS), help="finetune: auto is bf16 on GPU, fp32 on CPU")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(EvalConfig):  # each field is a flag: `mode` positional, `--seed` for seeds, the rest by name
+        options = dict(f.metadata)
+        if f.name == "mode":
+            p.add_argument("mode", **options)
+            continue
+        if not options.get("required"):
+            options["default"] = f.default_factory() if f.default is MISSING else f.default
+        p.add_argument("--" + options.pop("cli_name", f.name).replace("_", "-"), dest=f.name, **options)
     args = vars(p.parse_args(argv))
     return EvalConfig(**{**args, "bands": parse_band_map(args["bands"], "--bands")})
-
 
 
 def main(argv=None) -> int:

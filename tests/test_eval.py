@@ -391,7 +391,7 @@ def test_feature_cache_belongs_to_its_encoder_images_and_stats(tmp_path, monkeyp
     def extract(encoder):
         items = [(str(image), 0)]
         key = ev.feature_cache_key(encoder, items, TINY, cfg)
-        ev.features_for(encoder, items, False, key, TINY, cfg, "cpu", 0, 1, lambda *a: None)
+        ev.features_for(encoder, items, key, TINY, cfg, log=lambda *a: None)
         return len(calls)
 
     assert extract(first) == 1 and extract(first) == 1  # the second call reused the saved features
@@ -491,18 +491,16 @@ def _on_ranks(rank, root, encoder, out, world_size):
     train_items, test_items, names = ev.scene_splits(root, 0.5, seed=0)
     frozen = ev.build_encoder(vit_cfg, state)
     odd = ev.SceneDataset(train_items + test_items[:-1], img_size=32)  # 63 images: the last block is padded
-    feats, labels = ev.extract_features(frozen, odd, 5, 0, dist_info.device, False, rank, world_size, quiet)
-    alone, alone_labels = ev.extract_features(frozen, odd, 5, 0, dist_info.device, log=quiet)
+    feats, labels = ev.extract_features(frozen, odd, 5, 0, dist_info, log=quiet)
+    alone, alone_labels = ev.extract_features(frozen, odd, 5, 0, replace(ev.ALONE, device=dist_info.device), log=quiet)
     assert torch.allclose(feats, alone, atol=1e-5) and torch.equal(labels, alone_labels) and len(feats) == 63
 
     cfg = ev.EvalConfig(batch_size=16 // world_size, workers=0, warmup_epochs=1, mixed_precision="fp32",
                         strategy="full_shard" if world_size > 1 else "ddp")
     recipe = dict(ev.finetune_recipe(vit_cfg), epochs=2, drop_path=0.0)
     model = ev.build_classifier(vit_cfg, state, len(names), cfg, seed=0, rank=rank)
-    model = ev.finetune(model, ev.scene_dataset(train_items, vit_cfg, cfg, train=True), cfg, recipe, 0,
-                        dist_info.device, rank, world_size, quiet)
-    scores, _ = ev.predict(model, ev.scene_dataset(test_items, vit_cfg, cfg, train=False), 8, 0, dist_info.device,
-                           rank, world_size, quiet)
+    model = ev.finetune(model, ev.scene_dataset(train_items, vit_cfg, cfg, train=True), cfg, recipe, 0, dist_info, quiet)
+    scores, _ = ev.predict(model, ev.scene_dataset(test_items, vit_cfg, cfg, train=False), 8, 0, dist_info, quiet)
     if rank == 0:
         torch.save(scores, os.path.join(out, f"scores_{world_size}.pt"))
     ev.run(ev.EvalConfig(mode="knn", encoder=encoder, data=root, train_ratio=0.5, workers=0,

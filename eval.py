@@ -6,13 +6,11 @@
     torchrun --standalone --nproc_per_node=8 eval.py finetune --encoder encoder.pt --data NWPU-RESISC45 \
         --train-ratio 0.2 --strategy full_shard
 
-knn: weighted kNN on frozen cls features, a quick health check. linprobe: the MAE protocol, a
-BatchNorm + Linear head on frozen cls features extracted once. finetune: the MAE fine-tuning
-recipe on fsdp_setup.parallelize, under torchrun/srun (--strategy) or alone. --encoder: an encoder
-file, a training run folder, or `random`; --data: class subfolders, or train.txt + val.txt.
---out gets results.json (top-1/top-5, mean ± std over --seed) and confusion matrices. A user
-error prints one `error: ...` line and exits 2. Protocols, dataset layouts and split rules,
-outputs and the measured numbers behind the defaults: docs/eval.md.
+knn: weighted kNN on frozen cls features, a quick check. linprobe: the MAE protocol on frozen cls
+features extracted once. finetune: the MAE recipe on fsdp_setup.parallelize (--strategy). The datasets
+and scores are scenes.py's. --out gets results.json (top-1/top-5, mean ± std over --seed) and confusion
+matrices; a user error prints one `error: ...` line and exits 2. Protocols, dataset layouts, split
+rules, outputs and the measured numbers behind the defaults: docs/eval.md.
 """
 
 from __future__ import annotations
@@ -22,43 +20,37 @@ import hashlib
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 import data
 import fsdp_setup
+import scenes
 from mae import adapt_mae_state_dict, check_mae_state, load_mae_checkpoint, parse_band_map, read_checkpoint_file
 from train import lr_at
 from vit import CONFIGS, ViTConfig, VisionTransformer, get_config
 
 MODES = ("linprobe", "knn", "finetune")
-DEFAULT_TRAIN_RATIO = 0.8  # class folders without --train-ratio
-EVAL_CROP_FRACTION = 0.875  # test images: resize to img_size / 0.875, then centre-crop img_size
 NON_ENCODER_PREFIXES = ("decoder_", "mask_token", "head.", "fc_norm.")  # MAE decoder, fine-tuned heads
 ALONE = fsdp_setup.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))  # one process, no torchrun
 
 
 def flag(default, help: str, **argparse_options):
     """A config field that is also a command-line flag: its --help text and argparse options ride along."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=dict(help=help, **argparse_options))
-    return field(default=default, metadata=dict(help=help, **argparse_options))
+    factory = dict(default_factory=lambda: list(default)) if isinstance(default, list) else dict(default=default)
+    return field(**factory, metadata=dict(help=help, **argparse_options))
 
 
 @dataclass
 class EvalConfig:  # every field is a flag of the same name (`mode` positional, `--seed` for seeds); docs/eval.md
-    mode: str = flag("linprobe", "knn: no training, quick; linprobe: the paper's protocol; finetune: all weights",
-                     choices=MODES)
+    mode: str = flag("linprobe", "knn: quick, no training; linprobe: the paper's; finetune: all weights", choices=MODES)
     encoder: str = flag("", "encoder .pt (`checkpoint.py export`, or an official MAE/timm ViT with --model), "
                         "a training run folder, or 'random'", required=True)
     data: str = flag("", "a folder of class subfolders of images, or of train.txt + val.txt ('relative/path label' "
@@ -76,11 +68,9 @@ class EvalConfig:  # every field is a flag of the same name (`mode` positional, 
     epochs: int | None = flag(None, "default: 90 (linprobe); 100 for B and smaller, 50 for L and up (finetune)")
     batch_size: int = flag(64, "images per step per process: feature extraction, fine-tuning")
     workers: int = flag(4, "data-loading processes per process")
-    cache_features: bool = flag(False, "save frozen features in --out, reused for the same encoder and images",
-                                action="store_true")
+    cache_features: bool = flag(False, "save frozen features in --out; reuse them when they match", action="store_true")
     probe_batch_size: int = flag(256, "linprobe: head batch on the extracted features")
-    probe_optimizer: str = flag("sgd", "linprobe: lars is the recipe's, for MillionAID-scale sets",
-                                choices=("sgd", "lars"))
+    probe_optimizer: str = flag("sgd", "linprobe: lars is the recipe's, for MillionAID sizes", choices=("sgd", "lars"))
     probe_blr: float = flag(0.1, "linprobe: base lr, lr = blr * batch / 256")
     probe_flip: bool = flag(False, "linprobe: also train on flipped training images", action="store_true")
     knn_k: int = flag(20, "knn: neighbours that vote")
@@ -97,186 +87,7 @@ class EvalConfig:  # every field is a flag of the same name (`mode` positional, 
                                 choices=("auto", *fsdp_setup.PRECISIONS))
 
 
-# ---- scene datasets ----
-
-
-def _split_source(root) -> tuple[str, str | None]:
-    """--data as (its folder, the train.txt that lists the split, or None for class folders)."""
-    root = str(root)
-    if os.path.isfile(root):
-        return os.path.dirname(root), root
-    train_list = os.path.join(root, "train.txt")
-    return root, train_list if os.path.isfile(train_list) else None
-
-
-def _read_list_file(list_file, root) -> list[tuple[str, str]]:
-    rows = []
-    with open(list_file) as f:
-        for number, line in enumerate(f, 1):
-            parts = line.strip().rsplit(None, 1)  # paths may contain spaces, labels don't
-            if not parts or parts[0].startswith("#"):
-                continue
-            if len(parts) != 2:
-                raise data.DataError(f"{list_file}:{number}: expected 'relative/path label', got {line.strip()!r}")
-            if not os.path.isfile(path := os.path.join(root, parts[0])):
-                raise data.DataError(f"{list_file}:{number}: {path} does not exist")
-            rows.append((path, parts[1]))
-    return rows
-
-
-def _list_split(root, list_file) -> tuple[list, list, list[str]]:
-    """The split of train.txt and val.txt (or test.txt): labels are ints ("07" is 7) or class names."""
-    test_file = next((os.path.join(root, name) for name in ("val.txt", "test.txt")
-                      if os.path.isfile(os.path.join(root, name))), None)
-    if test_file is None:
-        raise data.DataError(f"{list_file}: no val.txt or test.txt next to it for the test split")
-    train, test = _read_list_file(list_file, root), _read_list_file(test_file, root)
-    labels = [label for _, label in train + test]
-    if not labels:
-        raise data.DataError(f"{list_file} and {test_file} list no images; add 'relative/path label' lines")
-    if all(label.isdecimal() for label in labels):
-        to_int = {label: int(label) for label in labels}
-        class_names = [str(i) for i in range(max(to_int.values()) + 1)]
-    else:
-        class_names = sorted(set(labels))
-        to_int = {name: i for i, name in enumerate(class_names)}
-    if len(set(to_int.values())) < 2:
-        raise data.DataError(f"{list_file}: only one class ({labels[0]!r}); classification needs two or more")
-    return [(p, to_int[y]) for p, y in train], [(p, to_int[y]) for p, y in test], class_names
-
-
-def _class_folders(root) -> tuple[list[list[str]], list[str]]:
-    """(images per class, class names) of the shallowest folder (breadth-first) with a subfolder of images:
-    root/<class>/*, root/Images/<class>/* (UC Merced), root/AID/<class>/*."""
-    queue = [root]
-    while queue:
-        folder = queue.pop(0)
-        names = sorted(name for name in os.listdir(folder)
-                       if os.path.isdir(os.path.join(folder, name)) and not name.startswith((".", "__")))
-        if any(f.lower().endswith(data.IMAGE_EXTENSIONS) for n in names for f in os.listdir(os.path.join(folder, n))):
-            break
-        queue += [os.path.join(folder, name) for name in names]
-    else:
-        raise data.DataError(f"{root}: no classes found; expected <class>/ subfolders of images (e.g. "
-                             "Images/<class>/*.tif) or train.txt and val.txt with 'relative/path label' lines")
-    if len(names) < 2:
-        raise data.DataError(f"{folder}: only one class folder ({names[0]}); classification needs two or more")
-    files_per_class = []
-    for name in names:
-        try:
-            files_per_class.append(data.list_images(os.path.join(folder, name)))
-        except data.DataError:
-            raise data.DataError(f"{os.path.join(folder, name)}: class {name!r} has no images; "
-                                 "remove the folder or add images") from None
-    return files_per_class, names
-
-
-def default_train_ratio(root, train_ratio=None) -> float | None:
-    """The training fraction scene_splits uses: train_ratio if given, None where train.txt/val.txt are
-    the split, else DEFAULT_TRAIN_RATIO."""
-    if train_ratio is None and _split_source(root)[1] is None:
-        return DEFAULT_TRAIN_RATIO
-    return train_ratio
-
-
-def scene_splits(root, train_ratio=None, seed=0) -> tuple[list, list, list[str]]:
-    """(train_items, test_items, class_names), items being (path, label) lists, from class folders or list
-    files (docs/eval.md). With a ratio (default 0.8 for class folders) every class is split ratio : 1 - ratio
-    by a permutation fixed by `seed`: stratified and reproducible."""
-    root, list_file = _split_source(root)
-    if not os.path.isdir(root):
-        raise data.DataError(f"--data {root}: no such folder")
-    if list_file is None:
-        files_per_class, class_names = _class_folders(root)
-    else:
-        train, test, class_names = _list_split(root, list_file)
-        if train_ratio is None:
-            return train, test, class_names
-        files_per_class = [sorted(p for p, y in train + test if y == c) for c in range(len(class_names))]
-    ratio = DEFAULT_TRAIN_RATIO if train_ratio is None else train_ratio
-    rng = np.random.default_rng(seed)
-    train, test = [], []
-    for label, files in enumerate(files_per_class):
-        order = rng.permutation(len(files))
-        n_train = min(max(round(ratio * len(files)), 1), max(len(files) - 1, 1))  # both sides get some
-        train += [(files[i], label) for i in order[:n_train]]
-        test += [(files[i], label) for i in order[n_train:]]
-    return train, test, class_names
-
-
-def eval_transform(x: torch.Tensor, img_size: int) -> torch.Tensor:
-    """Resize the shorter side to img_size / 0.875, then centre-crop img_size."""
-    short = round(img_size / EVAL_CROP_FRACTION)
-    height, width = x.shape[-2:]
-    scale = short / min(height, width)
-    x = data.resize(x, max(short, round(height * scale)), max(short, round(width * scale)))
-    top, left = (x.shape[-2] - img_size) // 2, (x.shape[-1] - img_size) // 2
-    return x[:, top:top + img_size, left:left + img_size].contiguous()
-
-
-class SceneDataset(data.EpochSeededDataset):
-    """(float32 (C, img_size, img_size) normalised, label). train=True: RandomResizedCrop, flips and
-    90-degree rotations; train=False: eval_transform."""
-
-    def __init__(self, items, img_size=224, train=False, stats=None, bands=None, in_chans=None,
-                 seed=0, scale=(0.08, 1.0)):
-        super().__init__(seed)
-        data.check_bands(bands)
-        self.items, self.img_size, self.train = list(items), img_size, train
-        self.bands, self.in_chans, self.scale = bands, in_chans, scale
-        self.normalize = data.Normalizer(stats)
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, index) -> tuple[torch.Tensor, int]:
-        path, label = self.items[index]
-        with data.open_image(path) as file:  # scenes are small; read whole
-            file_bands, nodata = file.info.bands, file.info.nodata
-            data.check_band_count(path, file_bands, self.bands, self.in_chans)
-            image = file.read(bands=self.bands)
-        if self.train:
-            rng = self.rng(index)
-            top, left, h, w = data.random_resized_box(rng, *image.shape[1:], self.scale)
-            image = data.random_dihedral(image[:, top:top + h, left:left + w], rng)
-        x = self.normalize(image, path, file_bands, self.bands, nodata)
-        x = data.resize(x, self.img_size, self.img_size) if self.train else eval_transform(x, self.img_size)
-        return x, int(label)
-
-
-def scene_dataset(items, vit_cfg: ViTConfig, cfg: EvalConfig, train: bool, seed: int = 0) -> SceneDataset:
-    return SceneDataset(items, img_size=vit_cfg.img_size, train=train, stats=cfg.stats, bands=cfg.bands,
-                        in_chans=vit_cfg.in_chans, seed=seed)
-
-
-def check_scene_data(splits: dict, vit_cfg: ViTConfig, cfg: EvalConfig, source: str, log=print) -> None:
-    """The data mistakes that would otherwise surface deep inside a run, with the eval.py flags that fix them."""
-    for seed, (train_items, test_items, class_names) in splits.items():
-        if not train_items or not test_items:
-            raise ValueError(f"--data {cfg.data}: {len(train_items)} training and {len(test_items)} test images "
-                             f"(seed {seed}); both splits need images: add some or change --train-ratio")
-        for what, items in (("training", train_items), ("test", test_items)):
-            missing = [class_names[c] for c in sorted(set(range(len(class_names))) - {y for _, y in items})][:5]
-            if missing and what == "training":
-                raise ValueError(f"--data {cfg.data}: no training images for class(es) {missing} (seed {seed}); "
-                                 "add images or raise --train-ratio")
-            if missing:
-                log(f"warning: no test images for class(es) {missing} (seed {seed})")
-    first = next(iter(splits.values()))[0][0]
-    with data.open_image(first[0]) as image:
-        file_bands = image.info.bands
-    data.check_bands(cfg.bands)
-    if (file_bands if cfg.bands is None else len(cfg.bands)) != vit_cfg.in_chans:
-        have = f"{file_bands}" + (f" ({len(cfg.bands)} selected by --bands)" if cfg.bands is not None else "")
-        example = ",".join(str(min(b, file_bands - 1)) for b in range(vit_cfg.in_chans))
-        other = "--in-chans" if cfg.encoder == "random" else "an encoder pretrained on them"
-        raise ValueError(f"the encoder {source} expects {vit_cfg.in_chans} bands, the images of --data {cfg.data} "
-                         f"have {have} (e.g. {first[0]}): pick {vit_cfg.in_chans} of them with --bands (0-based, "
-                         f"e.g. --bands {example}), or use {other}")
-    scene_dataset([first], vit_cfg, cfg, train=False)[0]  # band indices, statistics: data.py names file and fix
-
-
-# ---- encoder ----
+# ---- encoder and scene data, as the flags select them ----
 
 
 def describe_state(state: dict[str, torch.Tensor]) -> str:
@@ -298,31 +109,27 @@ def describe_state(state: dict[str, torch.Tensor]) -> str:
 
 def load_encoder(spec: str, model: str | None = None, in_chans: int | None = None, img_size: int | None = None,
                  log=print):
-    """Resolve --encoder into (ViTConfig, encoder state dict or None for random init, description).
-    An official-layout file made for another --img-size or --in-chans is adapted, each change logged; the
-    shapes are checked on the meta device, so a file that does not fit fails before any image is read."""
+    """Resolve --encoder into (ViTConfig, encoder state dict or None for random init, description). A file
+    made for another --img-size or --in-chans is adapted; one that does not fit fails before any image is read."""
     overrides = {k: v for k, v in (("in_chans", in_chans), ("img_size", img_size)) if v is not None}
     if spec == "random":
         if model is None:
             raise ValueError("--encoder random needs --model (e.g. --model vit_base) to know what to build")
         return get_config(model, **overrides), None, f"random init ({model})"
     path = Path(spec)
-    if path.is_dir():
-        import checkpoint  # only for run folders: export_encoder knows the training checkpoint format
-
-        try:
-            ckpt = checkpoint.export_encoder(str(path))
-        except ValueError as e:
-            raise ValueError(f"--encoder {path}: {e}") from None
-    elif path.is_file():
-        try:
-            ckpt = read_checkpoint_file(path)
-        except ValueError as e:
-            raise ValueError(f"--encoder {e}; an encoder of a training run comes from `python checkpoint.py export "
-                             "--ckpt <run> --out encoder.pt`") from None
-    else:
+    if not path.exists():
         raise ValueError(f"--encoder {spec}: no such file or folder; give an encoder .pt, a training run "
                          "folder, or `random` with --model")
+    try:
+        if path.is_dir():
+            import checkpoint  # only for run folders: export_encoder knows the training checkpoint format
+
+            ckpt = checkpoint.export_encoder(str(path))
+        else:
+            ckpt = read_checkpoint_file(path)
+    except ValueError as e:
+        raise ValueError(f"--encoder {path}: {e}" if path.is_dir() else f"--encoder {e}; an encoder of a training "
+                         "run comes from `python checkpoint.py export --ckpt <run> --out encoder.pt`") from None
     state = ckpt.get("model", ckpt)  # official MAE files wrap it in "model"; timm files are bare
     if not isinstance(state, dict):
         raise ValueError(f"--encoder {path}: its \"model\" entry is a {type(state).__name__}, not a state dict")
@@ -361,6 +168,38 @@ def build_encoder(cfg: ViTConfig, state: dict | None, seed: int = 0) -> VisionTr
     return encoder.requires_grad_(False).eval()
 
 
+def scene_dataset(items, vit_cfg: ViTConfig, cfg: EvalConfig, train: bool, seed: int = 0) -> scenes.SceneDataset:
+    return scenes.SceneDataset(items, img_size=vit_cfg.img_size, train=train, stats=cfg.stats, bands=cfg.bands,
+                               in_chans=vit_cfg.in_chans, seed=seed)
+
+
+def check_scene_data(splits: dict, vit_cfg: ViTConfig, cfg: EvalConfig, source: str, log=print) -> None:
+    """The data mistakes that would otherwise surface deep inside a run, with the eval.py flags that fix them."""
+    for seed, (train_items, test_items, class_names) in splits.items():
+        if not train_items or not test_items:
+            raise ValueError(f"--data {cfg.data}: {len(train_items)} training and {len(test_items)} test images "
+                             f"(seed {seed}); both splits need images: add some or change --train-ratio")
+        no_train, no_test = ([name for c, name in enumerate(class_names) if c not in {y for _, y in items}][:5]
+                             for items in (train_items, test_items))
+        if no_train:
+            raise ValueError(f"--data {cfg.data}: no training images for class(es) {no_train} (seed {seed}); "
+                             "add images or raise --train-ratio")
+        if no_test:
+            log(f"warning: no test images for class(es) {no_test} (seed {seed})")
+    first = next(iter(splits.values()))[0][0]
+    with data.open_image(first[0]) as image:
+        file_bands = image.info.bands
+    data.check_bands(cfg.bands)
+    if (file_bands if cfg.bands is None else len(cfg.bands)) != vit_cfg.in_chans:
+        have = f"{file_bands}" + (f" ({len(cfg.bands)} selected by --bands)" if cfg.bands is not None else "")
+        example = ",".join(str(min(b, file_bands - 1)) for b in range(vit_cfg.in_chans))
+        other = "--in-chans" if cfg.encoder == "random" else "an encoder pretrained on them"
+        raise ValueError(f"the encoder {source} expects {vit_cfg.in_chans} bands, the images of --data {cfg.data} "
+                         f"have {have} (e.g. {first[0]}): pick {vit_cfg.in_chans} of them with --bands (0-based, "
+                         f"e.g. --bands {example}), or use {other}")
+    scene_dataset([first], vit_cfg, cfg, train=False)[0]  # band indices, statistics: data.py names file and fix
+
+
 # ---- inference over a dataset, frozen features, feature cache ----
 
 
@@ -376,9 +215,8 @@ def make_loader(dataset, batch_size: int, workers: int, device: torch.device, sa
 
 @torch.no_grad()
 def predict(fn, dataset, batch_size: int, workers: int, dist=ALONE, log=print, what: str = "predict"):
-    """fn(images) for every image, in dataset order: ((N, K) fp32, labels (N,)) on CPU, on every rank.
-    Each rank takes one contiguous block, padded with the last image so that all ranks run the same
-    number of batches (a sharded model needs every rank in every forward); logs img/s and the ETA."""
+    """fn(images) for every image, in dataset order: ((N, K) fp32, labels (N,)) on CPU, on every rank. Each rank
+    takes a contiguous block, padded so that all run every forward a sharded model needs; logs img/s, ETA."""
     n, world = len(dataset), dist.world_size
     per_rank = math.ceil(n / world)
     block = [min(i, n - 1) for i in range(dist.rank * per_rank, (dist.rank + 1) * per_rank)]
@@ -394,15 +232,12 @@ def predict(fn, dataset, batch_size: int, workers: int, dist=ALONE, log=print, w
                 f"ETA {(len(block) - done) / rate:.0f} s")
             last = now
     outs, labels = torch.cat(outs), torch.cat(labels)
-    if world > 1:
-        outs, labels = (torch.cat(_all_gather(t, world))[:n] for t in (outs, labels))
+    if world > 1:  # every rank's block, in rank order
+        parts = [[torch.empty_like(t) for _ in range(world)] for t in (outs, labels)]
+        for gathered, t in zip(parts, (outs, labels)):
+            torch.distributed.all_gather(gathered, t)
+        outs, labels = (torch.cat(gathered)[:n] for gathered in parts)
     return outs.cpu(), labels.cpu()
-
-
-def _all_gather(t: torch.Tensor, world_size: int) -> list[torch.Tensor]:
-    parts = [torch.empty_like(t) for _ in range(world_size)]
-    torch.distributed.all_gather(parts, t.contiguous())
-    return parts
 
 
 def cls_features(encoder: nn.Module, imgs_BCHW: torch.Tensor) -> torch.Tensor:
@@ -434,8 +269,7 @@ def feature_cache_key(encoder: nn.Module, items, vit_cfg: ViTConfig, cfg: EvalCo
 
 
 def features_for(encoder, items, key, vit_cfg, cfg, dist=ALONE, log=print, flip=False):
-    """extract_features over `items`; with --cache-features saved in --out with `key` (feature_cache_key)
-    and reused from there while the key matches."""
+    """extract_features over `items`; with --cache-features saved in --out, reused while `key` matches."""
     path = Path(cfg.out) / f"features{'_flip' * flip}.pt"
     if cfg.cache_features and path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -484,9 +318,8 @@ def make_probe_head(dim: int, num_classes: int, seed: int) -> nn.Sequential:
 
 def train_linear_probe(features_of, labels_N: torch.Tensor, dim: int, num_classes: int, cfg: EvalConfig, seed: int,
                        device=torch.device("cpu"), epochs: int = 90) -> nn.Sequential:
-    """Train the probe head; `features_of(indices)` returns the (B, D) features of those training images.
-    SGD + momentum by default, with the rest of the recipe: LARS (`--probe-optimizer lars`) barely moves
-    a head trained on a few thousand images (measured in docs/eval.md)."""
+    """Train the probe head on `features_of(indices)`, the (B, D) features of those training images. SGD by
+    default, else the recipe: LARS barely moves a head trained on a few thousand images (docs/eval.md)."""
     n = len(labels_N)
     batch = min(cfg.probe_batch_size, n)
     head = make_probe_head(dim, num_classes, seed).to(device)
@@ -495,14 +328,15 @@ def train_linear_probe(features_of, labels_N: torch.Tensor, dim: int, num_classe
     order_gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = n // batch  # drop_last, as the recipe: BatchNorm wants full batches
     total, warmup = epochs * steps_per_epoch, epochs // 9 * steps_per_epoch  # recipe: 10 of 90 epochs
-    for step, idx in enumerate(i for _ in range(epochs)
-                               for i in torch.randperm(n, generator=order_gen)[:steps_per_epoch * batch].split(batch)):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, peak_lr, total, warmup)
-        loss = F.cross_entropy(head(features_of(idx).to(device)), labels_N[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=order_gen)[:steps_per_epoch * batch]
+        for i, idx in enumerate(order.split(batch)):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(epoch * steps_per_epoch + i, peak_lr, total, warmup)
+            loss = F.cross_entropy(head(features_of(idx).to(device)), labels_N[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     return head.eval()
 
 
@@ -527,9 +361,8 @@ def knn_scores(train_feats_ND, train_labels_N, test_feats_MD, num_classes, k=20,
 
 
 class ViTClassifier(VisionTransformer):
-    """The MAE fine-tune model: mean of the patch tokens -> LayerNorm `fc_norm` -> Linear `head`. A
-    VisionTransformer subclass, so the encoder keys stay top-level (pretrained weights load as they are)
-    and fsdp_setup shards its Blocks. The global-pool recipe drops the final `norm`."""
+    """The MAE fine-tune model: mean patch token -> LayerNorm `fc_norm` -> Linear `head`, no final `norm`. A
+    VisionTransformer, so encoder weights load as they are and fsdp_setup shards its Blocks."""
 
     def __init__(self, cfg: ViTConfig, num_classes: int):
         super().__init__(cfg)
@@ -576,10 +409,8 @@ def finetune_param_groups(model: nn.Module, weight_decay: float, layer_decay: fl
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         no_decay = p.ndim == 1 or name == "cls_token"
-        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
-            layer = 0
-        else:
-            layer = int(name.split(".")[1]) + 1 if name.startswith("blocks.") else depth + 1
+        layer = (0 if name.startswith(("cls_token", "pos_embed", "patch_embed"))
+                 else int(name.split(".")[1]) + 1 if name.startswith("blocks.") else depth + 1)
         group = groups.setdefault((layer, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
                                                       "lr_scale": layer_decay ** (depth + 1 - layer)})
         group["params"].append(p)
@@ -588,8 +419,7 @@ def finetune_param_groups(model: nn.Module, weight_decay: float, layer_decay: fl
 
 def finetune(model: nn.Module, train_dataset, cfg: EvalConfig, recipe: dict, seed: int, dist=ALONE,
              log=print) -> nn.Module:
-    """Full fine-tuning of a parallelized ViTClassifier: the recipe without mixup/cutmix/RandAugment (the
-    augmentation is SceneDataset's)."""
+    """Fine-tune a parallelized ViTClassifier: the recipe, with SceneDataset's augmentation for mixup/RandAugment."""
     torch.manual_seed(seed + dist.rank)  # drop path draws from the global generator
     sampler = torch.utils.data.DistributedSampler(train_dataset, dist.world_size, dist.rank, seed=seed, drop_last=True)
     loader = make_loader(train_dataset, cfg.batch_size, cfg.workers, dist.device, sampler)
@@ -612,8 +442,8 @@ def finetune(model: nn.Module, train_dataset, cfg: EvalConfig, recipe: dict, see
             lr = lr_at(epoch * steps_per_epoch + i, peak_lr, total, warmup, min_lr=1e-6)
             for group in opt.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            logits = model(imgs.to(dist.device, non_blocking=True)).float()
-            loss = loss_fn(logits, labels.to(dist.device, non_blocking=True))
+            imgs, labels = imgs.to(dist.device, non_blocking=True), labels.to(dist.device, non_blocking=True)
+            loss = loss_fn(model(imgs).float(), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -623,7 +453,7 @@ def finetune(model: nn.Module, train_dataset, cfg: EvalConfig, recipe: dict, see
     return model.eval()
 
 
-# ---- the protocols, per seed ----
+# ---- running a protocol ----
 
 
 def frozen_scores(cfg, vit_cfg, state, splits, dist, log):
@@ -640,16 +470,17 @@ def frozen_scores(cfg, vit_cfg, state, splits, dist, log):
     for seed, (train_items, test_items, _) in splits.items():
         train, test = (torch.tensor([row[str(p)] for p, _ in split]) for split in (train_items, test_items))
         if cfg.mode == "knn":
-            yield knn_scores(feats[train], labels[train], feats[test], len(class_names), cfg.knn_k,
-                             cfg.knn_temperature), labels[test]
-            continue
-        train_feats, train_labels = feats[train], labels[train]
-        if cfg.probe_flip:
-            train_feats, train_labels = torch.cat([train_feats, flipped[train]]), train_labels.repeat(2)
-        head = linear_probe_cached(train_feats, train_labels, len(class_names), cfg, seed, dist.device,
-                                   cfg.epochs or 90)
-        with torch.no_grad():
-            yield head(feats[test].to(dist.device)).float().cpu(), labels[test]
+            scores = knn_scores(feats[train], labels[train], feats[test], len(class_names), cfg.knn_k,
+                                cfg.knn_temperature)
+        else:
+            train_feats, train_labels = feats[train], labels[train]
+            if cfg.probe_flip:
+                train_feats, train_labels = torch.cat([train_feats, flipped[train]]), train_labels.repeat(2)
+            head = linear_probe_cached(train_feats, train_labels, len(class_names), cfg, seed, dist.device,
+                                       cfg.epochs or 90)
+            with torch.no_grad():
+                scores = head(feats[test].to(dist.device)).float().cpu()
+        yield scores, labels[test]
 
 
 def finetune_scores(cfg, vit_cfg, state, splits, dist, log):
@@ -666,83 +497,12 @@ def finetune_scores(cfg, vit_cfg, state, splits, dist, log):
         del model
 
 
-# ---- results ----
-
-
-def classification_metrics(scores_NC: torch.Tensor, labels_N: torch.Tensor, class_names: list[str]) -> dict:
-    """top-1 and top-5 (percent), per-class top-1 (percent; None for a class without test images),
-    and the confusion matrix (rows: true class, columns: predicted)."""
-    C = len(class_names)
-    topk = scores_NC.topk(min(5, C), dim=1).indices
-    hits = topk == labels_N[:, None]
-    confusion = torch.zeros(C, C, dtype=torch.long)
-    confusion.index_put_((labels_N, topk[:, 0]), torch.ones(len(labels_N), dtype=torch.long), accumulate=True)
-    per_class = {name: 100.0 * confusion[c, c].item() / confusion[c].sum().item() if confusion[c].sum() else None
-                 for c, name in enumerate(class_names)}
-    return {"top1": 100.0 * hits[:, 0].float().mean().item(), "top5": 100.0 * hits.any(1).float().mean().item(),
-            "per_class": per_class, "confusion": confusion.tolist()}
-
-
-def save_confusion(confusion: list[list[int]], class_names: list[str], stem: Path) -> None:
-    """stem.csv (counts, class names as header) and stem.png (rows normalised; darker = more)."""
-    with open(stem.with_suffix(".csv"), "w") as f:
-        f.write("true\\predicted," + ",".join(class_names) + "\n")
-        f.writelines(name + "," + ",".join(map(str, row)) + "\n" for name, row in zip(class_names, confusion))
-    C, font = len(class_names), ImageFont.load_default()
-    cell = 24 if C <= 40 else 10
-    left, top = 8 + int(max(font.getlength(f"{i} {n}") for i, n in enumerate(class_names))), 24
-    img = Image.new("RGB", (left + C * cell + 8, top + C * cell + 8), "white")
-    draw = ImageDraw.Draw(img)
-    for i, (name, row) in enumerate(zip(class_names, confusion)):
-        y = top + i * cell
-        draw.text((left + i * cell + 3, 6), str(i), fill="black", font=font)  # columns: class index, as the rows
-        draw.text((4, y + cell // 2 - 6), f"{i} {name}", fill="black", font=font)
-        for j, count in enumerate(row):
-            frac, x = count / max(sum(row), 1), left + j * cell
-            colour = (int(255 * (1 - frac)), int(255 * (1 - 0.6 * frac)), 255)
-            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour, outline=(220, 220, 220))
-            if count and cell >= 20:
-                draw.text((x + 3, y + 5), str(count), fill="white" if frac > 0.5 else "black", font=font)
-    img.save(stem.with_suffix(".png"))
-
-
-def summarize(runs: list[dict]) -> dict:
-    """Mean and sample standard deviation (0 for a single run) of top-1 and top-5 over the seeds."""
-    out = {}
-    for key in ("top1", "top5"):
-        values = [r[key] for r in runs]
-        out[key], out[key + "_std"] = statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-    return out
-
-
-def split_id(items) -> str:
-    """A short fingerprint of a split, to check that two evaluations used the same images."""
-    text = "\n".join(f"{p}\t{y}" for p, y in sorted((str(p), y) for p, y in items))
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
-
-
-def report(results: dict, log=print) -> None:
-    for r in results["runs"]:
-        log(f"seed {r['seed']}: top-1 {r['top1']:.2f}  top-5 {r['top5']:.2f}  "
-            f"({r['num_train']} train / {r['num_test']} test)")
-    log("per-class top-1 (mean over seeds):")
-    for name in results["class_names"]:
-        accs = [r["per_class"][name] for r in results["runs"] if r["per_class"][name] is not None]
-        log(f"  {name:<32} {statistics.fmean(accs):6.2f}" if accs else f"  {name:<32}    n/a")
-    n = len(results["runs"])
-    log(f"{results['mode']}: top-1 {results['top1']:.2f} ± {results['top1_std']:.2f}  top-5 {results['top5']:.2f} ± "
-        f"{results['top5_std']:.2f}  over {n} seed{'s' * (n > 1)} ({results['encoder']})")
-
-
-# ---- running it ----
-
-
 def validate(cfg: EvalConfig) -> None:
     """Flag errors, before any file is read."""
-    for f in fields(cfg):
-        if "choices" in f.metadata and getattr(cfg, f.name) not in f.metadata["choices"]:
-            raise ValueError(f"{f.metadata.get('cli_name', f.name)} must be one of "
-                             f"{', '.join(f.metadata['choices'])}, got {getattr(cfg, f.name)!r}")
+    if cfg.mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+    if cfg.probe_optimizer not in ("sgd", "lars"):
+        raise ValueError(f"--probe-optimizer must be sgd or lars, got {cfg.probe_optimizer!r}")
     if cfg.train_ratio is not None and not 0.0 < cfg.train_ratio < 1.0:
         raise ValueError(f"--train-ratio must be in (0, 1), e.g. 0.2 for AID's 20% protocol; got {cfg.train_ratio}")
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
@@ -755,10 +515,9 @@ def validate(cfg: EvalConfig) -> None:
 
 
 def setup(cfg: EvalConfig, log=print) -> tuple:
-    """(ViTConfig, encoder state or None, its description, {seed: split}), with every check that
-    needs no model: the encoder file against the flags, the dataset against the encoder."""
+    """(ViTConfig, encoder state or None, its description, {seed: split}), checked against flags and each other."""
     vit_cfg, state, source = load_encoder(cfg.encoder, cfg.model, cfg.in_chans, cfg.img_size, log)
-    splits = {seed: scene_splits(cfg.data, cfg.train_ratio, seed) for seed in cfg.seeds}
+    splits = {seed: scenes.scene_splits(cfg.data, cfg.train_ratio, seed) for seed in cfg.seeds}
     check_scene_data(splits, vit_cfg, cfg, source, log)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     return vit_cfg, state, source, splits
@@ -779,12 +538,8 @@ def run(cfg: EvalConfig, log=print) -> dict:
         log(f"{cfg.mode}: encoder {source}, {len(class_names)} classes in {cfg.data}, "
             f"{dist.world_size} × {dist.device}")
         protocol = finetune_scores if cfg.mode == "finetune" else frozen_scores
-        runs = []
         try:
-            for (seed, (train, test, _)), (scores, labels) in zip(splits.items(),
-                                                                  protocol(cfg, vit_cfg, state, splits, dist, log)):
-                runs.append({"seed": seed, "num_train": len(train), "num_test": len(test), "split_id": split_id(train),
-                             **classification_metrics(scores, labels, class_names)})
+            scored = list(protocol(cfg, vit_cfg, state, splits, dist, log))  # (test scores, test labels) per seed
         except (ValueError, FileNotFoundError) as err:  # e.g. a corrupt image in this rank's share
             if dist.world_size == 1:
                 raise
@@ -792,17 +547,20 @@ def run(cfg: EvalConfig, log=print) -> dict:
             # and let torchrun (or srun --kill-on-bad-exit=1) stop them.
             print(f"error: [rank {dist.rank}] {data.error_message(err)}", file=sys.stderr, flush=True)
             os._exit(2)
+        runs = [{"seed": seed, "num_train": len(train), "num_test": len(test), "split_id": scenes.split_id(train),
+                 **scenes.classification_metrics(scores, labels, class_names)}
+                for (seed, (train, test, _)), (scores, labels) in zip(splits.items(), scored)]
         # top5_k: below 5 classes "top-5" is top-C, 100% by construction.
         results = {"mode": cfg.mode, "encoder": source, "data": cfg.data,
-                   "train_ratio": default_train_ratio(cfg.data, cfg.train_ratio), **summarize(runs),
+                   "train_ratio": scenes.default_train_ratio(cfg.data, cfg.train_ratio), **scenes.summarize(runs),
                    "top5_k": min(5, len(class_names)), "num_train": runs[0]["num_train"],
                    "num_test": runs[0]["num_test"], "seeds": cfg.seeds, "class_names": class_names,
                    "vit_config": asdict(vit_cfg), "runs": runs, "config": asdict(cfg)}
         if dist.rank == 0:
             for r in runs:
-                save_confusion(r["confusion"], class_names, Path(cfg.out) / f"confusion_seed{r['seed']}")
+                scenes.save_confusion(r["confusion"], class_names, Path(cfg.out) / f"confusion_seed{r['seed']}")
             (Path(cfg.out) / "results.json").write_text(json.dumps(results, indent=1))
-            report(results, log)
+            scenes.report(results, log)
         return results
     finally:
         fsdp_setup.cleanup()
@@ -826,8 +584,7 @@ def parse_args(argv=None) -> EvalConfig:
 
 
 def main(argv=None) -> int:
-    """`python eval.py ...`. A user error (flags, data, encoder file) prints `error: <message>`, on
-    rank 0 only, as train.py does, and exits 2; anything else is a bug and shows its traceback."""
+    """`python eval.py`: a user error prints `error: <message>` on rank 0 and exits 2, as train.py does."""
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
     try:
         run(parse_args(argv))

@@ -246,8 +246,18 @@ def test_scene_dataset_transforms(tmp_path):
     mean, std = (torch.tensor(v).view(3, 1, 1) * 255 for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
     resized = torch.nn.functional.interpolate(((image - mean) / std)[None], size=(18, 27), mode="bilinear", antialias=True)[0]
     torch.testing.assert_close(x, resized[:, 1:17, 5:21])
-    training = scenes.SceneDataset(train_items, img_size=16, train=True, seed=4)
-    assert training[1][0].shape == (3, 16, 16) and torch.equal(training[1][0], training[1][0])
+    # train = a RandomResizedCrop box and one of the 8 flips/rotations, drawn from (seed, epoch, index), then
+    # normalised and resized to 16x16; redone by hand for item 1 of seed 2, epoch 0, which draws a 30x40 box,
+    # three quarter turns and a flip
+    training = scenes.SceneDataset(train_items, img_size=16, train=True, seed=2)
+    rng = np.random.default_rng((2, 0, 1))
+    top, left, h, w = data.random_resized_box(rng, 40, 60, (0.08, 1.0))
+    turns, flip = int(rng.integers(4)), bool(rng.integers(2))
+    image = torch.from_numpy(data.read_image(train_items[1][0]).astype(np.float32))
+    box = torch.rot90(((image - mean) / std)[:, top:top + h, left:left + w], turns, dims=(1, 2))
+    box = box.flip(-1) if flip else box
+    expected = torch.nn.functional.interpolate(box[None], size=(16, 16), mode="bilinear", antialias=True)[0]
+    torch.testing.assert_close(training[1][0], expected)
     with pytest.raises(data.DataError, match=f"{test_items[0][0]} has 3 bands .* in_chans=4"):
         scenes.SceneDataset(test_items, img_size=16, in_chans=4)[0]
     stats = tmp_path / "s.json"  # of all 3 bands; select 2

@@ -215,8 +215,8 @@ def make_loader(dataset, batch_size: int, workers: int, device: torch.device, sa
 
 @torch.no_grad()
 def predict(fn, dataset, batch_size: int, workers: int, dist=ALONE, log=print, what: str = "predict"):
-    """fn(images) for every image, in dataset order: ((N, K) fp32, labels (N,)) on CPU, on every rank. Each rank
-    takes a contiguous block, padded so that all run every forward a sharded model needs; logs img/s, ETA."""
+    """fn(images) for every image, in dataset order: ((N, K) fp32, labels (N,)) on CPU, on every rank. Ranks take
+    equal contiguous blocks (the last image pads them), as a sharded model needs every rank in every forward."""
     n, world = len(dataset), dist.world_size
     per_rank = math.ceil(n / world)
     block = [min(i, n - 1) for i in range(dist.rank * per_rank, (dist.rank + 1) * per_rank)]
@@ -419,7 +419,7 @@ def finetune_param_groups(model: nn.Module, weight_decay: float, layer_decay: fl
 
 def finetune(model: nn.Module, train_dataset, cfg: EvalConfig, recipe: dict, seed: int, dist=ALONE,
              log=print) -> nn.Module:
-    """Fine-tune a parallelized ViTClassifier: the recipe, with SceneDataset's augmentation for mixup/RandAugment."""
+    """Fine-tune a parallelized ViTClassifier: the recipe, SceneDataset's augmentation instead of mixup/RandAugment."""
     torch.manual_seed(seed + dist.rank)  # drop path draws from the global generator
     sampler = torch.utils.data.DistributedSampler(train_dataset, dist.world_size, dist.rank, seed=seed, drop_last=True)
     loader = make_loader(train_dataset, cfg.batch_size, cfg.workers, dist.device, sampler)

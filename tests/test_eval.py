@@ -24,6 +24,7 @@ from PIL import Image
 
 import data
 import eval as ev
+import scenes
 from _dist_util import run_ranks
 from mae import MaskedAutoencoder
 from vit import VisionTransformer, get_config
@@ -78,12 +79,13 @@ def save_encoder(path: Path, model: VisionTransformer, cfg=TINY, step=0) -> str:
 
 
 @pytest.fixture(scope="module")
-def scenes(tmp_path_factory):
+def pretrained(tmp_path_factory):
     """The folder dataset and a tiny MAE pretrained on its training images for 40 steps."""
     tmp = tmp_path_factory.mktemp("eval")
     root = make_folder_dataset(tmp / "ucm")
-    train_items, _, _ = ev.scene_splits(root, 0.5, seed=0)
-    imgs = torch.stack([ev.SceneDataset(train_items, img_size=32, train=True)[i][0] for i in range(len(train_items))])
+    train_items, _, _ = scenes.scene_splits(root, 0.5, seed=0)
+    dataset = scenes.SceneDataset(train_items, img_size=32, train=True)
+    imgs = torch.stack([dataset[i][0] for i in range(len(train_items))])
     torch.manual_seed(0)
     mae = MaskedAutoencoder(TINY, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
     opt = torch.optim.AdamW(mae.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05)
@@ -95,9 +97,9 @@ def scenes(tmp_path_factory):
     return {"root": str(root), "encoder": save_encoder(tmp / "encoder.pt", mae, step=40), "tmp": tmp}
 
 
-def evaluate(scenes, mode, out, **overrides):
-    cfg = ev.EvalConfig(mode=mode, encoder=scenes["encoder"], data=scenes["root"], train_ratio=0.5, out=str(out),
-                        batch_size=16, workers=0, probe_batch_size=16)
+def evaluate(pretrained, mode, out, **overrides):
+    cfg = ev.EvalConfig(mode=mode, encoder=pretrained["encoder"], data=pretrained["root"], train_ratio=0.5,
+                        out=str(out), batch_size=16, workers=0, probe_batch_size=16)
     return ev.run(replace(cfg, **overrides), log=lambda *a: None)
 
 
@@ -107,15 +109,15 @@ def evaluate(scenes, mode, out, **overrides):
 def test_metrics_by_hand(tmp_path):
     scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.5, 0.1, 0.4], [0.1, 0.3, 0.6], [0.3, 0.6, 0.1]])
     labels = torch.tensor([0, 1, 2, 2, 0])  # predictions 0, 1, 0, 2, 1
-    m = ev.classification_metrics(scores, labels, ["a", "b", "c"])
+    m = scenes.classification_metrics(scores, labels, ["a", "b", "c"])
     assert m["top1"] == pytest.approx(60.0)
     assert m["top5"] == pytest.approx(100.0)  # top-k with k = min(5, classes)
     assert m["confusion"] == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
     assert m["per_class"] == {"a": 50.0, "b": 100.0, "c": 50.0}
-    ev.save_confusion(m["confusion"], ["a", "b", "c"], tmp_path / "cm")
+    scenes.save_confusion(m["confusion"], ["a", "b", "c"], tmp_path / "cm")
     assert (tmp_path / "cm.csv").read_text().splitlines()[3] == "c,1,0,1"
     assert Image.open(tmp_path / "cm.png").size[0] > 3 * 24
-    assert ev.summarize([{"top1": 80.0, "top5": 100.0}, {"top1": 90.0, "top5": 100.0}]) == pytest.approx(
+    assert scenes.summarize([{"top1": 80.0, "top5": 100.0}, {"top1": 90.0, "top5": 100.0}]) == pytest.approx(
         {"top1": 85.0, "top1_std": math.sqrt(50.0), "top5": 100.0, "top5_std": 0.0})
 
 
@@ -186,57 +188,57 @@ def make_scenes(root, classes, per_class=5, size=(40, 48), subfolder="Images"):
 
 def test_scene_splits_class_folders_are_stratified_and_deterministic(tmp_path):
     root = make_scenes(tmp_path / "UCMerced_LandUse", ["beach", "forest", "harbor"], per_class=10)
-    train, test, names = ev.scene_splits(root, train_ratio=0.8, seed=1)
+    train, test, names = scenes.scene_splits(root, train_ratio=0.8, seed=1)
     assert names == ["beach", "forest", "harbor"]
     assert [sum(label == c for _, label in train) for c in range(3)] == [8, 8, 8]
     assert [sum(label == c for _, label in test) for c in range(3)] == [2, 2, 2]
     assert not {p for p, _ in train} & {p for p, _ in test}
     assert all(Path(p).parent.name == names[label] for p, label in train + test)
-    assert ev.scene_splits(root, 0.8, seed=1) == (train, test, names)
-    assert ev.scene_splits(root, 0.8, seed=2)[0] != train
+    assert scenes.scene_splits(root, 0.8, seed=1) == (train, test, names)
+    assert scenes.scene_splits(root, 0.8, seed=2)[0] != train
 
 
 def test_scene_splits_list_files(tmp_path):
     root = make_scenes(tmp_path, ["a", "b"], per_class=3, subfolder="img")
     (root / "train.txt").write_text("img/a/a00.tif 0\nimg/a/a01.tif 0\nimg/b/b00.tif 1\n")
     (root / "val.txt").write_text("img/b/b01.tif 1\n\nimg/a/a02.tif 0\n")
-    train, test, names = ev.scene_splits(root)
+    train, test, names = scenes.scene_splits(root)
     assert names == ["0", "1"] and [label for _, label in train] == [0, 0, 1] and test[0] == (str(root / "img/b/b01.tif"), 1)
     (root / "val.txt").write_text("img/b/b01.tif b\n")
     (root / "train.txt").write_text("img/a/a00.tif a\nimg/b/b00.tif b\n")
-    assert ev.scene_splits(root / "train.txt") == ([(str(root / "img/a/a00.tif"), 0), (str(root / "img/b/b00.tif"), 1)],
-                                                     [(str(root / "img/b/b01.tif"), 1)], ["a", "b"])
+    assert scenes.scene_splits(root / "train.txt") == (
+        [(str(root / "img/a/a00.tif"), 0), (str(root / "img/b/b00.tif"), 1)], [(str(root / "img/b/b01.tif"), 1)], ["a", "b"])
     (root / "train.txt").write_text("img/a/a00.tif 00\nimg/b/b00.tif 01\n")  # zero-padded numeric labels
     (root / "val.txt").write_text("img/b/b01.tif 1\n")
-    assert ev.scene_splits(root) == ([(str(root / "img/a/a00.tif"), 0), (str(root / "img/b/b00.tif"), 1)],
+    assert scenes.scene_splits(root) == ([(str(root / "img/a/a00.tif"), 0), (str(root / "img/b/b00.tif"), 1)],
                                        [(str(root / "img/b/b01.tif"), 1)], ["0", "1"])
     (root / "train.txt").write_text("img/a/missing.tif a\n")
     with pytest.raises(data.DataError, match="train.txt:1: .*missing.tif does not exist"):
-        ev.scene_splits(root)
+        scenes.scene_splits(root)
 
 
 def test_scene_splits_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(data.DataError, match="no classes found"):
-        ev.scene_splits(tmp_path / "empty")
+        scenes.scene_splits(tmp_path / "empty")
     make_scenes(tmp_path / "one", ["only"])
     with pytest.raises(data.DataError, match="only one class"):
-        ev.scene_splits(tmp_path / "one")
+        scenes.scene_splits(tmp_path / "one")
     make_scenes(tmp_path / "gap", ["a", "b"])
     (tmp_path / "gap" / "Images" / "c").mkdir()
     with pytest.raises(data.DataError, match="class 'c' has no images"):
-        ev.scene_splits(tmp_path / "gap")
+        scenes.scene_splits(tmp_path / "gap")
     (tmp_path / "lists").mkdir()
     (tmp_path / "lists" / "train.txt").write_text("# no images yet\n")
     (tmp_path / "lists" / "val.txt").write_text("")
     with pytest.raises(data.DataError, match="train.txt and .*val.txt list no images"):
-        ev.scene_splits(tmp_path / "lists")
+        scenes.scene_splits(tmp_path / "lists")
 
 
 def test_scene_dataset_transforms(tmp_path):
     root = make_scenes(tmp_path, ["x", "y"], per_class=2, size=(40, 60))
-    train_items, test_items, _ = ev.scene_splits(root, 0.5)
-    evaluation = ev.SceneDataset(test_items, img_size=16)
+    train_items, test_items, _ = scenes.scene_splits(root, 0.5)
+    evaluation = scenes.SceneDataset(test_items, img_size=16)
     x, label = evaluation[0]
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and label == test_items[0][1]
     # eval = shorter side to 16 / 0.875 = 18 (40x60 -> 18x27), then the centre 16x16
@@ -244,19 +246,29 @@ def test_scene_dataset_transforms(tmp_path):
     mean, std = (torch.tensor(v).view(3, 1, 1) * 255 for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
     resized = torch.nn.functional.interpolate(((image - mean) / std)[None], size=(18, 27), mode="bilinear", antialias=True)[0]
     torch.testing.assert_close(x, resized[:, 1:17, 5:21])
-    training = ev.SceneDataset(train_items, img_size=16, train=True, seed=4)
-    assert training[1][0].shape == (3, 16, 16) and torch.equal(training[1][0], training[1][0])
+    # train = a RandomResizedCrop box and one of the 8 flips/rotations, drawn from (seed, epoch, index), then
+    # normalised and resized to 16x16; redone by hand for item 1 of seed 2, epoch 0, which draws a 30x40 box,
+    # three quarter turns and a flip
+    training = scenes.SceneDataset(train_items, img_size=16, train=True, seed=2)
+    rng = np.random.default_rng((2, 0, 1))
+    top, left, h, w = data.random_resized_box(rng, 40, 60, (0.08, 1.0))
+    turns, flip = int(rng.integers(4)), bool(rng.integers(2))
+    image = torch.from_numpy(data.read_image(train_items[1][0]).astype(np.float32))
+    box = torch.rot90(((image - mean) / std)[:, top:top + h, left:left + w], turns, dims=(1, 2))
+    box = box.flip(-1) if flip else box
+    expected = torch.nn.functional.interpolate(box[None], size=(16, 16), mode="bilinear", antialias=True)[0]
+    torch.testing.assert_close(training[1][0], expected)
     with pytest.raises(data.DataError, match=f"{test_items[0][0]} has 3 bands .* in_chans=4"):
-        ev.SceneDataset(test_items, img_size=16, in_chans=4)[0]
+        scenes.SceneDataset(test_items, img_size=16, in_chans=4)[0]
     stats = tmp_path / "s.json"  # of all 3 bands; select 2
     stats.write_text(json.dumps({"mean": [10.0, 20.0, 30.0], "std": [2.0, 4.0, 8.0]}))
-    x, _ = ev.SceneDataset(test_items, img_size=16, stats=stats, bands=[2, 0], in_chans=2)[0]
+    x, _ = scenes.SceneDataset(test_items, img_size=16, stats=stats, bands=[2, 0], in_chans=2)[0]
     selected = torch.from_numpy(data.read_image(test_items[0][0])[[2, 0]].astype(np.float32))
     expected = (selected - torch.tensor([30.0, 10.0]).view(2, 1, 1)) / torch.tensor([8.0, 2.0]).view(2, 1, 1)
-    torch.testing.assert_close(x, ev.eval_transform(expected, 16))
-    assert torch.equal(ev.SceneDataset(test_items, img_size=16, stats=stats, bands=(2, 0), in_chans=2)[0][0], x)
+    torch.testing.assert_close(x, scenes.eval_transform(expected, 16))
+    assert torch.equal(scenes.SceneDataset(test_items, img_size=16, stats=stats, bands=(2, 0), in_chans=2)[0][0], x)
     with pytest.raises(data.DataError, match=r"bands=\[\] selects no bands"):  # before any file is read
-        ev.SceneDataset([("a.png", 0)], bands=[])
+        scenes.SceneDataset([("a.png", 0)], bands=[])
 
 
 # ---- encoder files ----
@@ -291,18 +303,18 @@ def test_encoder_errors_name_file_key_shapes_and_fix(tmp_path):
         ev.load_encoder(str(tmp_path / "junk.pt"))
 
 
-def test_training_run_folder_is_an_encoder(scenes, tmp_path, capsys):
+def test_training_run_folder_is_an_encoder(pretrained, tmp_path, capsys):
     import checkpoint
     import train
 
     run = tmp_path / "run"
-    assert train.main(["--model", "vit_tiny", "--data", scenes["root"], "--steps", "2", "--batch-size", "8",
+    assert train.main(["--model", "vit_tiny", "--data", pretrained["root"], "--steps", "2", "--batch-size", "8",
                        "--workers", "0", "--out", str(run), "--decoder-embed-dim", "32", "--decoder-depth", "1",
                        "--decoder-num-heads", "4", "--warmup-steps", "1", "--recon-every", "0"]) == 0
     cfg, state, _ = ev.load_encoder(str(run))
     exported = checkpoint.export_encoder(str(run))
     assert cfg == TINY and all(torch.equal(state[k], v) for k, v in exported["model"].items())
-    ev.main(["knn", "--encoder", str(run), "--data", scenes["root"], "--train-ratio", "0.5", "--workers", "0",
+    ev.main(["knn", "--encoder", str(run), "--data", pretrained["root"], "--train-ratio", "0.5", "--workers", "0",
              "--out", str(tmp_path / "knn")])
     assert "knn: top-1" in capsys.readouterr().out
     assert json.loads((tmp_path / "knn" / "results.json").read_text())["encoder"] == str(run)
@@ -322,10 +334,10 @@ def linear_probe_per_epoch(encoder, train_dataset, num_classes, cfg, seed, epoch
     return ev.train_linear_probe(features_of, labels, encoder.cfg.embed_dim, num_classes, cfg, seed, epochs=epochs)
 
 
-def test_cached_probe_equals_per_epoch_probe(scenes):
-    train_items, _, _ = ev.scene_splits(scenes["root"], 0.5, seed=0)
-    dataset = ev.SceneDataset(train_items[::2], img_size=32)
-    cfg, state, _ = ev.load_encoder(scenes["encoder"])
+def test_cached_probe_equals_per_epoch_probe(pretrained):
+    train_items, _, _ = scenes.scene_splits(pretrained["root"], 0.5, seed=0)
+    dataset = scenes.SceneDataset(train_items[::2], img_size=32)
+    cfg, state, _ = ev.load_encoder(pretrained["encoder"])
     encoder = ev.build_encoder(cfg, state)
     probe_cfg = ev.EvalConfig(probe_batch_size=5)  # 16 images: 3 steps per epoch, a remainder dropped
     feats, labels = ev.extract_features(encoder, dataset, batch_size=7, log=lambda *a: None)
@@ -338,12 +350,12 @@ def test_cached_probe_equals_per_epoch_probe(scenes):
     assert not torch.allclose(cached[1].weight, ev.make_probe_head(64, 4, 3)[1].weight)  # it did train
 
 
-def test_pretrained_beats_chance_and_random_init(scenes, tmp_path):
+def test_pretrained_beats_chance_and_random_init(pretrained, tmp_path):
     results = {}
-    for name, encoder in (("mae", scenes["encoder"]), ("random", "random")):
+    for name, encoder in (("mae", pretrained["encoder"]), ("random", "random")):
         for mode in ("linprobe", "knn"):
-            results[name, mode] = evaluate(scenes, mode, tmp_path / f"{name}_{mode}", encoder=encoder, model="vit_tiny",
-                                           epochs=30)["top1"]
+            results[name, mode] = evaluate(pretrained, mode, tmp_path / f"{name}_{mode}", encoder=encoder,
+                                           model="vit_tiny", epochs=30)["top1"]
     for mode in ("linprobe", "knn"):  # measured: 100 and 100 pretrained, 91 and 91 random
         assert results["mae", mode] >= 90.0, results  # chance: 25%
         assert results["mae", mode] >= results["random", mode], results
@@ -352,15 +364,15 @@ def test_pretrained_beats_chance_and_random_init(scenes, tmp_path):
     assert (tmp_path / "mae_knn" / "confusion_seed0.csv").exists() and (tmp_path / "mae_knn" / "confusion_seed0.png").exists()
 
 
-def test_finetune_reaches_linear_probe(scenes, tmp_path):
-    probe = evaluate(scenes, "linprobe", tmp_path / "lp", epochs=30)
-    tuned = evaluate(scenes, "finetune", tmp_path / "ft", epochs=16, warmup_epochs=1, batch_size=16, blr=2e-3)
+def test_finetune_reaches_linear_probe(pretrained, tmp_path):
+    probe = evaluate(pretrained, "linprobe", tmp_path / "lp", epochs=30)
+    tuned = evaluate(pretrained, "finetune", tmp_path / "ft", epochs=16, warmup_epochs=1, batch_size=16, blr=2e-3)
     assert tuned["top1"] >= probe["top1"] - 1e-6, (tuned["top1"], probe["top1"])
 
 
-def test_seeds_split_deterministically_and_report_mean_std(scenes, tmp_path):
-    a = evaluate(scenes, "knn", tmp_path / "a", seeds=[0, 1], cache_features=True)
-    b = evaluate(scenes, "knn", tmp_path / "a", seeds=[1], cache_features=True)  # reuses the cached features
+def test_seeds_split_deterministically_and_report_mean_std(pretrained, tmp_path):
+    a = evaluate(pretrained, "knn", tmp_path / "a", seeds=[0, 1], cache_features=True)
+    b = evaluate(pretrained, "knn", tmp_path / "a", seeds=[1], cache_features=True)  # reuses the cached features
     assert a["runs"][1]["split_id"] == b["runs"][0]["split_id"] != a["runs"][0]["split_id"]
     assert a["runs"][1]["top1"] == b["runs"][0]["top1"]
     tops = [r["top1"] for r in a["runs"]]
@@ -368,13 +380,13 @@ def test_seeds_split_deterministically_and_report_mean_std(scenes, tmp_path):
     assert (tmp_path / "a" / "features.pt").exists()
 
 
-def test_results_record_the_split_ratio_used_and_top5_k(scenes, tmp_path):
+def test_results_record_the_split_ratio_used_and_top5_k(pretrained, tmp_path):
     """A folder dataset without --train-ratio is split 0.8 : 0.2, and results.json says so; top5_k
     tells that top-5 of a 4-class dataset is top-4 (100% by construction below 5 classes)."""
-    evaluate(scenes, "knn", tmp_path / "r", train_ratio=None)
+    evaluate(pretrained, "knn", tmp_path / "r", train_ratio=None)
     saved = json.loads((tmp_path / "r" / "results.json").read_text())
-    assert saved["train_ratio"] == ev.DEFAULT_TRAIN_RATIO and saved["top5_k"] == min(5, len(CLASSES))
-    assert ev.default_train_ratio(scenes["root"], 0.5) == 0.5
+    assert saved["train_ratio"] == scenes.DEFAULT_TRAIN_RATIO and saved["top5_k"] == min(5, len(CLASSES))
+    assert scenes.default_train_ratio(pretrained["root"], 0.5) == 0.5
 
 
 def test_feature_cache_belongs_to_its_encoder_images_and_stats(tmp_path, monkeypatch):
@@ -391,7 +403,7 @@ def test_feature_cache_belongs_to_its_encoder_images_and_stats(tmp_path, monkeyp
     def extract(encoder):
         items = [(str(image), 0)]
         key = ev.feature_cache_key(encoder, items, TINY, cfg)
-        ev.features_for(encoder, items, False, key, TINY, cfg, "cpu", 0, 1, lambda *a: None)
+        ev.features_for(encoder, items, key, TINY, cfg, log=lambda *a: None)
         return len(calls)
 
     assert extract(first) == 1 and extract(first) == 1  # the second call reused the saved features
@@ -423,7 +435,7 @@ def test_list_file_layout_multiband(tmp_path):
     assert three["num_test"] == 16
 
 
-def test_bad_datasets_raise_clear_errors(scenes, tmp_path):
+def test_bad_datasets_raise_clear_errors(pretrained, tmp_path):
     def knn(root, **kw):
         cfg = ev.EvalConfig(mode="knn", encoder="random", model="vit_tiny", data=str(root), out=str(tmp_path / "o"), workers=0)
         ev.run(replace(cfg, **kw), log=lambda *a: None)
@@ -441,12 +453,12 @@ def test_bad_datasets_raise_clear_errors(scenes, tmp_path):
     with pytest.raises(ValueError, match="'lake' has no images"):
         knn(tmp_path / "one")
     with pytest.raises(ValueError, match="--train-ratio must be in"):
-        knn(scenes["root"], train_ratio=1.5)
+        knn(pretrained["root"], train_ratio=1.5)
     with pytest.raises(ValueError, match="--model 'vit_gigantic' is unknown"):
-        knn(scenes["root"], model="vit_gigantic")
+        knn(pretrained["root"], model="vit_gigantic")
 
 
-def test_cli_user_errors_are_one_line_and_exit_2(scenes, tmp_path, capsys):
+def test_cli_user_errors_are_one_line_and_exit_2(pretrained, tmp_path, capsys):
     def cli(*args):
         code = ev.main(["knn", "--encoder", "random", "--model", "vit_tiny", "--out", str(tmp_path / "o"), *args])
         return code, capsys.readouterr().err
@@ -461,8 +473,9 @@ def test_cli_user_errors_are_one_line_and_exit_2(scenes, tmp_path, capsys):
         (("--data", str(tmp_path / "one")), "only one class"),
         (("--data", str(tmp_path / "missing")), f"--data {tmp_path / 'missing'}: no such folder"),
         (("--data", str(broken), "--workers", "2"), f"{bad}: unreadable TIFF header"),  # raised in a loader worker
-        (("--data", scenes["root"], "--model", "vit_base", "--encoder", scenes["encoder"]), "--model vit_base contradicts"),
-        (("--data", scenes["root"], "--in-chans", "4"), r"expects 4 bands, the images of --data .* have 3 .*"
+        (("--data", pretrained["root"], "--model", "vit_base", "--encoder", pretrained["encoder"]),
+         "--model vit_base contradicts"),
+        (("--data", pretrained["root"], "--in-chans", "4"), r"expects 4 bands, the images of --data .* have 3 .*"
                                                         r"--bands 0,1,2,2\), or use --in-chans"),
     ]
     for args, message in cases:
@@ -488,33 +501,31 @@ def _on_ranks(rank, root, encoder, out, world_size):
     quiet = lambda *a: None  # noqa: E731
     dist_info = fsdp_setup.init_distributed()
     vit_cfg, state, _ = ev.load_encoder(encoder)
-    train_items, test_items, names = ev.scene_splits(root, 0.5, seed=0)
+    train_items, test_items, names = scenes.scene_splits(root, 0.5, seed=0)
     frozen = ev.build_encoder(vit_cfg, state)
-    odd = ev.SceneDataset(train_items + test_items[:-1], img_size=32)  # 63 images: the last block is padded
-    feats, labels = ev.extract_features(frozen, odd, 5, 0, dist_info.device, False, rank, world_size, quiet)
-    alone, alone_labels = ev.extract_features(frozen, odd, 5, 0, dist_info.device, log=quiet)
+    odd = scenes.SceneDataset(train_items + test_items[:-1], img_size=32)  # 63 images: the last block is padded
+    feats, labels = ev.extract_features(frozen, odd, 5, 0, dist_info, log=quiet)
+    alone, alone_labels = ev.extract_features(frozen, odd, 5, 0, replace(ev.ALONE, device=dist_info.device), log=quiet)
     assert torch.allclose(feats, alone, atol=1e-5) and torch.equal(labels, alone_labels) and len(feats) == 63
 
     cfg = ev.EvalConfig(batch_size=16 // world_size, workers=0, warmup_epochs=1, mixed_precision="fp32",
                         strategy="full_shard" if world_size > 1 else "ddp")
     recipe = dict(ev.finetune_recipe(vit_cfg), epochs=2, drop_path=0.0)
     model = ev.build_classifier(vit_cfg, state, len(names), cfg, seed=0, rank=rank)
-    model = ev.finetune(model, ev.scene_dataset(train_items, vit_cfg, cfg, train=True), cfg, recipe, 0,
-                        dist_info.device, rank, world_size, quiet)
-    scores, _ = ev.predict(model, ev.scene_dataset(test_items, vit_cfg, cfg, train=False), 8, 0, dist_info.device,
-                           rank, world_size, quiet)
+    model = ev.finetune(model, ev.scene_dataset(train_items, vit_cfg, cfg, train=True), cfg, recipe, 0, dist_info, quiet)
+    scores, _ = ev.predict(model, ev.scene_dataset(test_items, vit_cfg, cfg, train=False), 8, 0, dist_info, quiet)
     if rank == 0:
         torch.save(scores, os.path.join(out, f"scores_{world_size}.pt"))
     ev.run(ev.EvalConfig(mode="knn", encoder=encoder, data=root, train_ratio=0.5, workers=0,
                          out=os.path.join(out, f"knn_{world_size}")), log=quiet)  # ends the process group
 
 
-def test_two_ranks_match_one_process(scenes, tmp_path):
+def test_two_ranks_match_one_process(pretrained, tmp_path):
     """2 gloo ranks against one process: gathered features in order, FULL_SHARD fine-tuning on
     2 × 8 images per step vs DDP on 1 × 16 (the sampler interleaves the ranks, so the global
     batches are the same images; augmentation depends on the image index only), the knn CLI path."""
-    run_ranks(_on_ranks, 2, args=(scenes["root"], scenes["encoder"], str(tmp_path), 2))
-    _on_ranks(0, scenes["root"], scenes["encoder"], str(tmp_path), 1)
+    run_ranks(_on_ranks, 2, args=(pretrained["root"], pretrained["encoder"], str(tmp_path), 2))
+    _on_ranks(0, pretrained["root"], pretrained["encoder"], str(tmp_path), 1)
     two, one = (torch.load(tmp_path / f"scores_{n}.pt", weights_only=True) for n in (2, 1))
     assert two.shape == (32, 4) and torch.allclose(two, one, rtol=1e-4, atol=1e-7)  # logits ~3e-3, measured diff ~1e-8, (two - one).abs().max()
     assert not torch.allclose(one, one[:1].expand_as(one))  # it learned something image-dependent

@@ -22,7 +22,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -42,49 +42,38 @@ NON_ENCODER_PREFIXES = ("decoder_", "mask_token", "head.", "fc_norm.")  # MAE de
 ALONE = fsdp_setup.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))  # one process, no torchrun
 
 
-def flag(default, help: str, **argparse_options):
-    """A config field that is also a command-line flag: its --help text and argparse options ride along."""
-    factory = dict(default_factory=lambda: list(default)) if isinstance(default, list) else dict(default=default)
-    return field(**factory, metadata=dict(help=help, **argparse_options))
-
-
 @dataclass
-class EvalConfig:  # every field is a flag of the same name (`mode` positional, `--seed` for seeds); docs/eval.md
-    mode: str = flag("linprobe", "knn: quick, no training; linprobe: the paper's; finetune: all weights", choices=MODES)
-    encoder: str = flag("", "encoder .pt (`checkpoint.py export`, or an official MAE/timm ViT with --model), "
-                        "a training run folder, or 'random'", required=True)
-    data: str = flag("", "a folder of class subfolders of images, or of train.txt + val.txt ('relative/path label' "
-                     "lines), or that train.txt", required=True)
-    train_ratio: float | None = flag(None, "training fraction per class (UCM 0.5/0.8, AID 0.2/0.5, NWPU 0.1/0.2); "
-                                     "default: the list files' split, else 0.8")
-    seeds: list[int] = flag([0], "one run per seed (split, head); reports mean ± std", cli_name="seed", type=int,
-                            nargs="+")
-    out: str = flag("runs/eval", "output folder: results.json, confusion_seed*.csv/png, features*.pt")
-    model: str | None = flag(None, f"architecture for 'random' and files without vit_config: {', '.join(CONFIGS)}")
-    in_chans: int | None = flag(None, "input bands, for files without vit_config")
-    img_size: int | None = flag(None, "input size in pixels, for files without vit_config")
-    bands: list[int] | None = flag(None, "comma-separated 0-based bands to read, e.g. 3,2,1 (as train.py)")
-    stats: str | None = flag(None, "per-band mean/std JSON (`python data.py stats`); 3-band uint8: ImageNet's")
-    epochs: int | None = flag(None, "default: 90 (linprobe); 100 for B and smaller, 50 for L and up (finetune)")
-    batch_size: int = flag(64, "images per step per process: feature extraction, fine-tuning")
-    workers: int = flag(4, "data-loading processes per process")
-    cache_features: bool = flag(False, "save frozen features in --out; reuse them when they match", action="store_true")
-    probe_batch_size: int = flag(256, "linprobe: head batch on the extracted features")
-    probe_optimizer: str = flag("sgd", "linprobe: lars is the recipe's, for MillionAID sizes", choices=("sgd", "lars"))
-    probe_blr: float = flag(0.1, "linprobe: base lr, lr = blr * batch / 256")
-    probe_flip: bool = flag(False, "linprobe: also train on flipped training images", action="store_true")
-    knn_k: int = flag(20, "knn: neighbours that vote")
-    knn_temperature: float = flag(0.07, "knn: vote weight exp(cosine / T)")
-    blr: float | None = flag(None, "finetune: lr = blr * batch * processes / 256; default 5e-4 (B), 1e-3 (L+)")
-    layer_decay: float | None = flag(None, "finetune: layer-wise lr decay; default 0.65 (B), 0.75 (L and up)")
-    drop_path: float | None = flag(None, "finetune: stochastic depth; default 0.1 (B), 0.2 (L), 0.3 (H and up)")
-    weight_decay: float = flag(0.05, "finetune: AdamW weight decay")
-    label_smoothing: float = flag(0.1, "finetune: label smoothing")
-    warmup_epochs: int = flag(5, "finetune: linear warmup epochs")
-    strategy: str = flag("ddp", "finetune: layout across the processes, as in training", choices=fsdp_setup.STRATEGIES)
-    shard_group_size: int | None = flag(None, "finetune: GPUs sharding one replica (hybrid_shard)")
-    mixed_precision: str = flag("auto", "finetune: auto is bf16 on GPU, fp32 on CPU",
-                                choices=("auto", *fsdp_setup.PRECISIONS))
+class EvalConfig:  # one field per flag (`--seed` fills seeds); what each means: parse_args' help, docs/eval.md
+    mode: str = "linprobe"
+    encoder: str = ""
+    data: str = ""
+    train_ratio: float | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+    out: str = "runs/eval"
+    model: str | None = None
+    in_chans: int | None = None
+    img_size: int | None = None
+    bands: list[int] | None = None
+    stats: str | None = None
+    epochs: int | None = None
+    batch_size: int = 64
+    workers: int = 4
+    cache_features: bool = False
+    probe_batch_size: int = 256
+    probe_optimizer: str = "sgd"
+    probe_blr: float = 0.1
+    probe_flip: bool = False
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    blr: float | None = None
+    layer_decay: float | None = None
+    drop_path: float | None = None
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    warmup_epochs: int = 5
+    strategy: str = "ddp"
+    shard_group_size: int | None = None
+    mixed_precision: str = "auto"
 
 
 # ---- encoder and scene data, as the flags select them ----
@@ -567,18 +556,48 @@ def run(cfg: EvalConfig, log=print) -> dict:
 
 
 def parse_args(argv=None) -> EvalConfig:
+    d = EvalConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(EvalConfig):  # every field is a flag: `mode` positional, `--seed` for seeds, the rest by name
-        options = dict(f.metadata)
-        if f.name == "mode":
-            p.add_argument("mode", **options)
-            continue
-        if not options.get("required"):
-            options["default"] = f.default_factory() if f.default is MISSING else f.default
-        if kind := {"int": int, "float": float}.get(f.type.removesuffix(" | None")):
-            options.setdefault("type", kind)
-        p.add_argument("--" + options.pop("cli_name", f.name).replace("_", "-"), dest=f.name, **options)
+    p.add_argument("mode", choices=MODES, help="knn: quick, no training; linprobe: the paper's; finetune: all weights")
+    p.add_argument("--encoder", required=True, help="encoder .pt (`checkpoint.py export`, or an official MAE/timm "
+                   "ViT with --model), a training run folder, or 'random'")
+    p.add_argument("--data", required=True, help="a folder of class subfolders of images, or of train.txt + "
+                   "val.txt ('relative/path label' lines), or that train.txt")
+    p.add_argument("--train-ratio", type=float, help="training fraction per class (UCM 0.5/0.8, AID 0.2/0.5, "
+                   "NWPU 0.1/0.2); default: the list files' split, else 0.8")
+    p.add_argument("--seed", dest="seeds", type=int, nargs="+", default=d.seeds,
+                   help="one run per seed (split, head); reports mean ± std")
+    p.add_argument("--out", default=d.out, help="output folder: results.json, confusion_seed*.csv/png, features*.pt")
+    p.add_argument("--model", help=f"architecture for 'random' and files without vit_config: {', '.join(CONFIGS)}")
+    p.add_argument("--in-chans", type=int, help="input bands, for files without vit_config")
+    p.add_argument("--img-size", type=int, help="input size in pixels, for files without vit_config")
+    p.add_argument("--bands", help="comma-separated 0-based bands to read, e.g. 3,2,1 (as train.py)")
+    p.add_argument("--stats", help="per-band mean/std JSON (`python data.py stats`); 3-band uint8: ImageNet's")
+    p.add_argument("--epochs", type=int, help="default: 90 (linprobe); 100 for B and smaller, 50 for L+ (finetune)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step per process")
+    p.add_argument("--workers", type=int, default=d.workers, help="data-loading processes per process")
+    p.add_argument("--cache-features", action="store_true", help="save frozen features in --out; reuse them "
+                   "when encoder, images and stats match")
+    p.add_argument("--probe-batch-size", type=int, default=d.probe_batch_size, help="linprobe: head batch")
+    p.add_argument("--probe-optimizer", choices=("sgd", "lars"), default=d.probe_optimizer,
+                   help="linprobe: lars is the recipe's, for MillionAID sizes")
+    p.add_argument("--probe-blr", type=float, default=d.probe_blr, help="linprobe: base lr, lr = blr * batch / 256")
+    p.add_argument("--probe-flip", action="store_true", help="linprobe: also train on flipped training images")
+    p.add_argument("--knn-k", type=int, default=d.knn_k, help="knn: neighbours that vote")
+    p.add_argument("--knn-temperature", type=float, default=d.knn_temperature, help="knn: vote weight exp(cos / T)")
+    p.add_argument("--blr", type=float, help="finetune: lr = blr * batch * processes / 256; default 5e-4 (B), "
+                   "1e-3 (L and up)")
+    p.add_argument("--layer-decay", type=float, help="finetune: layer-wise lr decay; default 0.65 (B), 0.75 (L+)")
+    p.add_argument("--drop-path", type=float, help="finetune: stochastic depth; default 0.1 (B), 0.2 (L), 0.3 (H+)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="finetune: AdamW weight decay")
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="finetune: label smoothing")
+    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs, help="finetune: linear warmup epochs")
+    p.add_argument("--strategy", choices=fsdp_setup.STRATEGIES, default=d.strategy,
+                   help="finetune: layout across the processes, as in training")
+    p.add_argument("--shard-group-size", type=int, help="finetune: GPUs sharding one replica (hybrid_shard)")
+    p.add_argument("--mixed-precision", choices=("auto", *fsdp_setup.PRECISIONS), default=d.mixed_precision,
+                   help="finetune: auto is bf16 on GPU, fp32 on CPU")
     args = vars(p.parse_args(argv))
     return EvalConfig(**{**args, "bands": parse_band_map(args["bands"], "--bands")})
 

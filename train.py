@@ -51,7 +51,7 @@ import fsdp_setup
 from fsdp_setup import on_every_rank
 from mae import (MaskedAutoencoder, adapt_mae_state_dict, check_mae_state, parse_band_map, read_mae_checkpoint,
                  save_reconstruction_png)
-from vit import get_config
+from vit import SDPA_CHOICES, apply_sdpa_choice, get_config
 
 SYNTHETIC_IMAGES = 1_000_000  # `--data synthetic`: MillionAID-sized, generated on the fly
 
@@ -297,18 +297,6 @@ def load_init_weights(model: torch.nn.Module, cfg: TrainConfig, dist: fsdp_setup
     with fsdp_setup.buffers_on(plain, torch.device("cpu")) if cfg.cpu_offload else contextlib.nullcontext():
         set_model_state_dict(plain, state, options=options)
     log(dist, f"init: weights from {cfg.init}" + (f"; {len(missing)} decoder tensors keep their fresh init" if missing else ""))
-
-
-# Process-wide SDPA switches: `--sdpa cudnn` leaves only cuDNN and the math fallback enabled, so the
-# whole model runs that kernel wherever it supports the shape. MAE's encoder attends over only
-# 50-65 tokens, where the kernels differ most (docs/paper.md).
-SDPA_SWITCHES = {"flash": "enable_flash_sdp", "efficient": "enable_mem_efficient_sdp", "cudnn": "enable_cudnn_sdp"}
-SDPA_CHOICES = ("auto", *SDPA_SWITCHES, "math")
-
-
-def apply_sdpa_choice(choice: str) -> None:
-    for name, switch in SDPA_SWITCHES.items():
-        getattr(torch.backends.cuda, switch)(choice in ("auto", name))
 
 
 ADAMW_IMPLEMENTATIONS = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for-loop": dict(foreach=False)}

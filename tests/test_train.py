@@ -26,7 +26,7 @@ import data
 import fsdp_setup
 import train
 from _dist_util import _entry, free_port, run_ranks
-from vit import ViTConfig, VisionTransformer, get_config
+from vit import ViTConfig, VisionTransformer, apply_sdpa_choice, get_config
 
 # A tiny model on 32 px chips: a step takes milliseconds, a run a second or two.
 TINY = ["--model", "vit_tiny", "--decoder-embed-dim", "32", "--decoder-depth", "1", "--decoder-num-heads", "4",
@@ -172,12 +172,12 @@ def test_adamw_implementations_take_the_same_steps():
 def test_sdpa_choice_sets_the_process_wide_switches():
     backends = torch.backends.cuda
     try:
-        train.apply_sdpa_choice("cudnn")
+        apply_sdpa_choice("cudnn")
         assert (backends.cudnn_sdp_enabled(), backends.flash_sdp_enabled(), backends.mem_efficient_sdp_enabled()) == (True, False, False)
-        train.apply_sdpa_choice("math")
+        apply_sdpa_choice("math")
         assert not any((backends.cudnn_sdp_enabled(), backends.flash_sdp_enabled(), backends.mem_efficient_sdp_enabled()))
     finally:
-        train.apply_sdpa_choice("auto")
+        apply_sdpa_choice("auto")
     assert backends.cudnn_sdp_enabled() and backends.flash_sdp_enabled() and backends.mem_efficient_sdp_enabled()
 
 

@@ -57,7 +57,7 @@ import fsdp_setup  # noqa: E402
 import geotiff  # noqa: E402
 import train  # noqa: E402
 from plan import GiB, PlanConfig, layout_estimate, model_sizes  # noqa: E402
-from vit import get_config  # noqa: E402
+from vit import SDPA_CHOICES, apply_sdpa_choice, get_config  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -357,7 +357,7 @@ def run_one(cfg: train.TrainConfig, sdpa: str, dist: fsdp_setup.Dist, args, powe
     if invalid:
         return invalid
     torch.compiler.reset()  # each configuration compiles afresh (no recompiles with dynamic shapes)
-    train.apply_sdpa_choice(sdpa)  # what train.py --sdpa does
+    apply_sdpa_choice(sdpa)  # what train.py --sdpa does
     if dist.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dist.device)
     profile_path = None
@@ -388,7 +388,7 @@ def run_interleaved(configs: list[train.TrainConfig], sdpa: str, dist: fsdp_setu
         if not invalid:
             runnable.append((len(rows) - 1, cfg))
     torch.compiler.reset()
-    train.apply_sdpa_choice(sdpa)  # what train.py --sdpa does
+    apply_sdpa_choice(sdpa)  # what train.py --sdpa does
     try:
         runs = [(i, ConfigRun(cfg, dist)) for i, cfg in runnable]
         for _, run in runs:
@@ -423,8 +423,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 def cmd_sweep(args) -> list[dict]:
     for choice in args.sdpa:
-        if choice not in train.SDPA_CHOICES:
-            raise ValueError(f"--sdpa must be one of {', '.join(train.SDPA_CHOICES)}, got {choice!r}")
+        if choice not in SDPA_CHOICES:
+            raise ValueError(f"--sdpa must be one of {', '.join(SDPA_CHOICES)}, got {choice!r}")
     if args.interleave and len(args.sdpa) > 1:
         raise ValueError("--interleave takes one --sdpa choice (the switch is process-wide)")
     if args.steps < 1 or args.warmup < 1:

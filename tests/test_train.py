@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 import checkpoint
 import data
 import fsdp_setup
+import metrics
 import train
 from _dist_util import _entry, free_port, run_ranks
 from vit import ViTConfig, VisionTransformer, apply_sdpa_choice, get_config
@@ -182,13 +183,13 @@ def test_sdpa_choice_sets_the_process_wide_switches():
 
 
 def test_peak_tflops(monkeypatch):
-    assert train.peak_tflops(torch.device("cpu")) == ("cpu", None)
-    assert train.peak_tflops(torch.device("cpu"), 100.0) == ("cpu", 100.0)
+    assert metrics.peak_tflops(torch.device("cpu")) == ("cpu", None)
+    assert metrics.peak_tflops(torch.device("cpu"), 100.0) == ("cpu", 100.0)
     for name, expected in [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
                            ("NVIDIA A100-SXM4-80GB", 312.0), ("AMD Instinct MI250X", 191.5),
                            ("AMD Instinct MI300X", 1307.0), ("Tesla V100", None)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, n=name: n)
-        assert train.peak_tflops(torch.device("cuda", 0)) == (name, expected)
+        assert metrics.peak_tflops(torch.device("cuda", 0)) == (name, expected)
 
 
 def test_stop_flag_is_read_from_a_host_copy(monkeypatch):

@@ -24,8 +24,6 @@ pickle is restricted. The full format, rules and measured costs: docs/checkpoint
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import io
 import json
 import os
@@ -33,7 +31,6 @@ import pickle
 import re
 import shutil
 import sys
-import warnings
 import zlib
 from pathlib import Path
 
@@ -49,7 +46,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import fsdp_setup
-from vit import ViTConfig, VisionTransformer
+from vit import ViTConfig
 
 STEP_DIR = re.compile(r"step-([0-9]+)")  # always with fullmatch: `$` would accept "step-5\n"
 CHECKSUMS = "checksums.json"
@@ -471,69 +468,11 @@ def params_finite(model, dist) -> bool:
     return bool(ok.item())
 
 
-# --- Export: the encoder alone, in one process ----------------------------------------------------
-
-
-def resolve_step_folder(path: str, log=print) -> Path:
-    """A checkpoint folder (exactly that one, verified) or a run folder (its select_checkpoint)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ValueError(f"--ckpt {path}: no such folder; give a run folder or one of its step-N folders")
-    if any((folder / name).exists() for name in (CHECKSUMS, ".metadata", "train_state.json")):
-        problems = verify_checkpoint(folder)
-        if problems:
-            raise ValueError(f"--ckpt {path}: {'; '.join(problems)}: {FIX}")
-        return folder
-    found = select_checkpoint(folder, log)
-    if found is None:
-        raise ValueError(f"--ckpt {path}: neither a step-N checkpoint folder nor a run folder holding one")
-    return found
-
-
-def export_encoder(ckpt_path: str, log=None) -> dict:
-    """The encoder of a checkpoint as one official-layout state dict, in a single process (no process
-    group: DCP reads every shard). Returns {"model", "vit_config", "step"}; save it with torch.save,
-    it loads with torch.load(weights_only=True) into vit.VisionTransformer(ViTConfig(**vit_config)).
-    Folders passed over in a run folder are logged (to stderr by default)."""
-    folder = resolve_step_folder(ckpt_path, log or (lambda message: print(message, file=sys.stderr, flush=True)))
-    train_state = json.loads((folder / "train_state.json").read_text())
-    vit_cfg = ViTConfig(**train_state["vit_config"])
-    with torch.device("meta"):
-        encoder = VisionTransformer(vit_cfg)
-    encoder.to_empty(device="cpu")  # no init: every tensor is read from the checkpoint
-    state = {"model": encoder.state_dict()}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp_load(state, folder, no_dist=True)  # reads only the encoder's keys
-    return {"model": state["model"], "vit_config": dataclasses.asdict(vit_cfg), "step": train_state["step"]}
-
-
-# --- Command line: `python checkpoint.py export ...` ----------------------------------------------
-
-
 def cli(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] != ["export"]:
-        print("usage: python checkpoint.py export --ckpt RUN_OR_STEP_FOLDER --out ENCODER.pt", file=sys.stderr)
-        return 2
-    parser = argparse.ArgumentParser(prog="checkpoint.py export",
-                                     description="write a checkpoint's encoder as one file")
-    parser.add_argument("--ckpt", required=True, help="run folder (its newest loadable checkpoint) or a step-N folder")
-    parser.add_argument("--out", required=True, help="output .pt file")
-    args = parser.parse_args(argv[1:])
-    out = Path(args.out)
-    try:
-        if not out.parent.is_dir():
-            raise ValueError(f"--out {out}: no folder {out.parent}")
-        exported = export_encoder(args.ckpt)
-        torch.save(exported, out.with_name(out.name + ".tmp"))  # complete or absent, as every file here
-        os.replace(out.with_name(out.name + ".tmp"), out)
-    except (ValueError, OSError) as err:  # the message, no traceback (as train.py's cli)
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    print(f"wrote {args.out}: encoder of step {exported['step']} ({len(exported['model'])} tensors, "
-          f"{exported['vit_config']['img_size']} px, {exported['vit_config']['in_chans']} bands)")
-    return 0
+    """`python checkpoint.py export --ckpt RUN_OR_STEP_FOLDER --out ENCODER.pt`: weights.export_cli."""
+    import weights  # weights.py imports this module: imported here, not at the top
+
+    return weights.export_cli(argv)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 import data
 import fsdp_setup
-from mae import adapt_mae_state_dict, check_mae_state, load_mae_checkpoint, parse_band_map, read_checkpoint_file
+from weights import (adapt_mae_state_dict, check_mae_state, export_encoder, load_mae_checkpoint, parse_band_map,
+                     read_checkpoint_file)
 from train import lr_at
 from vit import CONFIGS, ViTConfig, VisionTransformer, get_config
 
@@ -285,10 +286,8 @@ def load_encoder(spec: str, model: str | None = None, in_chans: int | None = Non
         return get_config(model, **overrides), None, f"random init ({model})"
     path = Path(spec)
     if path.is_dir():
-        import checkpoint  # only for run folders: export_encoder knows the training checkpoint format
-
         try:
-            ckpt = checkpoint.export_encoder(str(path))
+            ckpt = export_encoder(str(path))
         except ValueError as e:
             raise ValueError(f"--encoder {path}: {e}") from None
     elif path.is_file():

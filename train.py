@@ -29,7 +29,6 @@ launcher ends the job; srun does so only with --kill-on-bad-exit=1).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -41,16 +40,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as tdist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 import checkpoint
 import data
 import fsdp_setup
 from fsdp_setup import on_every_rank
+from mae import MaskedAutoencoder, save_reconstruction_png
 from metrics import Meter
-from mae import (MaskedAutoencoder, adapt_mae_state_dict, check_mae_state, parse_band_map, read_mae_checkpoint,
-                 save_reconstruction_png)
 from vit import SDPA_CHOICES, apply_sdpa_choice, get_config
+from weights import load_init_weights, parse_band_map
 
 SYNTHETIC_IMAGES = 1_000_000  # `--data synthetic`: MillionAID-sized, generated on the fly
 
@@ -269,33 +267,10 @@ def build_model(cfg: TrainConfig, dist: fsdp_setup.Dist) -> torch.nn.Module:
     model = fsdp_setup.parallelize(model, cfg.strategy, cfg.shard_group_size, precision, cfg.ac, cfg.compile,
                                    seed=cfg.seed, cpu_offload=cfg.cpu_offload)
     if cfg.init:
-        load_init_weights(model, cfg, dist)
-    return model
-
-
-def load_init_weights(model: torch.nn.Module, cfg: TrainConfig, dist: fsdp_setup.Dist) -> None:
-    """Continual pretraining: rank 0 reads an official-layout checkpoint (whole, on CPU), checks it
-    against a meta-device copy of the model, and broadcasts it shard by shard; the other ranks never
-    hold the full weights."""
-    def read_and_check():
-        if not dist.is_main:
-            return {}, []
         with torch.device("meta"):
             shapes = build_mae(cfg)
-        # Another image size or band count: positions and band kernels adapted, each change logged.
-        state, notes = adapt_mae_state_dict(read_mae_checkpoint(cfg.init), shapes.cfg,
-                                            parse_band_map(cfg.init_rgb_bands), source=f"--init {cfg.init}")
-        for note in notes:
-            log(dist, f"init: {note}")
-        return state, check_mae_state(shapes, state, source=f"--init {cfg.init}")
-
-    state, missing = on_every_rank(read_and_check, dist)
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
-    plain = fsdp_setup.unwrap(model)
-    # Offloaded shards are on the CPU, buffers on the GPU: the buffers join the shards for the broadcast.
-    with fsdp_setup.buffers_on(plain, torch.device("cpu")) if cfg.cpu_offload else contextlib.nullcontext():
-        set_model_state_dict(plain, state, options=options)
-    log(dist, f"init: weights from {cfg.init}" + (f"; {len(missing)} decoder tensors keep their fresh init" if missing else ""))
+        load_init_weights(model, shapes, cfg.init, cfg.init_rgb_bands, dist, cfg.cpu_offload)
+    return model
 
 
 ADAMW_IMPLEMENTATIONS = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for-loop": dict(foreach=False)}

@@ -26,6 +26,7 @@ import data
 import fsdp_setup
 import metrics
 import train
+import weights
 from _dist_util import _entry, free_port, run_ranks
 from vit import ViTConfig, VisionTransformer, apply_sdpa_choice, get_config
 
@@ -269,7 +270,7 @@ def test_resume_is_bit_exact_on_one_rank(chips, reference, tmp_path, layout):
     assert latest(run) == "step-5" and len(losses(run)) == 5
     assert train.main(args(chips, run, *layout, "--resume")) == 0
     assert losses(run) == losses(reference)  # loss and grad norm of every step, bit for bit
-    exported, expected = checkpoint.export_encoder(str(run)), checkpoint.export_encoder(str(reference))
+    exported, expected = weights.export_encoder(str(run)), weights.export_encoder(str(reference))
     assert all(torch.equal(exported["model"][k], expected["model"][k]) for k in expected["model"])
 
 

@@ -24,6 +24,7 @@ pickle is restricted. The full format, rules and measured costs: docs/checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -466,6 +467,75 @@ def params_finite(model, dist) -> bool:
     if dist.world_size > 1:
         tdist.all_reduce(ok, op=tdist.ReduceOp.MIN)
     return bool(ok.item())
+
+
+# --- The run folder: a fresh start or a resume (train.py) ------------------------------------------
+
+
+def prepare_run_folder(cfg, dist) -> tuple[Path, Path | None]:
+    """(run folder, checkpoint to resume from or None). Never overwrites an earlier run unasked:
+    without --resume a folder with checkpoints or metrics is refused, except the demo's, which
+    starts over and says so."""
+    out = Path(cfg.out or ("runs/demo" if cfg.data == "demo" else f"runs/{cfg.model}"))
+
+    def check():
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a folder; choose another --out")
+        earlier = []
+        if out.is_dir():
+            earlier = [p.name for p in (out / "config.json", out / "metrics.jsonl", out / "latest") if p.exists()]
+            earlier += sorted(p.name for p in out.glob("step-*"))
+        if earlier and not cfg.resume and not (cfg.data == "demo" and earlier_demo(out)):
+            raise ValueError(f"{out} holds an earlier run ({', '.join(earlier[:4])}); "
+                             "pass --resume to continue it, or choose a new --out")
+
+    fsdp_setup.on_every_rank(check, dist)
+    # The newest checkpoint that verifies; folders passed over are logged with the reason, and
+    # step folders of which none verifies stop the run (nothing is deleted).
+    # (Decided by the flags alone: every rank must agree on entering select_checkpoint's collectives.)
+    previous = select_checkpoint(out, log=print, dist=dist) if cfg.resume else None
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        old = [*out.glob("step-*"), *out.glob(".tmp-step-*"), *out.glob("recon-step-*.png"), out / "latest"]
+        if not cfg.resume and any(p.exists() for p in old):  # only the demo gets here
+            print(f"demo: starting over in {out}, removing the earlier demo's checkpoints and pictures", flush=True)
+            for p in filter(Path.exists, old):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    barrier(dist)
+    return out, previous
+
+
+def earlier_demo(out: Path) -> bool:
+    """Only a folder that an earlier demo wrote may be cleared by the demo: `python train.py --out
+    runs/vit3b` without --data is the demo, and must not delete a real run's checkpoints."""
+    try:
+        return json.loads((out / "config.json").read_text())["data"] == "demo"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def check_resumable(folder: Path, cfg, mae) -> None:
+    """Same model as the checkpoint's, else DCP would fail deep inside with a shape error."""
+    state = json.loads((folder / "train_state.json").read_text())
+    decoder = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+    if state["vit_config"] != dataclasses.asdict(mae.cfg) or any(state["config"][k] != getattr(cfg, k) for k in decoder):
+        raise ValueError(f"{folder} holds a different model ({state['config']['model']}, {state['vit_config']}, "
+                         f"decoder {[state['config'][k] for k in decoder]}); resume with the same --model, "
+                         "--img-size, bands and decoder flags, or choose a new --out")
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop records after the resumed step (written after that checkpoint by a killed run), and a
+    line a crash left half-written; a fresh start empties the file."""
+    def kept(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    if path.is_file():
+        lines = [line for line in path.read_text(errors="replace").splitlines() if kept(line)]
+        write_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def cli(argv: list[str] | None = None) -> int:

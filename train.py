@@ -33,7 +33,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,48 +328,6 @@ def train_step(model, optimizer, micro_batches, *, lr: float, mask_ratio: float,
 # The run folder and the data
 
 
-def prepare_run_folder(cfg: TrainConfig, dist) -> tuple[Path, Path | None]:
-    """(run folder, checkpoint to resume from or None). Never overwrites an earlier run unasked:
-    without --resume a folder with checkpoints or metrics is refused, except the demo's, which
-    starts over and says so."""
-    out = Path(cfg.out or ("runs/demo" if cfg.data == "demo" else f"runs/{cfg.model}"))
-
-    def check():
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file, not a folder; choose another --out")
-        earlier = []
-        if out.is_dir():
-            earlier = [p.name for p in (out / "config.json", out / "metrics.jsonl", out / "latest") if p.exists()]
-            earlier += sorted(p.name for p in out.glob("step-*"))
-        if earlier and not cfg.resume and not (cfg.data == "demo" and earlier_demo(out)):
-            raise ValueError(f"{out} holds an earlier run ({', '.join(earlier[:4])}); "
-                             "pass --resume to continue it, or choose a new --out")
-
-    on_every_rank(check, dist)
-    # The newest checkpoint that verifies; folders passed over are logged with the reason, and
-    # step folders of which none verifies stop the run (nothing is deleted).
-    # (Decided by the flags alone: every rank must agree on entering select_checkpoint's collectives.)
-    previous = checkpoint.select_checkpoint(out, log=print, dist=dist) if cfg.resume else None
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        old = [*out.glob("step-*"), *out.glob(".tmp-step-*"), *out.glob("recon-step-*.png"), out / "latest"]
-        if not cfg.resume and any(p.exists() for p in old):  # only the demo gets here
-            log(dist, f"demo: starting over in {out}, removing the earlier demo's checkpoints and pictures")
-            for p in filter(Path.exists, old):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-    checkpoint.barrier(dist)
-    return out, previous
-
-
-def earlier_demo(out: Path) -> bool:
-    """Only a folder that an earlier demo wrote may be cleared by the demo: `python train.py --out
-    runs/vit3b` without --data is the demo, and must not delete a real run's checkpoints."""
-    try:
-        return json.loads((out / "config.json").read_text())["data"] == "demo"
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
 def build_data(cfg: TrainConfig, dist, out: Path):
     """(dataset, display stats (mean, std) per band or None, number of bands). Fails early, on the
     main process before any worker starts, on a bad folder, band selection or stats file."""
@@ -418,7 +375,7 @@ def setup_run(cfg: TrainConfig, dist):
     on_every_rank(lambda: validate(cfg, dist.world_size, dist.device), dist)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out, previous = prepare_run_folder(cfg, dist)
+    out, previous = checkpoint.prepare_run_folder(cfg, dist)
     cfg = dataclasses.replace(cfg, img_size=cfg.img_size or get_config(cfg.model).img_size, out=str(out),
                               mixed_precision=fsdp_setup.resolve_mixed_precision(cfg.mixed_precision, dist.device))
     if cfg.data == "demo":  # rank 0 writes the sample once; on_every_rank's agreement is the barrier after it
@@ -472,7 +429,7 @@ def train(cfg: TrainConfig, dist: fsdp_setup.Dist) -> int:
     progress = resume(previous, cfg, model, optimizer, dist, mask_generator) if previous else Progress()
     meter = Meter(cfg, dist, model, len(dataset), progress.step)
     if dist.is_main:
-        trim_metrics(out / "metrics.jsonl", progress.step)
+        checkpoint.trim_metrics(out / "metrics.jsonl", progress.step)
     sampler = data.ResumableDistributedSampler(len(dataset), dist.rank, dist.world_size, seed=cfg.seed)
     loader = data.make_loader(dataset, cfg.batch_size // cfg.accum_steps, sampler, workers=cfg.workers)
     recon_imgs = torch.stack([dataset[i] for i in range(min(4, len(dataset)))]).to(dist.device)
@@ -565,7 +522,7 @@ def say_why_stopped(reason, stop, steps_this_run, last_saved, out, cfg, dist) ->
 
 
 def resume(previous: Path, cfg: TrainConfig, model, optimizer, dist, mask_generator) -> Progress:
-    on_every_rank(lambda: check_resumable(previous, cfg, fsdp_setup.unwrap(model)), dist)
+    on_every_rank(lambda: checkpoint.check_resumable(previous, cfg, fsdp_setup.unwrap(model)), dist)
     state = checkpoint.load_checkpoint(previous, model, optimizer, dist, mask_generator, verified=True)
     progress = Progress(state["step"], state["epoch"], state["epoch_index"])
     if state["world_size"] != dist.world_size:
@@ -577,30 +534,6 @@ def resume(previous: Path, cfg: TrainConfig, model, optimizer, dist, mask_genera
         mask_generator.manual_seed(cfg.seed * 1_000_003 + dist.rank + 7919 * progress.step)
     log(dist, f"resume: {previous} (step {progress.step}, epoch {progress.epoch})")
     return progress
-
-
-def check_resumable(folder: Path, cfg: TrainConfig, mae) -> None:
-    """Same model as the checkpoint's, else DCP would fail deep inside with a shape error."""
-    state = json.loads((folder / "train_state.json").read_text())
-    decoder = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
-    if state["vit_config"] != dataclasses.asdict(mae.cfg) or any(state["config"][k] != getattr(cfg, k) for k in decoder):
-        raise ValueError(f"{folder} holds a different model ({state['config']['model']}, {state['vit_config']}, "
-                         f"decoder {[state['config'][k] for k in decoder]}); resume with the same --model, "
-                         "--img-size, bands and decoder flags, or choose a new --out")
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop records after the resumed step (written after that checkpoint by a killed run), and a
-    line a crash left half-written; a fresh start empties the file."""
-    def kept(line: str) -> bool:
-        try:
-            return json.loads(line)["step"] <= step
-        except (ValueError, KeyError, TypeError):
-            return False
-
-    if path.is_file():
-        lines = [line for line in path.read_text(errors="replace").splitlines() if kept(line)]
-        checkpoint.write_atomic(path, "".join(line + "\n" for line in lines))
 
 
 @torch.no_grad()

@@ -390,6 +390,9 @@ def publish_checkpoint(out: Path, tmp: Path, final: Path, keep: int, log=print) 
         shutil.rmtree(old, ignore_errors=True)
     for newer in (p for p in folders if int(p.name[5:]) > step):  # saved, never named by `latest`
         set_aside(newer, log)
+    pictures = sorted(out.glob("recon-step-*.png"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+    for old in pictures[:-keep]:  # train.py's reconstruction pictures follow the checkpoints' --keep
+        old.unlink()
 
 
 def save_checkpoint(out: Path, model, optimizer, train_state: dict, dist, mask_generator, keep: int,
@@ -518,7 +521,8 @@ def check_resumable(folder: Path, cfg, mae) -> None:
     """Same model as the checkpoint's, else DCP would fail deep inside with a shape error."""
     state = json.loads((folder / "train_state.json").read_text())
     decoder = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
-    if state["vit_config"] != dataclasses.asdict(mae.cfg) or any(state["config"][k] != getattr(cfg, k) for k in decoder):
+    same_decoder = all(state["config"][k] == getattr(cfg, k) for k in decoder)
+    if state["vit_config"] != dataclasses.asdict(mae.cfg) or not same_decoder:
         raise ValueError(f"{folder} holds a different model ({state['config']['model']}, {state['vit_config']}, "
                          f"decoder {[state['config'][k] for k in decoder]}); resume with the same --model, "
                          "--img-size, bands and decoder flags, or choose a new --out")

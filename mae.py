@@ -182,7 +182,8 @@ class MaskedAutoencoder(VisionTransformer):
         return mae_forward_flops(self.cfg, mask_ratio, self.decoder_embed.out_features, self.decoder_depth)
 
 
-def mae_forward_flops(cfg: ViTConfig, mask_ratio: float = 0.75, decoder_embed_dim: int = 512, decoder_depth: int = 8) -> int:
+def mae_forward_flops(cfg: ViTConfig, mask_ratio: float = 0.75, decoder_embed_dim: int = 512,
+                      decoder_depth: int = 8) -> int:
     """Forward FLOPs of one MAE image: encoder on 1 + K visible tokens, decoder on 1 + L tokens.
 
     A training step costs 3x this (backward = 2x forward). The same convention as the reference MFU

@@ -93,7 +93,8 @@ class Meter:
             "step": progress.step, "epoch": round(progress.epoch + progress.epoch_index / samples_per_epoch, 4),
             "loss": sum(losses) / len(losses),  # mean over the steps since the last record
             "lr": lr, "grad_norm": grad_norm.item(), "img_per_s": round(img_per_s, 2),
-            "tflops_per_gpu": round(tflops_per_gpu, 4), "mfu": round(tflops_per_gpu / self.peak, 4) if self.peak else None,
+            "tflops_per_gpu": round(tflops_per_gpu, 4),
+            "mfu": round(tflops_per_gpu / self.peak, 4) if self.peak else None,
             "peak_mem_gib": round(peak_memory_gib(self.dist.device), 3),
             "data_wait_frac": round(self.data_wait / elapsed, 4),
             "first_bad_step": next((s for (s, *_), x in zip(self.pending, losses) if not math.isfinite(x)), None),

@@ -8,22 +8,10 @@
         --batch-size 32 --epochs 800 --out runs/vit5b --resume
     python checkpoint.py export --ckpt runs/vit3b --out vit3b_encoder.pt   # the encoder, for eval.py
 
-A straight line, like nanoGPT: flags -> process group -> data -> model -> optimizer -> loop. The
-loop reads data, steps, logs, saves and stops, in that order. fsdp_setup.py holds everything
-distributed, data.py the images, checkpoint.py the checkpoints; the same code runs one CPU process
-(a world-size-1 gloo group) and a thousand GPUs (NCCL/RCCL).
-
-Recipe (He et al. 2021, the original MAE; docs/paper.md): AdamW β=(0.9, 0.95), weight decay 0.05
-except biases, norms and the cls/mask tokens, lr = blr × global batch / 256, linear warmup then
-half-cycle cosine to 0, set every step. `--batch-size` is per GPU per optimizer step;
-`--accum-steps` splits it into micro-batches, so the global batch is batch size × world size.
-
-Run folder (`--out`): config.json, metrics.jsonl (one JSON record per log line), recon-step-N.png,
-and checkpoints `step-N/` with a `latest` pointer (checkpoint.py). `--resume` continues bit-exactly
-at the same world size, so a requeued job script can always pass it. SIGTERM/SIGUSR1: finish the
-step, save, exit 0. Exit codes: 0 done or stopped cleanly, 1 loss not finite (nothing saved),
-2 bad flag or data, 3 this rank alone failed in a multi-rank run (it exits at once so that the
-launcher ends the job; srun does so only with --kill-on-bad-exit=1).
+A straight line, like nanoGPT: flags -> process group -> run folder and data -> model -> optimizer -> loop
+(data, step, log, save, stop). fsdp_setup.py holds everything distributed, data.py the images, checkpoint.py
+the run folder; one CPU process and a thousand GPUs run the same code. The recipe, the run folder, resume,
+signals and exit codes: README.md, "Pretraining".
 """
 
 from __future__ import annotations
@@ -52,8 +40,7 @@ from weights import load_init_weights, parse_band_map
 SYNTHETIC_IMAGES = 1_000_000  # `--data synthetic`: MillionAID-sized, generated on the fly
 
 
-# ---------------------------------------------------------------------------------------------
-# Config and flags
+# --- Config and flags -------------------------------------------------------------------------
 
 
 @dataclass
@@ -206,7 +193,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 POSITIVE = ("img_size", "in_chans", "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "batch_size",
             "accum_steps", "epochs", "steps", "blr", "lr", "clip_grad", "keep", "max_steps_per_run", "log_every",
             "peak_tflops")
-NON_NEGATIVE = ("workers", "threads", "warmup_epochs", "warmup_steps", "weight_decay", "seed", "ckpt_every", "recon_every")
+NON_NEGATIVE = ("workers", "threads", "warmup_epochs", "warmup_steps", "weight_decay", "seed", "ckpt_every",
+                "recon_every")
 
 
 def validate(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
@@ -229,7 +217,8 @@ def validate(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
         raise ValueError(f"--sdpa must be one of {', '.join(SDPA_CHOICES)}, got {cfg.sdpa!r}")
     if cfg.sdpa == "cudnn" and torch.version.hip:  # ROCm builds have flash and efficient (AOTriton), no cuDNN
         raise ValueError("--sdpa cudnn does not exist on ROCm; use auto, flash, efficient or math")
-    for flag, text in (("--bands", cfg.bands), ("--rgb-bands", cfg.rgb_bands), ("--init-rgb-bands", cfg.init_rgb_bands)):
+    band_flags = (("--bands", cfg.bands), ("--rgb-bands", cfg.rgb_bands), ("--init-rgb-bands", cfg.init_rgb_bands))
+    for flag, text in band_flags:
         if any(b < 0 for b in parse_band_map(text, flag) or []):
             raise ValueError(f"{flag} {text}: band indices are 0-based and not negative")
     if cfg.rgb_bands is not None and len(parse_band_map(cfg.rgb_bands, "--rgb-bands")) not in (1, 3):
@@ -243,11 +232,11 @@ def validate(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
         if path is not None and not os.path.isfile(path):
             raise ValueError(f"--{name} {path}: no such file")
     precision = fsdp_setup.resolve_mixed_precision(cfg.mixed_precision, device)
-    fsdp_setup.validate_layout(cfg.strategy, cfg.shard_group_size, world_size, precision, cfg.ac, device, cfg.cpu_offload)
+    fsdp_setup.validate_layout(cfg.strategy, cfg.shard_group_size, world_size, precision, cfg.ac, device,
+                               cfg.cpu_offload)
 
 
-# ---------------------------------------------------------------------------------------------
-# Model, optimizer, schedule, one step (tools/bench.py times these same functions)
+# --- Model, optimizer, schedule, one step (tools/bench.py times these same functions) ----------
 
 
 def build_mae(cfg: TrainConfig) -> MaskedAutoencoder:
@@ -275,7 +264,7 @@ def build_model(cfg: TrainConfig, dist: fsdp_setup.Dist) -> torch.nn.Module:
 ADAMW_IMPLEMENTATIONS = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for-loop": dict(foreach=False)}
 
 
-def build_optimizer(model: torch.nn.Module, weight_decay: float, implementation: str = "fused") -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, weight_decay: float, implementation: str = "fused") -> torch.optim.AdamW:
     """AdamW β=(0.9, 0.95), as MAE; no weight decay on biases, norm weights (1-D) and the cls/mask
     tokens. Fused on every device: with FSDP2 one DTensor dispatch per parameter group instead of a
     dozen per parameter (3-4x less host time per step on a 2-core CPU; BENCHMARKS.md)."""
@@ -324,8 +313,7 @@ def train_step(model, optimizer, micro_batches, *, lr: float, mask_ratio: float,
     return loss, grad_norm
 
 
-# ---------------------------------------------------------------------------------------------
-# The run folder and the data
+# --- The data and the schedule -------------------------------------------------------------------
 
 
 def build_data(cfg: TrainConfig, dist, out: Path):
@@ -393,8 +381,7 @@ def setup_run(cfg: TrainConfig, dist):
     return cfg, out, previous, dataset, pixel_stats
 
 
-# ---------------------------------------------------------------------------------------------
-# The loop
+# --- The loop ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -445,21 +432,37 @@ def train(cfg: TrainConfig, dist: fsdp_setup.Dist) -> int:
             progress.step, progress.epoch_index = progress.step + 1, progress.epoch_index + cfg.batch_size
             meter.add(progress.step, lr, loss, grad_norm)
             reason = should_stop(progress.step, first_step, cfg, stop)
-            save_now, picture_now = should_save(progress.step, cfg, reason), should_draw(progress.step, cfg, reason)
-            if not (save_now or picture_now or progress.step % cfg.log_every == 0):
+            save_now = reason is not None or bool(cfg.ckpt_every and progress.step % cfg.ckpt_every == 0)
+            draw_now = save_now if cfg.recon_every is None else (  # by default a picture with each checkpoint
+                cfg.recon_every != 0 and (reason == "done" or progress.step % cfg.recon_every == 0))
+            if not (save_now or draw_now or progress.step % cfg.log_every == 0):
                 continue
             # A sync point: check the losses (and, before a save, the weights), log, draw, save.
             record = meter.close(progress, sampler.num_samples)
             check_finite(record, model, dist, save_now, last_saved)
             meter.log(record, out)
-            if picture_now:
+            if draw_now:
                 save_reconstruction(model, recon_imgs, pixel_stats, cfg, out / f"recon-step-{progress.step}.png", dist)
             if save_now:
-                last_saved = save(out, model, optimizer, progress, record, cfg, dist, mask_generator)
+                train_state = {**dataclasses.asdict(progress), "world_size": dist.world_size, "loss": record["loss"],
+                               "vit_config": dataclasses.asdict(fsdp_setup.unwrap(model).cfg),
+                               "config": dataclasses.asdict(cfg)}
+                last_saved = checkpoint.save_checkpoint(out, model, optimizer, train_state, dist, mask_generator,
+                                                        cfg.keep)
+                log(dist, f"checkpoint: {last_saved}")
             meter.restart(progress.step)  # after the save: its time is not training time
     finally:
         stop.restore()
-    say_why_stopped(reason, stop, progress.step - first_step, last_saved, out, cfg, dist)
+    if reason == "signal":
+        log(dist, f"received {stop.signal_name or 'a stop signal on another rank'}: saved {last_saved}; "
+                  "rerun with --resume to continue")
+    elif reason == "max-steps-per-run":
+        log(dist, f"stopped after {progress.step - first_step} steps (--max-steps-per-run): saved {last_saved}; "
+                  "rerun with --resume")
+    else:
+        picture = out / f"recon-step-{cfg.steps}.png"
+        log(dist, f"finished {cfg.steps} steps. Run folder {out}: config.json, metrics.jsonl, checkpoint {last_saved}"
+                  + (f", reconstruction {picture}" if progress.step > first_step and picture.is_file() else ""))
     return 0
 
 
@@ -473,16 +476,6 @@ def should_stop(step: int, first_step: int, cfg: TrainConfig, stop: fsdp_setup.S
     return None
 
 
-def should_save(step: int, cfg: TrainConfig, reason: str | None) -> bool:
-    return reason is not None or bool(cfg.ckpt_every and step % cfg.ckpt_every == 0)
-
-
-def should_draw(step: int, cfg: TrainConfig, reason: str | None) -> bool:
-    if cfg.recon_every is None:  # default: a picture with every checkpoint
-        return should_save(step, cfg, reason)
-    return cfg.recon_every != 0 and (reason == "done" or step % cfg.recon_every == 0)
-
-
 def check_finite(record: dict, model, dist, save_now: bool, last_saved: Path | None) -> None:
     """Stop on a non-finite loss, or non-finite weights before a save: a checkpoint never holds NaN."""
     bad_step = record.pop("first_bad_step")
@@ -494,31 +487,6 @@ def check_finite(record: dict, model, dist, save_now: bool, last_saved: Path | N
             f"{what} not finite at step {bad_step}; stopping without writing a checkpoint. Last good checkpoint: "
             f"{last_saved or 'none (this run saved none)'}. Resume from it with a lower --lr/--blr, a longer "
             "warmup or --clip-grad.")
-
-
-def save(out: Path, model, optimizer, progress: Progress, record: dict, cfg: TrainConfig, dist, mask_generator) -> Path:
-    mae = fsdp_setup.unwrap(model)
-    train_state = {**dataclasses.asdict(progress), "world_size": dist.world_size, "loss": record["loss"],
-                   "vit_config": dataclasses.asdict(mae.cfg), "config": dataclasses.asdict(cfg)}
-    saved = checkpoint.save_checkpoint(out, model, optimizer, train_state, dist, mask_generator, cfg.keep)
-    if dist.is_main:  # the pictures follow the checkpoints' --keep
-        pictures = sorted(out.glob("recon-step-*.png"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
-        for old in pictures[:-cfg.keep]:
-            old.unlink()
-    log(dist, f"checkpoint: {saved}")
-    return saved
-
-
-def say_why_stopped(reason, stop, steps_this_run, last_saved, out, cfg, dist) -> None:
-    if reason == "signal":
-        log(dist, f"received {stop.signal_name or 'a stop signal on another rank'}: saved {last_saved}; "
-                  "rerun with --resume to continue")
-    elif reason == "max-steps-per-run":
-        log(dist, f"stopped after {steps_this_run} steps (--max-steps-per-run): saved {last_saved}; rerun with --resume")
-    else:
-        picture = out / f"recon-step-{cfg.steps}.png"
-        log(dist, f"finished {cfg.steps} steps. Run folder {out}: config.json, metrics.jsonl, checkpoint {last_saved}"
-                  + (f", reconstruction {picture}" if steps_this_run and picture.is_file() else ""))
 
 
 def resume(previous: Path, cfg: TrainConfig, model, optimizer, dist, mask_generator) -> Progress:
@@ -557,8 +525,7 @@ def log(dist, message: str) -> None:
         print(message, flush=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# Entry points
+# --- Entry points -----------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,7 +61,7 @@ class ViTConfig:
 
 # The paper's model table (Tsaris et al. 2024, arXiv 2404.11706; docs/paper.md). Patch 14 from Huge up.
 CONFIGS: dict[str, ViTConfig] = {
-    "vit_tiny": ViTConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_dim=128),  # tests, CPU demo
+    "vit_tiny": ViTConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_dim=128),  # tests, demo
     "vit_small": ViTConfig(embed_dim=384, depth=12, num_heads=6, mlp_dim=1536),
     "vit_base": ViTConfig(embed_dim=768, depth=12, num_heads=12, mlp_dim=3072),  # 86M
     "vit_large": ViTConfig(embed_dim=1024, depth=24, num_heads=16, mlp_dim=4096),  # 303M (MAE paper)
@@ -279,7 +279,7 @@ def count_params(cfg: ViTConfig) -> int:
 
 
 if __name__ == "__main__":
-    print(f"{'model':<10} {'width':>6} {'depth':>5} {'MLP':>6} {'heads':>5} {'patch':>5} {'params':>9} {'GFLOP/img':>10}")
+    print(f"{'model':<10} {'width':>6} {'depth':>5} {'MLP':>6} {'heads':>5} {'patch':>5} {'params':>9}  GFLOP/img")
     for name, c in CONFIGS.items():
         print(f"{name:<10} {c.embed_dim:>6} {c.depth:>5} {c.mlp_dim:>6} {c.num_heads:>5} {c.patch_size:>5} "
               f"{count_params(c) / 1e6:>8.1f}M {vit_forward_flops(c) / 1e9:>10.1f}")

@@ -149,23 +149,26 @@ def adapt_mae_state_dict(state: dict[str, torch.Tensor], cfg: ViTConfig, band_ma
         state[key], what = resize_pos_embed(table, grid)
         notes.append(f"{key}: {what}")
     weight = state.get("patch_embed.proj.weight")
-    if weight is None or weight.ndim != 4 or weight.shape[0] != cfg.embed_dim or weight.shape[2:] != (cfg.patch_size,) * 2:
+    kernel = (cfg.embed_dim, cfg.patch_size, cfg.patch_size)
+    if weight is None or weight.ndim != 4 or (weight.shape[0], *weight.shape[2:]) != kernel:
         return state, notes  # another width or patch size: nothing to adapt, reported as a mismatch
     S, C = weight.shape[1], cfg.in_chans
     if band_map is not None:
         if len(band_map) != S or len(set(band_map)) != S or not all(0 <= b < C for b in band_map):
-            raise ValueError(f"--init-rgb-bands {','.join(map(str, band_map))}: {source} has {S} input bands; give "
-                             f"{S} different 0-based bands of the {C} the model sees (the data's bands to receive them)")
+            raise ValueError(f"--init-rgb-bands {','.join(map(str, band_map))}: {source} has {S} input bands; "
+                             f"give {S} different 0-based bands of the {C} the model sees (the data's bands to "
+                             "receive them)")
     elif S == C:
         return state, notes  # same bands, no mapping asked for: the file's kernels as they are
     state["patch_embed.proj.weight"] = adapt_band_kernels(weight, C, band_map, scale=True)
     used = list(range(S)) if band_map is None and C >= S else band_map or []
     rest = [b for b in range(C) if b not in used]
+    listed = lambda bands: ",".join(map(str, bands))  # noqa: E731
     notes.append(
         f"patch_embed.proj.weight: {S} -> {C} bands: "
-        + (f"model bands {','.join(map(str, used))} take the file's bands {','.join(map(str, range(S)))}" if used else "")
+        + (f"model bands {listed(used)} take the file's bands {listed(range(S))}" if used else "")
         + ("; " if used and rest else "")
-        + (f"band(s) {','.join(map(str, rest))} the mean of the file's {S} kernels" if rest else "")
+        + (f"band(s) {listed(rest)} the mean of the file's {S} kernels" if rest else "")
         + (f"; all scaled by {S}/{C}" if S != C else "") + " (--init-rgb-bands sets the mapping)")
     pred_w, pred_b = state.get("decoder_pred.weight"), state.get("decoder_pred.bias")
     p2 = cfg.patch_size**2

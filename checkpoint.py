@@ -1,25 +1,14 @@
-"""checkpoint.py — training checkpoints: save, verify, choose, resume, and export of the encoder.
+"""checkpoint.py — the run folder: checkpoints, and what a resume needs.
 
-    python checkpoint.py export --ckpt runs/vit3b --out vit3b_encoder.pt         # newest loadable checkpoint
-    python checkpoint.py export --ckpt runs/vit3b/step-4000 --out enc.pt        # exactly this one
-
-train.py saves through `save_checkpoint` and resumes through `select_checkpoint` + `load_checkpoint`;
-eval.py reads a run folder through `export_encoder`. Model and optimizer state go through
-torch.distributed.checkpoint (DCP: each rank writes its shards, resharded on load to any layout or
-world size); everything else is JSON. A run folder (train.py's `--out`) holds:
-
-    out/step-N/          .metadata (DCP's index, a pickle), __R_0.distcp (DCP's shards), train_state.json,
-                         rank-R.json (RNG states), checksums.json (size and CRC-32 of the others, written last)
-    out/latest           one line: the name of the newest published checkpoint, e.g. `step-4000`
-    out/.tmp-step-N/     a save in progress (or one a kill interrupted; the next save removes it)
-    out/damaged-step-N/  a step folder that did not verify and was in a save's way: kept, never read
-
-Every file is written under a temporary name, fsynced and renamed; a save becomes `step-N/` only
-when complete, and `latest` moves only after that, so a kill leaves `latest` on a complete
-checkpoint. Nothing is unpickled or loaded before the folder verifies (`verify_checkpoint`:
-checksums, keys, step, `.metadata` under an allow-list), and a folder that does not verify is never
-deleted unless a newer loadable one exists. CRC-32 catches damage, not forgery, which is why the
-pickle is restricted. The full format, rules and measured costs: docs/checkpoints.md.
+train.py prepares its `--out` with `prepare_run_folder` (a fresh start, or the newest checkpoint that verifies),
+saves with `save_checkpoint` and resumes with `load_checkpoint`. Model and optimizer go through
+torch.distributed.checkpoint (DCP: each rank writes its shards, resharded on load to any layout or world size);
+the rest is JSON. A step-N/ folder holds DCP's files, train_state.json, rank-R.json (RNG states) and
+checksums.json (size and CRC-32 of the others, written last); `latest` names the newest. Every file is written
+atomically and `latest` moves last, so a kill leaves it on a complete checkpoint. Nothing is unpickled or
+loaded before the folder verifies, DCP's pickled index only under an allow-list, and a folder that does not
+verify is never deleted unless a newer one does. Format, rules and costs: docs/checkpoints.md.
+`python checkpoint.py export --ckpt RUN_OR_STEP_FOLDER --out ENCODER.pt` writes an encoder (weights.py).
 """
 
 from __future__ import annotations
@@ -74,8 +63,7 @@ def fsync_dir(folder: Path) -> None:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name, fsync, rename over `path`, fsync the folder: readers see the old
-    or the new file, never half, and after a crash the new one is there once this returns."""
+    """Temporary name, fsync, rename, fsync the folder: readers see the old or the new file, never half."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -86,8 +74,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def file_checksum(path: Path) -> dict:
-    """{"bytes", "crc32"} of a file. CRC-32 (zlib, ~2 GB/s), not a cryptographic hash: it guards against
-    damage, and nothing in a folder its writer controls could guard against forgery."""
+    """{"bytes", "crc32"} of a file. CRC-32 guards against damage; nothing in the folder could guard against forgery."""
     crc, size = 0, 0
     with open(path, "rb") as f:
         while chunk := f.read(16 << 20):
@@ -97,9 +84,8 @@ def file_checksum(path: Path) -> dict:
 
 # --- Reading DCP's .metadata without running code from it -----------------------------------------
 
-# DCP pickles its index. A plain pickle.load of a crafted file calls whatever it names (os.system...),
-# so the unpickler resolves only the classes a real index holds (found by logging find_class on saves
-# of every layout): DCP's metadata dataclasses, torch.Size, dtypes, layouts and the checkpoint's path.
+# DCP pickles its index, and a crafted pickle calls whatever it names (os.system...): the unpickler resolves only
+# the classes a real index holds (logged from saves of every layout): DCP's dataclasses, sizes, dtypes, paths.
 _METADATA_CLASSES = {
     ("torch.distributed.checkpoint.metadata", name)
     for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
@@ -141,8 +127,7 @@ def _unpickle_index(path: Path) -> dcp_metadata.Metadata:
 
 
 def read_metadata_file(path: Path) -> dcp_metadata.Metadata:
-    """DCP's index of a checkpoint, unpickled under the allow-list; a ValueError naming the file if
-    it is not one (nothing it names outside the list is ever imported or called)."""
+    """DCP's index of a checkpoint, unpickled under the allow-list; a ValueError naming the file if it is not one."""
     try:
         return _unpickle_index(path)
     except ValueError as err:
@@ -177,9 +162,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 
 def dcp_load(state: dict, folder: Path, **kwargs) -> None:
-    """dcp.load through the safe reader and planner: every DCP read in this file goes through here.
-    A refusal inside DCP (which reaches here only for a folder whose checksums were forged to
-    match) becomes a ValueError with its last line, e.g. the global a crafted pickle names."""
+    """dcp.load through the safe reader and planner: every DCP read goes through here. A refusal inside DCP
+    (only a folder with forged checksums gets there) becomes one line, e.g. the global a crafted pickle names."""
     try:
         dcp.load(state, storage_reader=SafeMetadataReader(folder), planner=SafeLoadPlanner(), **kwargs)
     except CheckpointException as err:
@@ -257,9 +241,8 @@ def _check_file(folder: Path, name: str, expected: dict, listed: dict) -> str | 
 
 
 def verify_checkpoint(folder: Path, rank: int = 0, world_size: int = 1) -> list[str]:
-    """Why `folder` cannot be loaded, [] if it can; never raises. With world_size > 1 this call
-    checks the bytes of every world_size-th file only (`verify_on_every_rank` gathers the shares);
-    the small JSON files are parsed by every rank."""
+    """Why `folder` cannot be loaded, [] if it can; never raises. With world_size > 1 it checks the bytes of
+    every world_size-th file only (`verify_on_every_rank` gathers the shares); every rank parses the JSON."""
     try:
         names = set(os.listdir(folder))
     except OSError as err:
@@ -304,9 +287,8 @@ def step_folders(out: Path) -> list[Path]:
 
 
 def checkpoint_candidates(out: Path) -> tuple[list[Path], list[str]]:
-    """(step folders in the order to try, notes to log): the one `latest` names first, if `latest`
-    holds a bare step-N of this folder, then the others newest first. Any other content of `latest`
-    (a path, `..`) is ignored with a note: it must never pull in another run's checkpoint."""
+    """(step folders in the order to try, notes to log): the one `latest` names first, then the others newest
+    first. A `latest` holding anything but a bare step-N of this folder (a path, `..`) is ignored with a note."""
     folders, notes = step_folders(out), []
     latest = out / "latest"
     if latest.exists():
@@ -323,10 +305,9 @@ def checkpoint_candidates(out: Path) -> tuple[list[Path], list[str]]:
 
 
 def select_checkpoint(out: Path, log=print, dist=None) -> Path | None:
-    """The checkpoint to resume from: the first of `checkpoint_candidates` that verifies. None if
-    `out` has no step-N/ folder; a ValueError listing every folder and why, if none verifies.
-    With `dist` (call it on every rank, outside on_every_rank) rank 0 lists the candidates, every rank
-    checks its share of each, and all return the same folder or raise the same AllRanksError."""
+    """The first of `checkpoint_candidates` that verifies; None if `out` has no step-N/ folder; a ValueError
+    listing every folder and why, if none verifies. With `dist` (every rank calls it, outside on_every_rank)
+    all ranks return the same folder or raise the same AllRanksError."""
     collective = dist is not None and dist.world_size > 1
     say = log if dist is None or dist.is_main else (lambda message: None)
     candidates, notes = checkpoint_candidates(out) if dist is None or dist.is_main else (None, None)
@@ -354,7 +335,7 @@ def select_checkpoint(out: Path, log=print, dist=None) -> Path | None:
 
 
 def barrier(dist) -> None:
-    """Wait for every rank (nothing to wait for in one process). train.py uses it too."""
+    """Wait for every rank (nothing to wait for in one process)."""
     if dist.world_size > 1:
         tdist.barrier()
 
@@ -375,9 +356,8 @@ def set_aside(folder: Path, log=print) -> None:
 
 
 def publish_checkpoint(out: Path, tmp: Path, final: Path, keep: int, log=print) -> None:
-    """Rank 0, after every rank has written: rename, then point `latest` at it, then prune (rules in
-    docs/checkpoints.md). `latest` changes only after the folder is complete under its final name,
-    so a crash at any point leaves `latest` on the previous complete checkpoint."""
+    """Rank 0, after every rank has written: rename, then point `latest` at it, then prune (docs/checkpoints.md):
+    a crash at any point leaves `latest` on a complete checkpoint."""
     if final.exists():  # an earlier save of this step that `latest` never named, or a damaged one
         set_aside(final, log)
     os.replace(tmp, final)
@@ -411,8 +391,7 @@ def save_checkpoint(out: Path, model, optimizer, train_state: dict, dist, mask_g
     write_atomic(tmp / rank_file, json.dumps(rng))
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))  # ends with .metadata written
-    # Each rank checksums what it wrote (its DCP files are __R_*.distcp), so the reading is spread
-    # over the ranks; rank 0 adds its own files and writes the list.
+    # Each rank checksums what it wrote (its DCP files are __R_*.distcp); rank 0 adds its own and writes the list.
     written = [rank_file, *(p.name for p in tmp.glob(f"__{dist.rank}_*.distcp"))]
     mine = {name: file_checksum(tmp / name) for name in written}
     gathered = [mine]
@@ -439,10 +418,9 @@ def read_checkpoint_files(folder: Path, dist) -> tuple[dict, dict | None]:
 
 
 def load_checkpoint(folder: Path, model, optimizer, dist, mask_generator, verified: bool = False) -> dict:
-    """Restore model and optimizer (resharded by DCP to this layout) and, for the same world size,
-    this rank's RNG states; returns the checkpoint's train_state.json. The folder is verified first
-    (verified=True: select_checkpoint did), so a damaged one stops every rank with the same ValueError
-    before DCP reads anything: failing inside dcp.load on one rank would leave the others hanging."""
+    """Restore model and optimizer (resharded by DCP to this layout) and, for the same world size, this rank's
+    RNG states; returns train_state.json. Verified first (verified=True: select_checkpoint did), so a damaged
+    folder stops every rank alike before DCP reads anything, instead of one rank failing inside dcp.load."""
     if not verified:
         problems = verify_on_every_rank(folder, dist)
         if problems:
@@ -493,9 +471,7 @@ def prepare_run_folder(cfg, dist) -> tuple[Path, Path | None]:
                              "pass --resume to continue it, or choose a new --out")
 
     fsdp_setup.on_every_rank(check, dist)
-    # The newest checkpoint that verifies; folders passed over are logged with the reason, and
-    # step folders of which none verifies stop the run (nothing is deleted).
-    # (Decided by the flags alone: every rank must agree on entering select_checkpoint's collectives.)
+    # Decided by the flags alone: every rank must agree on entering select_checkpoint's collectives.
     previous = select_checkpoint(out, log=print, dist=dist) if cfg.resume else None
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)

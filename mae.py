@@ -35,10 +35,8 @@ class MaskedAutoencoder(VisionTransformer):
         norm_pix_loss: bool = True,
     ):
         if decoder_embed_dim % decoder_num_heads != 0 or decoder_embed_dim % 4 != 0:
-            raise ValueError(
-                f"decoder_embed_dim {decoder_embed_dim} must be a multiple of 4 and of "
-                f"decoder_num_heads {decoder_num_heads}"
-            )
+            raise ValueError(f"decoder_embed_dim {decoder_embed_dim} must be a multiple of 4 and of "
+                             f"decoder_num_heads {decoder_num_heads}")
         super().__init__(cfg)
         self.norm_pix_loss = norm_pix_loss
         self.decoder_depth = decoder_depth
@@ -153,7 +151,7 @@ class MaskedAutoencoder(VisionTransformer):
         pred_BLP = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(imgs_BCHW, pred_BLP, mask_BL), pred_BLP, mask_BL
 
-    # ---- pictures, checkpoints, FLOPs ----
+    # ---- pictures, encoder weights, FLOPs ----
 
     @torch.no_grad()
     def reconstruction_images(self, imgs_BCHW: torch.Tensor, pred_BLP: torch.Tensor, mask_BL: torch.Tensor):

@@ -98,10 +98,9 @@ class TrainConfig:
 
 
 def demo_config() -> TrainConfig:
-    """`python train.py` without --data: a 4-band 64 px sample, a ViT-Tiny with a small decoder, and an
-    lr high enough that the loss falls visibly within about a minute on 2 CPU cores. One compute
-    thread and one loader process: a model this small gains nothing from a second thread, and threads
-    that compete with the loader for 2 cores stall badly."""
+    """`python train.py` without --data: a 4-band 64 px sample, a ViT-Tiny with a small decoder, and an lr high
+    enough that the loss falls visibly within about a minute on 2 CPU cores. One compute thread and one loader
+    process: a model this small gains nothing from a second thread, and threads competing for 2 cores stall badly."""
     return TrainConfig(
         model="vit_tiny", img_size=64, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, data="demo",
         batch_size=32, steps=800, lr=1.5e-3, warmup_steps=40, ckpt_every=800, log_every=50, threads=1, workers=1,
@@ -109,7 +108,11 @@ def demo_config() -> TrainConfig:
     )
 
 
-ALTERNATIVES = [("epochs", "steps"), ("blr", "lr"), ("warmup_epochs", "warmup_steps")]
+ALTERNATIVES = {  # exclusive pairs of flags, with their help
+    ("epochs", "steps"): ("run length in epochs (default 800)", "run length in optimizer steps"),
+    ("blr", "lr"): ("base lr: lr = blr x global batch / 256 (default 1.5e-4)", "absolute peak lr"),
+    ("warmup_epochs", "warmup_steps"): ("linear warmup in epochs (default 40)", "linear warmup in steps"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,14 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--threads", type=int, help="CPU threads of torch's own kernels (0: torch's default)")
     add("--batch-size", type=int, help="images per GPU per optimizer step")
     add("--accum-steps", type=int, help="split --batch-size into this many micro-batches")
-    for a, b, help_a, help_b in [
-        ("epochs", "steps", "run length in epochs (default 800)", "run length in optimizer steps"),
-        ("blr", "lr", "base lr: lr = blr x global batch / 256 (default 1.5e-4)", "absolute peak lr"),
-        ("warmup-epochs", "warmup-steps", "linear warmup in epochs (default 40)", "linear warmup in steps"),
-    ]:
+    for (a, b), (help_a, help_b) in ALTERNATIVES.items():
         group = p.add_mutually_exclusive_group()
-        add(f"--{a}", help_a, to=group, type=float)
-        add(f"--{b}", help_b, to=group, type=int if "steps" in b else float)
+        add(f"--{a.replace('_', '-')}", help_a, to=group, type=float)
+        add(f"--{b.replace('_', '-')}", help_b, to=group, type=int if "steps" in b else float)
     add("--weight-decay", type=float, help="AdamW weight decay (none on biases, norms, tokens)")
     add("--clip-grad", type=float, help="clip the global gradient norm to this (MAE pretraining does not)")
     add("--seed", type=int, help="seed of the init, data order, augmentations and masks")

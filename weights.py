@@ -243,9 +243,9 @@ def load_init_weights(model: nn.Module, shapes: nn.Module, path: str, rgb_bands:
     # Offloaded shards are on the CPU, buffers on the GPU: the buffers join the shards for the broadcast.
     with fsdp_setup.buffers_on(plain, torch.device("cpu")) if cpu_offload else contextlib.nullcontext():
         set_model_state_dict(plain, state, options=options)
+    kept = f"; {len(missing)} decoder tensors keep their fresh init" if missing else ""
     if dist.is_main:
-        print(f"init: weights from {path}" + (f"; {len(missing)} decoder tensors keep their fresh init" if missing
-                                              else ""), flush=True)
+        print(f"init: weights from {path}{kept}", flush=True)
 
 
 def resolve_step_folder(path: str, log=print) -> Path:
@@ -298,7 +298,7 @@ def export_cli(argv: list[str] | None = None) -> int:
         if not out.parent.is_dir():
             raise ValueError(f"--out {out}: no folder {out.parent}")
         exported = export_encoder(args.ckpt)
-        torch.save(exported, out.with_name(out.name + ".tmp"))  # complete or absent, as every file here
+        torch.save(exported, out.with_name(out.name + ".tmp"))  # complete or absent, as checkpoint.write_atomic's files
         os.replace(out.with_name(out.name + ".tmp"), out)
     except (ValueError, OSError) as err:  # the message, no traceback (as train.py's cli)
         print(f"error: {err}", file=sys.stderr, flush=True)

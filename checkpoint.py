@@ -1,30 +1,18 @@
-"""checkpoint.py — training checkpoints: save, verify, choose, resume, and export of the encoder.
+"""checkpoint.py — the run folder: checkpoints, and what a resume needs.
 
-    python checkpoint.py export --ckpt runs/vit3b --out vit3b_encoder.pt         # newest loadable checkpoint
-    python checkpoint.py export --ckpt runs/vit3b/step-4000 --out enc.pt        # exactly this one
-
-train.py saves through `save_checkpoint` and resumes through `select_checkpoint` + `load_checkpoint`;
-eval.py reads a run folder through `export_encoder`. Model and optimizer state go through
-torch.distributed.checkpoint (DCP: each rank writes its shards, resharded on load to any layout or
-world size); everything else is JSON. A run folder (train.py's `--out`) holds:
-
-    out/step-N/          .metadata (DCP's index, a pickle), __R_0.distcp (DCP's shards), train_state.json,
-                         rank-R.json (RNG states), checksums.json (size and CRC-32 of the others, written last)
-    out/latest           one line: the name of the newest published checkpoint, e.g. `step-4000`
-    out/.tmp-step-N/     a save in progress (or one a kill interrupted; the next save removes it)
-    out/damaged-step-N/  a step folder that did not verify and was in a save's way: kept, never read
-
-Every file is written under a temporary name, fsynced and renamed; a save becomes `step-N/` only
-when complete, and `latest` moves only after that, so a kill leaves `latest` on a complete
-checkpoint. Nothing is unpickled or loaded before the folder verifies (`verify_checkpoint`:
-checksums, keys, step, `.metadata` under an allow-list), and a folder that does not verify is never
-deleted unless a newer loadable one exists. CRC-32 catches damage, not forgery, which is why the
-pickle is restricted. The full format, rules and measured costs: docs/checkpoints.md.
+train.py prepares its `--out` with `prepare_run_folder` (a fresh start, or the newest checkpoint that verifies),
+saves with `save_checkpoint` and resumes with `load_checkpoint`. Model and optimizer go through
+torch.distributed.checkpoint (DCP: each rank writes its shards, resharded on load to any layout or world size);
+the rest is JSON. A step-N/ folder holds DCP's files, train_state.json, rank-R.json (RNG states) and
+checksums.json (size and CRC-32 of the others, written last); `latest` names the newest. Every file is written
+atomically and `latest` moves last, so a kill leaves it on a complete checkpoint. Nothing is unpickled or
+loaded before the folder verifies, DCP's pickled index only under an allow-list, and a folder that does not
+verify is never deleted unless a newer one does. Format, rules and costs: docs/checkpoints.md.
+`python checkpoint.py export --ckpt RUN_OR_STEP_FOLDER --out ENCODER.pt` writes an encoder (weights.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -33,7 +21,6 @@ import pickle
 import re
 import shutil
 import sys
-import warnings
 import zlib
 from pathlib import Path
 
@@ -49,7 +36,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import fsdp_setup
-from vit import ViTConfig, VisionTransformer
+from vit import ViTConfig
 
 STEP_DIR = re.compile(r"step-([0-9]+)")  # always with fullmatch: `$` would accept "step-5\n"
 CHECKSUMS = "checksums.json"
@@ -76,8 +63,7 @@ def fsync_dir(folder: Path) -> None:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name, fsync, rename over `path`, fsync the folder: readers see the old
-    or the new file, never half, and after a crash the new one is there once this returns."""
+    """Temporary name, fsync, rename, fsync the folder: readers see the old or the new file, never half."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -88,8 +74,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def file_checksum(path: Path) -> dict:
-    """{"bytes", "crc32"} of a file. CRC-32 (zlib, ~2 GB/s), not a cryptographic hash: it guards against
-    damage, and nothing in a folder its writer controls could guard against forgery."""
+    """{"bytes", "crc32"} of a file. CRC-32 guards against damage; nothing in the folder could guard against forgery."""
     crc, size = 0, 0
     with open(path, "rb") as f:
         while chunk := f.read(16 << 20):
@@ -99,9 +84,8 @@ def file_checksum(path: Path) -> dict:
 
 # --- Reading DCP's .metadata without running code from it -----------------------------------------
 
-# DCP pickles its index. A plain pickle.load of a crafted file calls whatever it names (os.system...),
-# so the unpickler resolves only the classes a real index holds (found by logging find_class on saves
-# of every layout): DCP's metadata dataclasses, torch.Size, dtypes, layouts and the checkpoint's path.
+# DCP pickles its index, and a crafted pickle calls whatever it names (os.system...): the unpickler resolves only
+# the classes a real index holds (logged from saves of every layout): DCP's dataclasses, sizes, dtypes, paths.
 _METADATA_CLASSES = {
     ("torch.distributed.checkpoint.metadata", name)
     for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
@@ -143,8 +127,7 @@ def _unpickle_index(path: Path) -> dcp_metadata.Metadata:
 
 
 def read_metadata_file(path: Path) -> dcp_metadata.Metadata:
-    """DCP's index of a checkpoint, unpickled under the allow-list; a ValueError naming the file if
-    it is not one (nothing it names outside the list is ever imported or called)."""
+    """DCP's index of a checkpoint, unpickled under the allow-list; a ValueError naming the file if it is not one."""
     try:
         return _unpickle_index(path)
     except ValueError as err:
@@ -179,9 +162,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 
 def dcp_load(state: dict, folder: Path, **kwargs) -> None:
-    """dcp.load through the safe reader and planner: every DCP read in this file goes through here.
-    A refusal inside DCP (which reaches here only for a folder whose checksums were forged to
-    match) becomes a ValueError with its last line, e.g. the global a crafted pickle names."""
+    """dcp.load through the safe reader and planner: every DCP read goes through here. A refusal inside DCP
+    (only a folder with forged checksums gets there) becomes one line, e.g. the global a crafted pickle names."""
     try:
         dcp.load(state, storage_reader=SafeMetadataReader(folder), planner=SafeLoadPlanner(), **kwargs)
     except CheckpointException as err:
@@ -259,9 +241,8 @@ def _check_file(folder: Path, name: str, expected: dict, listed: dict) -> str | 
 
 
 def verify_checkpoint(folder: Path, rank: int = 0, world_size: int = 1) -> list[str]:
-    """Why `folder` cannot be loaded, [] if it can; never raises. With world_size > 1 this call
-    checks the bytes of every world_size-th file only (`verify_on_every_rank` gathers the shares);
-    the small JSON files are parsed by every rank."""
+    """Why `folder` cannot be loaded, [] if it can; never raises. With world_size > 1 it checks the bytes of
+    every world_size-th file only (`verify_on_every_rank` gathers the shares); every rank parses the JSON."""
     try:
         names = set(os.listdir(folder))
     except OSError as err:
@@ -306,9 +287,8 @@ def step_folders(out: Path) -> list[Path]:
 
 
 def checkpoint_candidates(out: Path) -> tuple[list[Path], list[str]]:
-    """(step folders in the order to try, notes to log): the one `latest` names first, if `latest`
-    holds a bare step-N of this folder, then the others newest first. Any other content of `latest`
-    (a path, `..`) is ignored with a note: it must never pull in another run's checkpoint."""
+    """(step folders in the order to try, notes to log): the one `latest` names first, then the others newest
+    first. A `latest` holding anything but a bare step-N of this folder (a path, `..`) is ignored with a note."""
     folders, notes = step_folders(out), []
     latest = out / "latest"
     if latest.exists():
@@ -325,10 +305,9 @@ def checkpoint_candidates(out: Path) -> tuple[list[Path], list[str]]:
 
 
 def select_checkpoint(out: Path, log=print, dist=None) -> Path | None:
-    """The checkpoint to resume from: the first of `checkpoint_candidates` that verifies. None if
-    `out` has no step-N/ folder; a ValueError listing every folder and why, if none verifies.
-    With `dist` (call it on every rank, outside on_every_rank) rank 0 lists the candidates, every rank
-    checks its share of each, and all return the same folder or raise the same AllRanksError."""
+    """The first of `checkpoint_candidates` that verifies; None if `out` has no step-N/ folder; a ValueError
+    listing every folder and why, if none verifies. With `dist` (every rank calls it, outside on_every_rank)
+    all ranks return the same folder or raise the same AllRanksError."""
     collective = dist is not None and dist.world_size > 1
     say = log if dist is None or dist.is_main else (lambda message: None)
     candidates, notes = checkpoint_candidates(out) if dist is None or dist.is_main else (None, None)
@@ -356,7 +335,7 @@ def select_checkpoint(out: Path, log=print, dist=None) -> Path | None:
 
 
 def barrier(dist) -> None:
-    """Wait for every rank (nothing to wait for in one process). train.py uses it too."""
+    """Wait for every rank (nothing to wait for in one process)."""
     if dist.world_size > 1:
         tdist.barrier()
 
@@ -377,9 +356,8 @@ def set_aside(folder: Path, log=print) -> None:
 
 
 def publish_checkpoint(out: Path, tmp: Path, final: Path, keep: int, log=print) -> None:
-    """Rank 0, after every rank has written: rename, then point `latest` at it, then prune (rules in
-    docs/checkpoints.md). `latest` changes only after the folder is complete under its final name,
-    so a crash at any point leaves `latest` on the previous complete checkpoint."""
+    """Rank 0, after every rank has written: rename, then point `latest` at it, then prune (docs/checkpoints.md):
+    a crash at any point leaves `latest` on a complete checkpoint."""
     if final.exists():  # an earlier save of this step that `latest` never named, or a damaged one
         set_aside(final, log)
     os.replace(tmp, final)
@@ -392,6 +370,9 @@ def publish_checkpoint(out: Path, tmp: Path, final: Path, keep: int, log=print) 
         shutil.rmtree(old, ignore_errors=True)
     for newer in (p for p in folders if int(p.name[5:]) > step):  # saved, never named by `latest`
         set_aside(newer, log)
+    pictures = sorted(out.glob("recon-step-*.png"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+    for old in pictures[:-keep]:  # train.py's reconstruction pictures follow the checkpoints' --keep
+        old.unlink()
 
 
 def save_checkpoint(out: Path, model, optimizer, train_state: dict, dist, mask_generator, keep: int,
@@ -410,8 +391,7 @@ def save_checkpoint(out: Path, model, optimizer, train_state: dict, dist, mask_g
     write_atomic(tmp / rank_file, json.dumps(rng))
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))  # ends with .metadata written
-    # Each rank checksums what it wrote (its DCP files are __R_*.distcp), so the reading is spread
-    # over the ranks; rank 0 adds its own files and writes the list.
+    # Each rank checksums what it wrote (its DCP files are __R_*.distcp); rank 0 adds its own and writes the list.
     written = [rank_file, *(p.name for p in tmp.glob(f"__{dist.rank}_*.distcp"))]
     mine = {name: file_checksum(tmp / name) for name in written}
     gathered = [mine]
@@ -438,10 +418,9 @@ def read_checkpoint_files(folder: Path, dist) -> tuple[dict, dict | None]:
 
 
 def load_checkpoint(folder: Path, model, optimizer, dist, mask_generator, verified: bool = False) -> dict:
-    """Restore model and optimizer (resharded by DCP to this layout) and, for the same world size,
-    this rank's RNG states; returns the checkpoint's train_state.json. The folder is verified first
-    (verified=True: select_checkpoint did), so a damaged one stops every rank with the same ValueError
-    before DCP reads anything: failing inside dcp.load on one rank would leave the others hanging."""
+    """Restore model and optimizer (resharded by DCP to this layout) and, for the same world size, this rank's
+    RNG states; returns train_state.json. Verified first (verified=True: select_checkpoint did), so a damaged
+    folder stops every rank alike before DCP reads anything, instead of one rank failing inside dcp.load."""
     if not verified:
         problems = verify_on_every_rank(folder, dist)
         if problems:
@@ -471,69 +450,79 @@ def params_finite(model, dist) -> bool:
     return bool(ok.item())
 
 
-# --- Export: the encoder alone, in one process ----------------------------------------------------
+# --- The run folder: a fresh start or a resume (train.py) ------------------------------------------
 
 
-def resolve_step_folder(path: str, log=print) -> Path:
-    """A checkpoint folder (exactly that one, verified) or a run folder (its select_checkpoint)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ValueError(f"--ckpt {path}: no such folder; give a run folder or one of its step-N folders")
-    if any((folder / name).exists() for name in (CHECKSUMS, ".metadata", "train_state.json")):
-        problems = verify_checkpoint(folder)
-        if problems:
-            raise ValueError(f"--ckpt {path}: {'; '.join(problems)}: {FIX}")
-        return folder
-    found = select_checkpoint(folder, log)
-    if found is None:
-        raise ValueError(f"--ckpt {path}: neither a step-N checkpoint folder nor a run folder holding one")
-    return found
+def prepare_run_folder(cfg, dist) -> tuple[Path, Path | None]:
+    """(run folder, checkpoint to resume from or None). Never overwrites an earlier run unasked:
+    without --resume a folder with checkpoints or metrics is refused, except the demo's, which
+    starts over and says so."""
+    out = Path(cfg.out or ("runs/demo" if cfg.data == "demo" else f"runs/{cfg.model}"))
+
+    def check():
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a folder; choose another --out")
+        earlier = []
+        if out.is_dir():
+            earlier = [p.name for p in (out / "config.json", out / "metrics.jsonl", out / "latest") if p.exists()]
+            earlier += sorted(p.name for p in out.glob("step-*"))
+        if earlier and not cfg.resume and not (cfg.data == "demo" and earlier_demo(out)):
+            raise ValueError(f"{out} holds an earlier run ({', '.join(earlier[:4])}); "
+                             "pass --resume to continue it, or choose a new --out")
+
+    fsdp_setup.on_every_rank(check, dist)
+    # Decided by the flags alone: every rank must agree on entering select_checkpoint's collectives.
+    previous = select_checkpoint(out, log=print, dist=dist) if cfg.resume else None
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        old = [*out.glob("step-*"), *out.glob(".tmp-step-*"), *out.glob("recon-step-*.png"), out / "latest"]
+        if not cfg.resume and any(p.exists() for p in old):  # only the demo gets here
+            print(f"demo: starting over in {out}, removing the earlier demo's checkpoints and pictures", flush=True)
+            for p in filter(Path.exists, old):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    barrier(dist)
+    return out, previous
 
 
-def export_encoder(ckpt_path: str, log=None) -> dict:
-    """The encoder of a checkpoint as one official-layout state dict, in a single process (no process
-    group: DCP reads every shard). Returns {"model", "vit_config", "step"}; save it with torch.save,
-    it loads with torch.load(weights_only=True) into vit.VisionTransformer(ViTConfig(**vit_config)).
-    Folders passed over in a run folder are logged (to stderr by default)."""
-    folder = resolve_step_folder(ckpt_path, log or (lambda message: print(message, file=sys.stderr, flush=True)))
-    train_state = json.loads((folder / "train_state.json").read_text())
-    vit_cfg = ViTConfig(**train_state["vit_config"])
-    with torch.device("meta"):
-        encoder = VisionTransformer(vit_cfg)
-    encoder.to_empty(device="cpu")  # no init: every tensor is read from the checkpoint
-    state = {"model": encoder.state_dict()}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp_load(state, folder, no_dist=True)  # reads only the encoder's keys
-    return {"model": state["model"], "vit_config": dataclasses.asdict(vit_cfg), "step": train_state["step"]}
+def earlier_demo(out: Path) -> bool:
+    """Only a folder that an earlier demo wrote may be cleared by the demo: `python train.py --out
+    runs/vit3b` without --data is the demo, and must not delete a real run's checkpoints."""
+    try:
+        return json.loads((out / "config.json").read_text())["data"] == "demo"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
-# --- Command line: `python checkpoint.py export ...` ----------------------------------------------
+def check_resumable(folder: Path, cfg, mae) -> None:
+    """Same model as the checkpoint's, else DCP would fail deep inside with a shape error."""
+    state = json.loads((folder / "train_state.json").read_text())
+    decoder = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+    same_decoder = all(state["config"][k] == getattr(cfg, k) for k in decoder)
+    if state["vit_config"] != dataclasses.asdict(mae.cfg) or not same_decoder:
+        raise ValueError(f"{folder} holds a different model ({state['config']['model']}, {state['vit_config']}, "
+                         f"decoder {[state['config'][k] for k in decoder]}); resume with the same --model, "
+                         "--img-size, bands and decoder flags, or choose a new --out")
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop records after the resumed step (written after that checkpoint by a killed run), and a
+    line a crash left half-written; a fresh start empties the file."""
+    def kept(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    if path.is_file():
+        lines = [line for line in path.read_text(errors="replace").splitlines() if kept(line)]
+        write_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def cli(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] != ["export"]:
-        print("usage: python checkpoint.py export --ckpt RUN_OR_STEP_FOLDER --out ENCODER.pt", file=sys.stderr)
-        return 2
-    parser = argparse.ArgumentParser(prog="checkpoint.py export",
-                                     description="write a checkpoint's encoder as one file")
-    parser.add_argument("--ckpt", required=True, help="run folder (its newest loadable checkpoint) or a step-N folder")
-    parser.add_argument("--out", required=True, help="output .pt file")
-    args = parser.parse_args(argv[1:])
-    out = Path(args.out)
-    try:
-        if not out.parent.is_dir():
-            raise ValueError(f"--out {out}: no folder {out.parent}")
-        exported = export_encoder(args.ckpt)
-        torch.save(exported, out.with_name(out.name + ".tmp"))  # complete or absent, as every file here
-        os.replace(out.with_name(out.name + ".tmp"), out)
-    except (ValueError, OSError) as err:  # the message, no traceback (as train.py's cli)
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    print(f"wrote {args.out}: encoder of step {exported['step']} ({len(exported['model'])} tensors, "
-          f"{exported['vit_config']['img_size']} px, {exported['vit_config']['in_chans']} bands)")
-    return 0
+    """`python checkpoint.py export --ckpt RUN_OR_STEP_FOLDER --out ENCODER.pt`: weights.export_cli."""
+    import weights  # weights.py imports this module: imported here, not at the top
+
+    return weights.export_cli(argv)
 
 
 if __name__ == "__main__":

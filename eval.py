@@ -33,7 +33,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 import data
 import fsdp_setup
 import scenes
-from mae import adapt_mae_state_dict, check_mae_state, load_mae_checkpoint, parse_band_map, read_checkpoint_file
+from weights import (adapt_mae_state_dict, check_mae_state, export_encoder, load_mae_checkpoint, parse_band_map,
+                     read_checkpoint_file)
 from train import lr_at
 from vit import CONFIGS, ViTConfig, VisionTransformer, get_config
 
@@ -111,9 +112,7 @@ def load_encoder(spec: str, model: str | None = None, in_chans: int | None = Non
                          "folder, or `random` with --model")
     try:
         if path.is_dir():
-            import checkpoint  # only for run folders: export_encoder knows the training checkpoint format
-
-            ckpt = checkpoint.export_encoder(str(path))
+            ckpt = export_encoder(str(path))
         else:
             ckpt = read_checkpoint_file(path)
     except ValueError as e:

@@ -8,9 +8,8 @@ target patch is normalised by its own mean and variance first.
 State-dict keys follow the official layout: encoder keys at top level (`patch_embed.proj`,
 `cls_token`, `pos_embed`, `blocks.N.*`, `norm`) plus `mask_token`, `decoder_embed`,
 `decoder_pos_embed`, `decoder_blocks.N.*`, `decoder_norm`, `decoder_pred`; official MAE checkpoints
-load with `load_state_dict`, and `encoder_state_dict()` loads into a VisionTransformer.
-`load_mae_checkpoint` also starts a model of another image size or band count from them (ImageNet
-RGB weights for multispectral chips): positional tables resized, RGB kernels mapped to chosen bands.
+load with `load_state_dict`, and `encoder_state_dict()` loads into a VisionTransformer. weights.py
+loads them also into a model of another image size or band count (ImageNet RGB weights, multispectral chips).
 
     model = MaskedAutoencoder(get_config("vit_base"))
     loss, pred, mask = model(imgs)            # imgs (B, C, H, W), normalised
@@ -18,13 +17,8 @@ RGB weights for multispectral chips): positional tables resized, RGB kernels map
 
 from __future__ import annotations
 
-import argparse
-import math
-import re
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from vit import Block, ViTConfig, VisionTransformer, sincos_pos_embed_2d, transformer_flops, vit_forward_flops
 
@@ -41,10 +35,8 @@ class MaskedAutoencoder(VisionTransformer):
         norm_pix_loss: bool = True,
     ):
         if decoder_embed_dim % decoder_num_heads != 0 or decoder_embed_dim % 4 != 0:
-            raise ValueError(
-                f"decoder_embed_dim {decoder_embed_dim} must be a multiple of 4 and of "
-                f"decoder_num_heads {decoder_num_heads}"
-            )
+            raise ValueError(f"decoder_embed_dim {decoder_embed_dim} must be a multiple of 4 and of "
+                             f"decoder_num_heads {decoder_num_heads}")
         super().__init__(cfg)
         self.norm_pix_loss = norm_pix_loss
         self.decoder_depth = decoder_depth
@@ -159,7 +151,7 @@ class MaskedAutoencoder(VisionTransformer):
         pred_BLP = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(imgs_BCHW, pred_BLP, mask_BL), pred_BLP, mask_BL
 
-    # ---- pictures, checkpoints, FLOPs ----
+    # ---- pictures, encoder weights, FLOPs ----
 
     @torch.no_grad()
     def reconstruction_images(self, imgs_BCHW: torch.Tensor, pred_BLP: torch.Tensor, mask_BL: torch.Tensor):
@@ -188,7 +180,8 @@ class MaskedAutoencoder(VisionTransformer):
         return mae_forward_flops(self.cfg, mask_ratio, self.decoder_embed.out_features, self.decoder_depth)
 
 
-def mae_forward_flops(cfg: ViTConfig, mask_ratio: float = 0.75, decoder_embed_dim: int = 512, decoder_depth: int = 8) -> int:
+def mae_forward_flops(cfg: ViTConfig, mask_ratio: float = 0.75, decoder_embed_dim: int = 512,
+                      decoder_depth: int = 8) -> int:
     """Forward FLOPs of one MAE image: encoder on 1 + K visible tokens, decoder on 1 + L tokens.
 
     A training step costs 3x this (backward = 2x forward). The same convention as the reference MFU
@@ -203,192 +196,6 @@ def mae_forward_flops(cfg: ViTConfig, mask_ratio: float = 0.75, decoder_embed_di
     decoder += transformer_flops(L + 1, decoder_embed_dim, decoder_depth, 4 * decoder_embed_dim)
     decoder += 2 * L * decoder_embed_dim * patch_dim  # decoder_pred
     return encoder + decoder
-
-
-# ---- official-layout checkpoints as the start of (geospatial) pretraining ----
-#
-# An official MAE file is either the released weights, {"model": state dict}, or a run checkpoint
-# (checkpoint-799.pth) that also holds "optimizer", "epoch", "scaler" (a dict of numbers) and "args",
-# the run's argparse.Namespace. torch.load(weights_only=True) refuses the Namespace, and
-# weights_only=False would run whatever a pickle asks for; so the Namespace, a plain bag of values,
-# is the one class allowed beyond tensors and containers.
-
-SAFE_CHECKPOINT_GLOBALS = [argparse.Namespace]
-
-
-def read_checkpoint_file(path) -> dict:
-    """A .pth file as a dict, read without running code (the official MAE's run checkpoints also hold
-    their argparse.Namespace: the one class allowed besides tensors, containers and numbers)."""
-    try:
-        with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except Exception as e:  # the unpickler's refusal, or not a torch file at all
-        reason = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e)) or re.match(r"([^\n]*)", str(e))
-        reason = reason.group(1).split(" Please use")[0].strip().rstrip(".")  # torch's advice is to trust the file
-        raise ValueError(f"{path}: not readable as a checkpoint without running code ({reason}); "
-                         "torch.load(weights_only=True) reads tensors, containers and numbers, and here "
-                         "argparse.Namespace, nothing else") from None
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: expected a state dict, or a checkpoint with one under \"model\"")
-    return checkpoint
-
-
-def read_mae_checkpoint(path: str) -> dict[str, torch.Tensor]:
-    """The state dict of an official-layout .pth (bare, or under "model"), read without running code."""
-    checkpoint = read_checkpoint_file(path)
-    state = checkpoint.get("model", checkpoint)
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict, or a checkpoint with one under \"model\"")
-    return state
-
-
-def parse_band_map(text: str | None, flag: str = "--init-rgb-bands") -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{flag} must be comma-separated 0-based band indices like 3,2,1, got {text!r}") from None
-
-
-def adapt_band_kernels(weight: torch.Tensor, in_chans: int, band_map: list[int] | None, scale: bool) -> torch.Tensor:
-    """Kernels over the file's S bands -> kernels over `in_chans` bands, along dim 1.
-
-    The file's band k goes to the model's band band_map[k]; every other band gets the mean of the
-    file's kernels (an unknown band is treated as an average of the known ones). With `scale`, all
-    kernels are multiplied by S / in_chans: neighbouring bands of normalised imagery are strongly
-    correlated, so a patch embedding summing in_chans kernels of RGB size would make tokens about
-    in_chans / S times larger than the ones the pretrained blocks saw (and swamp the positional
-    embedding). One band thus gets the *sum* of the RGB kernels: exactly what the RGB model computes
-    on a grey image (R = G = B), so a single band looks like a grey photograph to it.
-    """
-    S = weight.shape[1]
-    band_map = list(range(S)) if band_map is None and in_chans >= S else band_map or []
-    shape = list(weight.shape)
-    shape[1] = in_chans
-    adapted = weight.mean(dim=1, keepdim=True).expand(shape).clone()
-    for k, band in enumerate(band_map):
-        adapted[:, band] = weight[:, k]
-    return adapted * (S / in_chans) if scale else adapted
-
-
-def resize_pos_embed(table: torch.Tensor, grid_size: int) -> tuple[torch.Tensor, str]:
-    """A (1, 1 + g·g, D) positional table for a new grid; returns (table, what was done).
-
-    A fixed 2-D sin-cos table (the official MAE pretraining and this project use one) is computed
-    afresh for the new grid: it is a formula of the position, not something learned. Any other table
-    was learned (timm and fine-tuned ViTs); its patch rows are resized as an image by bicubic
-    interpolation, as the original MAE fine-tuning code does, and the cls row is kept.
-    """
-    D = table.shape[-1]
-    old_grid = math.isqrt(table.shape[1] - 1)
-    assert old_grid**2 + 1 == table.shape[1], "caller checks the table is 1 + g·g rows"
-    fixed = sincos_pos_embed_2d(D, old_grid).to(table.device)
-    if torch.allclose(table[0].float(), fixed, atol=1e-4):
-        return sincos_pos_embed_2d(D, grid_size)[None].to(table.dtype), (
-            f"the fixed sin-cos table of a {old_grid}x{old_grid} grid, rebuilt for {grid_size}x{grid_size}")
-    patches = table[:, 1:].float().reshape(1, old_grid, old_grid, D).permute(0, 3, 1, 2)
-    patches = F.interpolate(patches, size=(grid_size, grid_size), mode="bicubic", align_corners=False)
-    patches = patches.permute(0, 2, 3, 1).reshape(1, grid_size * grid_size, D).to(table.dtype)
-    return torch.cat([table[:, :1], patches], dim=1), (
-        f"a learned table, resized from {old_grid}x{old_grid} to {grid_size}x{grid_size} patches by bicubic "
-        "interpolation (cls row kept)")
-
-
-def adapt_mae_state_dict(state: dict[str, torch.Tensor], cfg: ViTConfig, band_map: list[int] | None = None,
-                         source: str = "the state dict") -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Fit an official-layout state dict to a model of another image size or band count.
-
-    Returns (new state dict, one line per change, for the log). Only those two differences are
-    bridged; anything else (width, depth, patch size) is left for load_mae_checkpoint to report.
-    - pos_embed, decoder_pos_embed: resized to cfg's patch grid (resize_pos_embed).
-    - patch_embed.proj.weight: the file's bands mapped to the model's (band_map: model band of each
-      file band, e.g. the red, green, blue bands of the data for ImageNet weights; default 0, 1, 2 when
-      the model has at least as many bands, identity when as many), the rest the mean; scaled by
-      file bands / model bands (adapt_band_kernels says why).
-    - decoder_pred: the same band mapping on its outputs, unscaled (each output predicts its own band).
-    """
-    state, notes = dict(state), []
-    grid = cfg.grid_size
-    for key in ("pos_embed", "decoder_pos_embed"):
-        table = state.get(key)
-        if table is None or table.ndim != 3 or table.shape[1] == grid * grid + 1:
-            continue
-        if math.isqrt(table.shape[1] - 1) ** 2 + 1 != table.shape[1]:
-            continue  # not 1 cls row + a square grid: reported as a mismatch
-        state[key], what = resize_pos_embed(table, grid)
-        notes.append(f"{key}: {what}")
-    weight = state.get("patch_embed.proj.weight")
-    if weight is None or weight.ndim != 4 or weight.shape[0] != cfg.embed_dim or weight.shape[2:] != (cfg.patch_size,) * 2:
-        return state, notes  # another width or patch size: nothing to adapt, reported as a mismatch
-    S, C = weight.shape[1], cfg.in_chans
-    if band_map is not None:
-        if len(band_map) != S or len(set(band_map)) != S or not all(0 <= b < C for b in band_map):
-            raise ValueError(f"--init-rgb-bands {','.join(map(str, band_map))}: {source} has {S} input bands; give "
-                             f"{S} different 0-based bands of the {C} the model sees (the data's bands to receive them)")
-    elif S == C:
-        return state, notes  # same bands, no mapping asked for: the file's kernels as they are
-    state["patch_embed.proj.weight"] = adapt_band_kernels(weight, C, band_map, scale=True)
-    used = list(range(S)) if band_map is None and C >= S else band_map or []
-    rest = [b for b in range(C) if b not in used]
-    notes.append(
-        f"patch_embed.proj.weight: {S} -> {C} bands: "
-        + (f"model bands {','.join(map(str, used))} take the file's bands {','.join(map(str, range(S)))}" if used else "")
-        + ("; " if used and rest else "")
-        + (f"band(s) {','.join(map(str, rest))} the mean of the file's {S} kernels" if rest else "")
-        + (f"; all scaled by {S}/{C}" if S != C else "") + " (--init-rgb-bands sets the mapping)")
-    pred_w, pred_b = state.get("decoder_pred.weight"), state.get("decoder_pred.bias")
-    p2 = cfg.patch_size**2
-    if pred_w is not None and pred_b is not None and pred_w.shape[0] == p2 * S:
-        # Rows in (row, column, band) order, as patchify lays out a patch: bands are the last axis.
-        w = adapt_band_kernels(pred_w.reshape(p2, S, -1).transpose(0, 1)[None], C, band_map, scale=False)
-        state["decoder_pred.weight"] = w[0].transpose(0, 1).reshape(p2 * C, -1)
-        b = adapt_band_kernels(pred_b.reshape(p2, S).T[None], C, band_map, scale=False)
-        state["decoder_pred.bias"] = b[0].T.reshape(p2 * C)
-        notes.append(f"decoder_pred: {S} -> {C} output bands by the same mapping, unscaled")
-    return state, notes
-
-
-def load_mae_checkpoint(model: nn.Module, checkpoint: dict | str, source: str | None = None,
-                        band_map: list[int] | None = None, log=None) -> list[str]:
-    """Load an official-layout MAE or ViT state dict (a path, or a dict, optionally under "model").
-
-    A file made for another image size or band count is adapted first (adapt_mae_state_dict; each
-    change goes to `log`); every other shape must match. Decoder keys may be absent (ImageNet MAE
-    encoders are often shipped without). Returns the model keys left at their initial values.
-    Raises ValueError naming `source` (the file, by default) and any mismatch.
-    """
-    if isinstance(checkpoint, str):
-        source = source or checkpoint
-        checkpoint = read_mae_checkpoint(checkpoint)
-    source = source or "the state dict"
-    state = checkpoint.get("model", checkpoint)
-    state, notes = adapt_mae_state_dict(state, model.cfg, band_map, source)
-    for note in notes:
-        (log or print)(f"{source}: {note}")
-    missing = check_mae_state(model, state, source)
-    model.load_state_dict(state, strict=False)
-    return missing
-
-
-def check_mae_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> list[str]:
-    """The loader's checks alone (a meta-device model will do): every key of `state` fits `model`,
-    no encoder weight is missing. Returns the model keys `state` lacks (decoder ones only)."""
-    own = model.state_dict()
-    unexpected = sorted(set(state) - set(own))
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in state if k in own and state[k].shape != own[k].shape]
-    if unexpected or wrong:
-        raise ValueError(
-            f"{source} does not fit this model (check --model and the patch size; image size and band count "
-            "are adapted): " + "; ".join(wrong[:5] + [f"unexpected key {k}" for k in unexpected[:5]])
-        )
-    missing = sorted(set(own) - set(state))
-    if any(not k.startswith(("decoder_", "mask_token")) for k in missing):
-        raise ValueError(f"{source} lacks encoder weights: {missing[:5]}")
-    return missing
 
 
 def save_reconstruction_png(mae: MaskedAutoencoder, imgs_BCHW, pred_BLP, mask_BL, path, rgb_bands: list[int],

@@ -8,56 +8,39 @@
         --batch-size 32 --epochs 800 --out runs/vit5b --resume
     python checkpoint.py export --ckpt runs/vit3b --out vit3b_encoder.pt   # the encoder, for eval.py
 
-A straight line, like nanoGPT: flags -> process group -> data -> model -> optimizer -> loop. The
-loop reads data, steps, logs, saves and stops, in that order. fsdp_setup.py holds everything
-distributed, data.py the images, checkpoint.py the checkpoints; the same code runs one CPU process
-(a world-size-1 gloo group) and a thousand GPUs (NCCL/RCCL).
-
-Recipe (He et al. 2021, the original MAE; docs/paper.md): AdamW β=(0.9, 0.95), weight decay 0.05
-except biases, norms and the cls/mask tokens, lr = blr × global batch / 256, linear warmup then
-half-cycle cosine to 0, set every step. `--batch-size` is per GPU per optimizer step;
-`--accum-steps` splits it into micro-batches, so the global batch is batch size × world size.
-
-Run folder (`--out`): config.json, metrics.jsonl (one JSON record per log line), recon-step-N.png,
-and checkpoints `step-N/` with a `latest` pointer (checkpoint.py). `--resume` continues bit-exactly
-at the same world size, so a requeued job script can always pass it. SIGTERM/SIGUSR1: finish the
-step, save, exit 0. Exit codes: 0 done or stopped cleanly, 1 loss not finite (nothing saved),
-2 bad flag or data, 3 this rank alone failed in a multi-rank run (it exits at once so that the
-launcher ends the job; srun does so only with --kill-on-bad-exit=1).
+A straight line, like nanoGPT: flags -> process group -> run folder and data -> model -> optimizer -> loop
+(data, step, log, save, stop). fsdp_setup.py holds everything distributed, data.py the images, checkpoint.py
+the run folder; one CPU process and a thousand GPUs run the same code. The recipe, the run folder, resume,
+signals and exit codes: README.md, "Pretraining".
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import resource
-import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as tdist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 import checkpoint
 import data
 import fsdp_setup
 from fsdp_setup import on_every_rank
-from mae import (MaskedAutoencoder, adapt_mae_state_dict, check_mae_state, parse_band_map, read_mae_checkpoint,
-                 save_reconstruction_png)
-from vit import get_config
+from mae import MaskedAutoencoder, save_reconstruction_png
+from metrics import Meter
+from vit import SDPA_CHOICES, apply_sdpa_choice, get_config
+from weights import load_init_weights, parse_band_map
 
 SYNTHETIC_IMAGES = 1_000_000  # `--data synthetic`: MillionAID-sized, generated on the fly
 
 
-# ---------------------------------------------------------------------------------------------
-# Config and flags
+# --- Config and flags -------------------------------------------------------------------------
 
 
 @dataclass
@@ -115,10 +98,9 @@ class TrainConfig:
 
 
 def demo_config() -> TrainConfig:
-    """`python train.py` without --data: a 4-band 64 px sample, a ViT-Tiny with a small decoder, and an
-    lr high enough that the loss falls visibly within about a minute on 2 CPU cores. One compute
-    thread and one loader process: a model this small gains nothing from a second thread, and threads
-    that compete with the loader for 2 cores stall badly."""
+    """`python train.py` without --data: a 4-band 64 px sample, a ViT-Tiny with a small decoder, and an lr high
+    enough that the loss falls visibly within about a minute on 2 CPU cores. One compute thread and one loader
+    process: a model this small gains nothing from a second thread, and threads competing for 2 cores stall badly."""
     return TrainConfig(
         model="vit_tiny", img_size=64, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, data="demo",
         batch_size=32, steps=800, lr=1.5e-3, warmup_steps=40, ckpt_every=800, log_every=50, threads=1, workers=1,
@@ -126,7 +108,11 @@ def demo_config() -> TrainConfig:
     )
 
 
-ALTERNATIVES = [("epochs", "steps"), ("blr", "lr"), ("warmup_epochs", "warmup_steps")]
+ALTERNATIVES = {  # exclusive pairs of flags, with their help
+    ("epochs", "steps"): ("run length in epochs (default 800)", "run length in optimizer steps"),
+    ("blr", "lr"): ("base lr: lr = blr x global batch / 256 (default 1.5e-4)", "absolute peak lr"),
+    ("warmup_epochs", "warmup_steps"): ("linear warmup in epochs (default 40)", "linear warmup in steps"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,14 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--threads", type=int, help="CPU threads of torch's own kernels (0: torch's default)")
     add("--batch-size", type=int, help="images per GPU per optimizer step")
     add("--accum-steps", type=int, help="split --batch-size into this many micro-batches")
-    for a, b, help_a, help_b in [
-        ("epochs", "steps", "run length in epochs (default 800)", "run length in optimizer steps"),
-        ("blr", "lr", "base lr: lr = blr x global batch / 256 (default 1.5e-4)", "absolute peak lr"),
-        ("warmup-epochs", "warmup-steps", "linear warmup in epochs (default 40)", "linear warmup in steps"),
-    ]:
+    for (a, b), (help_a, help_b) in ALTERNATIVES.items():
         group = p.add_mutually_exclusive_group()
-        add(f"--{a}", help_a, to=group, type=float)
-        add(f"--{b}", help_b, to=group, type=int if "steps" in b else float)
+        add(f"--{a.replace('_', '-')}", help_a, to=group, type=float)
+        add(f"--{b.replace('_', '-')}", help_b, to=group, type=int if "steps" in b else float)
     add("--weight-decay", type=float, help="AdamW weight decay (none on biases, norms, tokens)")
     add("--clip-grad", type=float, help="clip the global gradient norm to this (MAE pretraining does not)")
     add("--seed", type=int, help="seed of the init, data order, augmentations and masks")
@@ -210,7 +192,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 POSITIVE = ("img_size", "in_chans", "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "batch_size",
             "accum_steps", "epochs", "steps", "blr", "lr", "clip_grad", "keep", "max_steps_per_run", "log_every",
             "peak_tflops")
-NON_NEGATIVE = ("workers", "threads", "warmup_epochs", "warmup_steps", "weight_decay", "seed", "ckpt_every", "recon_every")
+NON_NEGATIVE = ("workers", "threads", "warmup_epochs", "warmup_steps", "weight_decay", "seed", "ckpt_every",
+                "recon_every")
 
 
 def validate(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
@@ -233,7 +216,8 @@ def validate(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
         raise ValueError(f"--sdpa must be one of {', '.join(SDPA_CHOICES)}, got {cfg.sdpa!r}")
     if cfg.sdpa == "cudnn" and torch.version.hip:  # ROCm builds have flash and efficient (AOTriton), no cuDNN
         raise ValueError("--sdpa cudnn does not exist on ROCm; use auto, flash, efficient or math")
-    for flag, text in (("--bands", cfg.bands), ("--rgb-bands", cfg.rgb_bands), ("--init-rgb-bands", cfg.init_rgb_bands)):
+    band_flags = (("--bands", cfg.bands), ("--rgb-bands", cfg.rgb_bands), ("--init-rgb-bands", cfg.init_rgb_bands))
+    for flag, text in band_flags:
         if any(b < 0 for b in parse_band_map(text, flag) or []):
             raise ValueError(f"{flag} {text}: band indices are 0-based and not negative")
     if cfg.rgb_bands is not None and len(parse_band_map(cfg.rgb_bands, "--rgb-bands")) not in (1, 3):
@@ -247,11 +231,11 @@ def validate(cfg: TrainConfig, world_size: int, device: torch.device) -> None:
         if path is not None and not os.path.isfile(path):
             raise ValueError(f"--{name} {path}: no such file")
     precision = fsdp_setup.resolve_mixed_precision(cfg.mixed_precision, device)
-    fsdp_setup.validate_layout(cfg.strategy, cfg.shard_group_size, world_size, precision, cfg.ac, device, cfg.cpu_offload)
+    fsdp_setup.validate_layout(cfg.strategy, cfg.shard_group_size, world_size, precision, cfg.ac, device,
+                               cfg.cpu_offload)
 
 
-# ---------------------------------------------------------------------------------------------
-# Model, optimizer, schedule, one step (tools/bench.py times these same functions)
+# --- Model, optimizer, schedule, one step (tools/bench.py times these same functions) ----------
 
 
 def build_mae(cfg: TrainConfig) -> MaskedAutoencoder:
@@ -270,51 +254,16 @@ def build_model(cfg: TrainConfig, dist: fsdp_setup.Dist) -> torch.nn.Module:
     model = fsdp_setup.parallelize(model, cfg.strategy, cfg.shard_group_size, precision, cfg.ac, cfg.compile,
                                    seed=cfg.seed, cpu_offload=cfg.cpu_offload)
     if cfg.init:
-        load_init_weights(model, cfg, dist)
-    return model
-
-
-def load_init_weights(model: torch.nn.Module, cfg: TrainConfig, dist: fsdp_setup.Dist) -> None:
-    """Continual pretraining: rank 0 reads an official-layout checkpoint (whole, on CPU), checks it
-    against a meta-device copy of the model, and broadcasts it shard by shard; the other ranks never
-    hold the full weights."""
-    def read_and_check():
-        if not dist.is_main:
-            return {}, []
         with torch.device("meta"):
             shapes = build_mae(cfg)
-        # Another image size or band count: positions and band kernels adapted, each change logged.
-        state, notes = adapt_mae_state_dict(read_mae_checkpoint(cfg.init), shapes.cfg,
-                                            parse_band_map(cfg.init_rgb_bands), source=f"--init {cfg.init}")
-        for note in notes:
-            log(dist, f"init: {note}")
-        return state, check_mae_state(shapes, state, source=f"--init {cfg.init}")
-
-    state, missing = on_every_rank(read_and_check, dist)
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
-    plain = fsdp_setup.unwrap(model)
-    # Offloaded shards are on the CPU, buffers on the GPU: the buffers join the shards for the broadcast.
-    with fsdp_setup.buffers_on(plain, torch.device("cpu")) if cfg.cpu_offload else contextlib.nullcontext():
-        set_model_state_dict(plain, state, options=options)
-    log(dist, f"init: weights from {cfg.init}" + (f"; {len(missing)} decoder tensors keep their fresh init" if missing else ""))
-
-
-# Process-wide SDPA switches: `--sdpa cudnn` leaves only cuDNN and the math fallback enabled, so the
-# whole model runs that kernel wherever it supports the shape. MAE's encoder attends over only
-# 50-65 tokens, where the kernels differ most (docs/paper.md).
-SDPA_SWITCHES = {"flash": "enable_flash_sdp", "efficient": "enable_mem_efficient_sdp", "cudnn": "enable_cudnn_sdp"}
-SDPA_CHOICES = ("auto", *SDPA_SWITCHES, "math")
-
-
-def apply_sdpa_choice(choice: str) -> None:
-    for name, switch in SDPA_SWITCHES.items():
-        getattr(torch.backends.cuda, switch)(choice in ("auto", name))
+        load_init_weights(model, shapes, cfg.init, cfg.init_rgb_bands, dist, cfg.cpu_offload)
+    return model
 
 
 ADAMW_IMPLEMENTATIONS = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for-loop": dict(foreach=False)}
 
 
-def build_optimizer(model: torch.nn.Module, weight_decay: float, implementation: str = "fused") -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, weight_decay: float, implementation: str = "fused") -> torch.optim.AdamW:
     """AdamW β=(0.9, 0.95), as MAE; no weight decay on biases, norm weights (1-D) and the cls/mask
     tokens. Fused on every device: with FSDP2 one DTensor dispatch per parameter group instead of a
     dozen per parameter (3-4x less host time per step on a 2-core CPU; BENCHMARKS.md)."""
@@ -363,62 +312,7 @@ def train_step(model, optimizer, micro_batches, *, lr: float, mask_ratio: float,
     return loss, grad_norm
 
 
-# Dense bf16 TFLOP/s per device (datasheets), matched against the device name, most specific first.
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0,
-               "MI250X": 191.5,  # per GCD: each of a card's two dies is its own device, as on Frontier
-               "MI300X": 1307.0}
-
-
-def peak_tflops(device: torch.device, override: float | None = None) -> tuple[str, float | None]:
-    """(device name, peak TFLOP/s or None). CPUs and unknown devices have no peak: MFU is then null."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return name, override or next((t for key, t in PEAK_TFLOPS.items() if key in name), None)
-
-
-# ---------------------------------------------------------------------------------------------
-# The run folder and the data
-
-
-def prepare_run_folder(cfg: TrainConfig, dist) -> tuple[Path, Path | None]:
-    """(run folder, checkpoint to resume from or None). Never overwrites an earlier run unasked:
-    without --resume a folder with checkpoints or metrics is refused, except the demo's, which
-    starts over and says so."""
-    out = Path(cfg.out or ("runs/demo" if cfg.data == "demo" else f"runs/{cfg.model}"))
-
-    def check():
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file, not a folder; choose another --out")
-        earlier = []
-        if out.is_dir():
-            earlier = [p.name for p in (out / "config.json", out / "metrics.jsonl", out / "latest") if p.exists()]
-            earlier += sorted(p.name for p in out.glob("step-*"))
-        if earlier and not cfg.resume and not (cfg.data == "demo" and earlier_demo(out)):
-            raise ValueError(f"{out} holds an earlier run ({', '.join(earlier[:4])}); "
-                             "pass --resume to continue it, or choose a new --out")
-
-    on_every_rank(check, dist)
-    # The newest checkpoint that verifies; folders passed over are logged with the reason, and
-    # step folders of which none verifies stop the run (nothing is deleted).
-    # (Decided by the flags alone: every rank must agree on entering select_checkpoint's collectives.)
-    previous = checkpoint.select_checkpoint(out, log=print, dist=dist) if cfg.resume else None
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        old = [*out.glob("step-*"), *out.glob(".tmp-step-*"), *out.glob("recon-step-*.png"), out / "latest"]
-        if not cfg.resume and any(p.exists() for p in old):  # only the demo gets here
-            log(dist, f"demo: starting over in {out}, removing the earlier demo's checkpoints and pictures")
-            for p in filter(Path.exists, old):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-    checkpoint.barrier(dist)
-    return out, previous
-
-
-def earlier_demo(out: Path) -> bool:
-    """Only a folder that an earlier demo wrote may be cleared by the demo: `python train.py --out
-    runs/vit3b` without --data is the demo, and must not delete a real run's checkpoints."""
-    try:
-        return json.loads((out / "config.json").read_text())["data"] == "demo"
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+# --- The data and the schedule -------------------------------------------------------------------
 
 
 def build_data(cfg: TrainConfig, dist, out: Path):
@@ -468,7 +362,7 @@ def setup_run(cfg: TrainConfig, dist):
     on_every_rank(lambda: validate(cfg, dist.world_size, dist.device), dist)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out, previous = prepare_run_folder(cfg, dist)
+    out, previous = checkpoint.prepare_run_folder(cfg, dist)
     cfg = dataclasses.replace(cfg, img_size=cfg.img_size or get_config(cfg.model).img_size, out=str(out),
                               mixed_precision=fsdp_setup.resolve_mixed_precision(cfg.mixed_precision, dist.device))
     if cfg.data == "demo":  # rank 0 writes the sample once; on_every_rank's agreement is the barrier after it
@@ -486,8 +380,7 @@ def setup_run(cfg: TrainConfig, dist):
     return cfg, out, previous, dataset, pixel_stats
 
 
-# ---------------------------------------------------------------------------------------------
-# The loop
+# --- The loop ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -522,7 +415,7 @@ def train(cfg: TrainConfig, dist: fsdp_setup.Dist) -> int:
     progress = resume(previous, cfg, model, optimizer, dist, mask_generator) if previous else Progress()
     meter = Meter(cfg, dist, model, len(dataset), progress.step)
     if dist.is_main:
-        trim_metrics(out / "metrics.jsonl", progress.step)
+        checkpoint.trim_metrics(out / "metrics.jsonl", progress.step)
     sampler = data.ResumableDistributedSampler(len(dataset), dist.rank, dist.world_size, seed=cfg.seed)
     loader = data.make_loader(dataset, cfg.batch_size // cfg.accum_steps, sampler, workers=cfg.workers)
     recon_imgs = torch.stack([dataset[i] for i in range(min(4, len(dataset)))]).to(dist.device)
@@ -536,23 +429,39 @@ def train(cfg: TrainConfig, dist: fsdp_setup.Dist) -> int:
             loss, grad_norm = train_step(model, optimizer, micro_batches, lr=lr, mask_ratio=cfg.mask_ratio,
                                          clip_grad=cfg.clip_grad, mask_generator=mask_generator)
             progress.step, progress.epoch_index = progress.step + 1, progress.epoch_index + cfg.batch_size
-            meter.add(progress.step, loss, grad_norm)
+            meter.add(progress.step, lr, loss, grad_norm)
             reason = should_stop(progress.step, first_step, cfg, stop)
-            save_now, picture_now = should_save(progress.step, cfg, reason), should_draw(progress.step, cfg, reason)
-            if not (save_now or picture_now or progress.step % cfg.log_every == 0):
+            save_now = reason is not None or bool(cfg.ckpt_every and progress.step % cfg.ckpt_every == 0)
+            draw_now = save_now if cfg.recon_every is None else (  # by default a picture with each checkpoint
+                cfg.recon_every != 0 and (reason == "done" or progress.step % cfg.recon_every == 0))
+            if not (save_now or draw_now or progress.step % cfg.log_every == 0):
                 continue
             # A sync point: check the losses (and, before a save, the weights), log, draw, save.
             record = meter.close(progress, sampler.num_samples)
             check_finite(record, model, dist, save_now, last_saved)
             meter.log(record, out)
-            if picture_now:
+            if draw_now:
                 save_reconstruction(model, recon_imgs, pixel_stats, cfg, out / f"recon-step-{progress.step}.png", dist)
             if save_now:
-                last_saved = save(out, model, optimizer, progress, record, cfg, dist, mask_generator)
+                train_state = {**dataclasses.asdict(progress), "world_size": dist.world_size, "loss": record["loss"],
+                               "vit_config": dataclasses.asdict(fsdp_setup.unwrap(model).cfg),
+                               "config": dataclasses.asdict(cfg)}
+                last_saved = checkpoint.save_checkpoint(out, model, optimizer, train_state, dist, mask_generator,
+                                                        cfg.keep)
+                log(dist, f"checkpoint: {last_saved}")
             meter.restart(progress.step)  # after the save: its time is not training time
     finally:
         stop.restore()
-    say_why_stopped(reason, stop, progress.step - first_step, last_saved, out, cfg, dist)
+    if reason == "signal":
+        log(dist, f"received {stop.signal_name or 'a stop signal on another rank'}: saved {last_saved}; "
+                  "rerun with --resume to continue")
+    elif reason == "max-steps-per-run":
+        log(dist, f"stopped after {progress.step - first_step} steps (--max-steps-per-run): saved {last_saved}; "
+                  "rerun with --resume")
+    else:
+        picture = out / f"recon-step-{cfg.steps}.png"
+        log(dist, f"finished {cfg.steps} steps. Run folder {out}: config.json, metrics.jsonl, checkpoint {last_saved}"
+                  + (f", reconstruction {picture}" if progress.step > first_step and picture.is_file() else ""))
     return 0
 
 
@@ -564,16 +473,6 @@ def should_stop(step: int, first_step: int, cfg: TrainConfig, stop: fsdp_setup.S
     if cfg.max_steps_per_run and step - first_step >= cfg.max_steps_per_run:
         return "max-steps-per-run"
     return None
-
-
-def should_save(step: int, cfg: TrainConfig, reason: str | None) -> bool:
-    return reason is not None or bool(cfg.ckpt_every and step % cfg.ckpt_every == 0)
-
-
-def should_draw(step: int, cfg: TrainConfig, reason: str | None) -> bool:
-    if cfg.recon_every is None:  # default: a picture with every checkpoint
-        return should_save(step, cfg, reason)
-    return cfg.recon_every != 0 and (reason == "done" or step % cfg.recon_every == 0)
 
 
 def check_finite(record: dict, model, dist, save_now: bool, last_saved: Path | None) -> None:
@@ -589,105 +488,8 @@ def check_finite(record: dict, model, dist, save_now: bool, last_saved: Path | N
             "warmup or --clip-grad.")
 
 
-def save(out: Path, model, optimizer, progress: Progress, record: dict, cfg: TrainConfig, dist, mask_generator) -> Path:
-    mae = fsdp_setup.unwrap(model)
-    train_state = {**dataclasses.asdict(progress), "world_size": dist.world_size, "loss": record["loss"],
-                   "vit_config": dataclasses.asdict(mae.cfg), "config": dataclasses.asdict(cfg)}
-    saved = checkpoint.save_checkpoint(out, model, optimizer, train_state, dist, mask_generator, cfg.keep)
-    if dist.is_main:  # the pictures follow the checkpoints' --keep
-        pictures = sorted(out.glob("recon-step-*.png"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
-        for old in pictures[:-cfg.keep]:
-            old.unlink()
-    log(dist, f"checkpoint: {saved}")
-    return saved
-
-
-def say_why_stopped(reason, stop, steps_this_run, last_saved, out, cfg, dist) -> None:
-    if reason == "signal":
-        log(dist, f"received {stop.signal_name or 'a stop signal on another rank'}: saved {last_saved}; "
-                  "rerun with --resume to continue")
-    elif reason == "max-steps-per-run":
-        log(dist, f"stopped after {steps_this_run} steps (--max-steps-per-run): saved {last_saved}; rerun with --resume")
-    else:
-        picture = out / f"recon-step-{cfg.steps}.png"
-        log(dist, f"finished {cfg.steps} steps. Run folder {out}: config.json, metrics.jsonl, checkpoint {last_saved}"
-                  + (f", reconstruction {picture}" if steps_this_run and picture.is_file() else ""))
-
-
-class Meter:
-    """The steps since the last log line: losses (still on the device), data wait, wall time; and the
-    FLOP count and device peak that turn them into TFLOP/s and MFU."""
-
-    def __init__(self, cfg: TrainConfig, dist, model, num_images: int, step: int):
-        mae = fsdp_setup.unwrap(model)
-        self.cfg, self.dist = cfg, dist
-        self.global_batch = cfg.batch_size * dist.world_size
-        self.flops_per_image = 3 * mae.forward_flops_per_image(cfg.mask_ratio)  # forward + backward (2x forward)
-        self.device_name, self.peak = peak_tflops(dist.device, cfg.peak_tflops)
-        num_params = sum(p.numel() for p in model.parameters())
-        log(dist, f"model {cfg.model} ({mae.cfg.img_size} px, patch {mae.cfg.patch_size}, {mae.cfg.in_chans} bands): "
-                  f"{num_params / 1e6:.2f}M parameters with the decoder, {self.flops_per_image / 3e9:.2f} GFLOP "
-                  "forward per image")
-        log(dist, f"peak for MFU: {self.device_name} = " + (
-            f"{self.peak:g} TFLOP/s" + (" (--peak-tflops)" if cfg.peak_tflops else "") if self.peak
-            else "unknown (MFU null; pass --peak-tflops)"))
-        accum = f" in {cfg.accum_steps} micro-batches" if cfg.accum_steps > 1 else ""
-        log(dist, f"data {cfg.data}: {num_images} images, global batch {self.global_batch} ({dist.world_size} x "
-                  f"{cfg.batch_size}{accum}); {cfg.steps} steps, warmup {cfg.warmup_steps}, peak lr {cfg.lr:.3g}"
-                  + (f"; attention: SDPA {cfg.sdpa}" if cfg.sdpa != "auto" else ""))
-        self.restart(step)
-
-    def restart(self, step: int) -> None:
-        self.first_step, self.start, self.data_wait, self.pending = step, time.perf_counter(), 0.0, []
-
-    def timed_data(self, batches):
-        t0 = time.perf_counter()
-        micro_batches = next(batches)
-        self.data_wait += time.perf_counter() - t0
-        return micro_batches
-
-    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        self.pending.append((step, loss, grad_norm))
-
-    def close(self, progress: Progress, samples_per_epoch: int) -> dict:
-        """One host sync for all the pending losses: the metrics record, plus the first step whose
-        loss was not finite (or None)."""
-        losses = torch.stack([loss for _, loss, _ in self.pending]).tolist()
-        elapsed = time.perf_counter() - self.start
-        img_per_s = (progress.step - self.first_step) * self.global_batch / elapsed
-        tflops_per_gpu = img_per_s * self.flops_per_image / self.dist.world_size / 1e12
-        return {
-            "step": progress.step, "epoch": round(progress.epoch + progress.epoch_index / samples_per_epoch, 4),
-            "loss": sum(losses) / len(losses),  # mean over the steps since the last record
-            "lr": lr_at(progress.step - 1, self.cfg.lr, self.cfg.steps, self.cfg.warmup_steps),
-            "grad_norm": self.pending[-1][2].item(), "img_per_s": round(img_per_s, 2),
-            "tflops_per_gpu": round(tflops_per_gpu, 4), "mfu": round(tflops_per_gpu / self.peak, 4) if self.peak else None,
-            "peak_mem_gib": round(peak_memory_gib(self.dist.device), 3),
-            "data_wait_frac": round(self.data_wait / elapsed, 4),
-            "first_bad_step": next((s for (s, _, _), x in zip(self.pending, losses) if not math.isfinite(x)), None),
-        }
-
-    def log(self, r: dict, out: Path) -> None:
-        if not self.dist.is_main:
-            return
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(r) + "\n")
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        print(f"step {r['step']:>6}/{self.cfg.steps} | epoch {r['epoch']:7.2f} | loss {r['loss']:.4f} | "
-              f"lr {r['lr']:.2e} | grad {r['grad_norm']:.3f} | {r['img_per_s']:8.1f} img/s | "
-              f"{r['tflops_per_gpu']:7.2f} TFLOP/s/gpu | MFU {mfu} | mem {r['peak_mem_gib']:.2f} GiB | "
-              f"data {r['data_wait_frac']:.0%}", flush=True)
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak allocated device memory; on CPU the process's peak resident set (Linux reports KiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def resume(previous: Path, cfg: TrainConfig, model, optimizer, dist, mask_generator) -> Progress:
-    on_every_rank(lambda: check_resumable(previous, cfg, fsdp_setup.unwrap(model)), dist)
+    on_every_rank(lambda: checkpoint.check_resumable(previous, cfg, fsdp_setup.unwrap(model)), dist)
     state = checkpoint.load_checkpoint(previous, model, optimizer, dist, mask_generator, verified=True)
     progress = Progress(state["step"], state["epoch"], state["epoch_index"])
     if state["world_size"] != dist.world_size:
@@ -699,30 +501,6 @@ def resume(previous: Path, cfg: TrainConfig, model, optimizer, dist, mask_genera
         mask_generator.manual_seed(cfg.seed * 1_000_003 + dist.rank + 7919 * progress.step)
     log(dist, f"resume: {previous} (step {progress.step}, epoch {progress.epoch})")
     return progress
-
-
-def check_resumable(folder: Path, cfg: TrainConfig, mae) -> None:
-    """Same model as the checkpoint's, else DCP would fail deep inside with a shape error."""
-    state = json.loads((folder / "train_state.json").read_text())
-    decoder = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")
-    if state["vit_config"] != dataclasses.asdict(mae.cfg) or any(state["config"][k] != getattr(cfg, k) for k in decoder):
-        raise ValueError(f"{folder} holds a different model ({state['config']['model']}, {state['vit_config']}, "
-                         f"decoder {[state['config'][k] for k in decoder]}); resume with the same --model, "
-                         "--img-size, bands and decoder flags, or choose a new --out")
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop records after the resumed step (written after that checkpoint by a killed run), and a
-    line a crash left half-written; a fresh start empties the file."""
-    def kept(line: str) -> bool:
-        try:
-            return json.loads(line)["step"] <= step
-        except (ValueError, KeyError, TypeError):
-            return False
-
-    if path.is_file():
-        lines = [line for line in path.read_text(errors="replace").splitlines() if kept(line)]
-        checkpoint.write_atomic(path, "".join(line + "\n" for line in lines))
 
 
 @torch.no_grad()
@@ -746,8 +524,7 @@ def log(dist, message: str) -> None:
         print(message, flush=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# Entry points
+# --- Entry points -----------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:

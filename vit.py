@@ -38,10 +38,8 @@ class ViTConfig:
 
     def __post_init__(self):
         if self.img_size % self.patch_size != 0:
-            raise ValueError(
-                f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}; "
-                f"choose e.g. img_size={self.img_size // self.patch_size * self.patch_size}"
-            )
+            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}; "
+                             f"choose e.g. img_size={self.img_size // self.patch_size * self.patch_size}")
         if self.embed_dim % self.num_heads != 0:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.embed_dim % 4 != 0:
@@ -63,17 +61,16 @@ class ViTConfig:
 
 # The paper's model table (Tsaris et al. 2024, arXiv 2404.11706; docs/paper.md). Patch 14 from Huge up.
 CONFIGS: dict[str, ViTConfig] = {
-    "vit_tiny": ViTConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_dim=128),  # tests, CPU demo
+    "vit_tiny": ViTConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_dim=128),  # tests, demo
     "vit_small": ViTConfig(embed_dim=384, depth=12, num_heads=6, mlp_dim=1536),
     "vit_base": ViTConfig(embed_dim=768, depth=12, num_heads=12, mlp_dim=3072),  # 86M
     "vit_large": ViTConfig(embed_dim=1024, depth=24, num_heads=16, mlp_dim=4096),  # 303M (MAE paper)
     "vit_huge": ViTConfig(patch_size=14, embed_dim=1280, depth=32, num_heads=16, mlp_dim=5120),  # 631M
     "vit_1b": ViTConfig(patch_size=14, embed_dim=1536, depth=32, num_heads=16, mlp_dim=6144),  # 908M
     "vit_3b": ViTConfig(patch_size=14, embed_dim=2816, depth=32, num_heads=32, mlp_dim=11264),  # 3.05B
-    # ViT-5B: the paper's table lists width 1792, depth 56, MLP 15360, 16 heads (ViT-e, PaLI's encoder),
-    # which counts only 3.8B parameters, while it reports 5,349M. Width 2816 at depth 56 (the 3B model
-    # made deeper) counts 5.33B, matching the reported size and the paper's memory measurements, so
-    # that is what `vit_5b` is. The listed dims remain available as `vit_e`.
+    # ViT-5B: the paper lists width 1792, depth 56, MLP 15360, 16 heads (ViT-e, PaLI's encoder): only 3.8B parameters,
+    # while it reports 5,349M. Width 2816 at depth 56 (the 3B model made deeper) counts 5.33B, matching the reported
+    # size and the paper's memory measurements, so that is `vit_5b`. The listed dims remain available as `vit_e`.
     "vit_5b": ViTConfig(patch_size=14, embed_dim=2816, depth=56, num_heads=32, mlp_dim=11264),  # 5.33B
     "vit_e": ViTConfig(patch_size=14, embed_dim=1792, depth=56, num_heads=16, mlp_dim=15360),  # 3.8B
     "vit_15b": ViTConfig(patch_size=14, embed_dim=5040, depth=48, num_heads=48, mlp_dim=20160),  # 14.6B
@@ -96,9 +93,8 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int, cls_token: bool = True) 
     """
     quarter = embed_dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    rows, cols = torch.meshgrid(
-        torch.arange(grid_size, dtype=torch.float64), torch.arange(grid_size, dtype=torch.float64), indexing="ij"
-    )
+    positions = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(positions, positions, indexing="ij")
 
     def encode(pos):  # (L,) -> (L, D/2)
         angles = pos.reshape(-1, 1) * omega.reshape(1, -1)
@@ -135,6 +131,18 @@ class Attention(nn.Module):
         # SDPA picks a fused kernel (flash / memory-efficient / cuDNN) for the device and dtype.
         out_BHLd = F.scaled_dot_product_attention(q_BHLd, k_BHLd, v_BHLd)
         return self.proj(out_BHLd.transpose(1, 2).reshape(B, L, D))
+
+
+# Process-wide SDPA switches (train.py --sdpa): "cudnn" leaves only cuDNN and the math fallback enabled, so the whole
+# model runs that kernel wherever it supports the shape. MAE's encoder attends over only 50-65 tokens, where the
+# kernels differ most (docs/paper.md).
+SDPA_SWITCHES = {"flash": "enable_flash_sdp", "efficient": "enable_mem_efficient_sdp", "cudnn": "enable_cudnn_sdp"}
+SDPA_CHOICES = ("auto", *SDPA_SWITCHES, "math")
+
+
+def apply_sdpa_choice(choice: str) -> None:
+    for name, switch in SDPA_SWITCHES.items():
+        getattr(torch.backends.cuda, switch)(choice in ("auto", name))
 
 
 class Mlp(nn.Module):
@@ -230,10 +238,8 @@ class VisionTransformer(nn.Module):
     def check_input(self, imgs: torch.Tensor) -> None:
         cfg = self.cfg
         if imgs.ndim != 4 or imgs.shape[1] != cfg.in_chans or imgs.shape[2:] != (cfg.img_size, cfg.img_size):
-            raise ValueError(
-                f"expected images of shape (batch, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}) "
-                f"(in_chans, img_size of the model config), got {tuple(imgs.shape)}"
-            )
+            raise ValueError(f"expected images of shape (batch, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}) "
+                             f"(in_chans, img_size of the model config), got {tuple(imgs.shape)}")
 
     def forward(self, imgs_BCHW: torch.Tensor) -> torch.Tensor:
         self.check_input(imgs_BCHW)
@@ -273,9 +279,7 @@ def count_params(cfg: ViTConfig) -> int:
 
 
 if __name__ == "__main__":
-    print(f"{'model':<10} {'width':>6} {'depth':>5} {'MLP':>6} {'heads':>5} {'patch':>5} {'params':>9} {'GFLOP/img':>10}")
+    print(f"{'model':<10} {'width':>6} {'depth':>5} {'MLP':>6} {'heads':>5} {'patch':>5} {'params':>9}  GFLOP/img")
     for name, c in CONFIGS.items():
-        print(
-            f"{name:<10} {c.embed_dim:>6} {c.depth:>5} {c.mlp_dim:>6} {c.num_heads:>5} {c.patch_size:>5} "
-            f"{count_params(c) / 1e6:>8.1f}M {vit_forward_flops(c) / 1e9:>10.1f}"
-        )
+        print(f"{name:<10} {c.embed_dim:>6} {c.depth:>5} {c.mlp_dim:>6} {c.num_heads:>5} {c.patch_size:>5} "
+              f"{count_params(c) / 1e6:>8.1f}M {vit_forward_flops(c) / 1e9:>10.1f}")

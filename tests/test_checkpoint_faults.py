@@ -23,6 +23,7 @@ import checkpoint
 import fsdp_setup
 from mae import MaskedAutoencoder
 from vit import ViTConfig
+from weights import export_encoder
 
 CFG = ViTConfig(img_size=16, patch_size=8, in_chans=2, embed_dim=32, depth=1, num_heads=2, mlp_dim=128)
 
@@ -179,7 +180,7 @@ def test_damaged_newest_falls_back_to_the_previous_checkpoint(run, damage):
     with pytest.raises(ValueError, match=f"step-2 .*{reason}.*: the save was interrupted or files were damaged"):
         checkpoint.load_checkpoint(out / "step-2", model, optimizer, dist, torch.Generator())
     with pytest.raises(ValueError, match=f"--ckpt .*step-2: .*{reason}"):
-        checkpoint.export_encoder(str(out / "step-2"))
+        export_encoder(str(out / "step-2"))
 
 
 def test_zeroed_weights_would_load_silently_without_checksums(run):

@@ -304,15 +304,15 @@ def test_encoder_errors_name_file_key_shapes_and_fix(tmp_path):
 
 
 def test_training_run_folder_is_an_encoder(pretrained, tmp_path, capsys):
-    import checkpoint
     import train
+    import weights
 
     run = tmp_path / "run"
     assert train.main(["--model", "vit_tiny", "--data", pretrained["root"], "--steps", "2", "--batch-size", "8",
                        "--workers", "0", "--out", str(run), "--decoder-embed-dim", "32", "--decoder-depth", "1",
                        "--decoder-num-heads", "4", "--warmup-steps", "1", "--recon-every", "0"]) == 0
     cfg, state, _ = ev.load_encoder(str(run))
-    exported = checkpoint.export_encoder(str(run))
+    exported = weights.export_encoder(str(run))
     assert cfg == TINY and all(torch.equal(state[k], v) for k, v in exported["model"].items())
     ev.main(["knn", "--encoder", str(run), "--data", pretrained["root"], "--train-ratio", "0.5", "--workers", "0",
              "--out", str(tmp_path / "knn")])

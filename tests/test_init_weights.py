@@ -1,4 +1,4 @@
-"""Official-layout MAE/ViT weights as the start of geospatial pretraining (mae.py's loader).
+"""Official-layout MAE/ViT weights as the start of geospatial pretraining (weights.py's loader).
 
 References: a VisionTransformer with a learned (random) positional table written in the official
 layout, kernels and tables computed here by hand from the file, and a pickle whose payload would
@@ -18,8 +18,9 @@ import torch.nn.functional as F
 import eval as ev
 import fsdp_setup
 import train
-from mae import MaskedAutoencoder, adapt_band_kernels, load_mae_checkpoint, read_mae_checkpoint
+from mae import MaskedAutoencoder
 from vit import VisionTransformer, get_config, sincos_pos_embed_2d
+from weights import adapt_band_kernels, load_mae_checkpoint, read_mae_checkpoint
 
 TINY = get_config("vit_tiny")  # 32 px, patch 8: a 4x4 grid, width 64
 

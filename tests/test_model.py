@@ -8,8 +8,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from mae import MaskedAutoencoder, load_mae_checkpoint, mae_forward_flops
+from mae import MaskedAutoencoder, mae_forward_flops
 from vit import CONFIGS, VisionTransformer, count_params, drop_path, get_config, sincos_pos_embed_2d, vit_forward_flops
+from weights import load_mae_checkpoint
 
 TINY = CONFIGS["vit_tiny"]  # 32 px, patch 8 -> 16 patches, width 64
 

@@ -24,9 +24,11 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 import checkpoint
 import data
 import fsdp_setup
+import metrics
 import train
+import weights
 from _dist_util import _entry, free_port, run_ranks
-from vit import ViTConfig, VisionTransformer, get_config
+from vit import ViTConfig, VisionTransformer, apply_sdpa_choice, get_config
 
 # A tiny model on 32 px chips: a step takes milliseconds, a run a second or two.
 TINY = ["--model", "vit_tiny", "--decoder-embed-dim", "32", "--decoder-depth", "1", "--decoder-num-heads", "4",
@@ -172,23 +174,23 @@ def test_adamw_implementations_take_the_same_steps():
 def test_sdpa_choice_sets_the_process_wide_switches():
     backends = torch.backends.cuda
     try:
-        train.apply_sdpa_choice("cudnn")
+        apply_sdpa_choice("cudnn")
         assert (backends.cudnn_sdp_enabled(), backends.flash_sdp_enabled(), backends.mem_efficient_sdp_enabled()) == (True, False, False)
-        train.apply_sdpa_choice("math")
+        apply_sdpa_choice("math")
         assert not any((backends.cudnn_sdp_enabled(), backends.flash_sdp_enabled(), backends.mem_efficient_sdp_enabled()))
     finally:
-        train.apply_sdpa_choice("auto")
+        apply_sdpa_choice("auto")
     assert backends.cudnn_sdp_enabled() and backends.flash_sdp_enabled() and backends.mem_efficient_sdp_enabled()
 
 
 def test_peak_tflops(monkeypatch):
-    assert train.peak_tflops(torch.device("cpu")) == ("cpu", None)
-    assert train.peak_tflops(torch.device("cpu"), 100.0) == ("cpu", 100.0)
+    assert metrics.peak_tflops(torch.device("cpu")) == ("cpu", None)
+    assert metrics.peak_tflops(torch.device("cpu"), 100.0) == ("cpu", 100.0)
     for name, expected in [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
                            ("NVIDIA A100-SXM4-80GB", 312.0), ("AMD Instinct MI250X", 191.5),
                            ("AMD Instinct MI300X", 1307.0), ("Tesla V100", None)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, n=name: n)
-        assert train.peak_tflops(torch.device("cuda", 0)) == (name, expected)
+        assert metrics.peak_tflops(torch.device("cuda", 0)) == (name, expected)
 
 
 def test_stop_flag_is_read_from_a_host_copy(monkeypatch):
@@ -268,7 +270,7 @@ def test_resume_is_bit_exact_on_one_rank(chips, reference, tmp_path, layout):
     assert latest(run) == "step-5" and len(losses(run)) == 5
     assert train.main(args(chips, run, *layout, "--resume")) == 0
     assert losses(run) == losses(reference)  # loss and grad norm of every step, bit for bit
-    exported, expected = checkpoint.export_encoder(str(run)), checkpoint.export_encoder(str(reference))
+    exported, expected = weights.export_encoder(str(run)), weights.export_encoder(str(reference))
     assert all(torch.equal(exported["model"][k], expected["model"][k]) for k in expected["model"])
 
 

@@ -55,9 +55,10 @@ from PIL import Image  # noqa: E402
 import data  # noqa: E402
 import fsdp_setup  # noqa: E402
 import geotiff  # noqa: E402
+import metrics  # noqa: E402
 import train  # noqa: E402
 from plan import GiB, PlanConfig, layout_estimate, model_sizes  # noqa: E402
-from vit import get_config  # noqa: E402
+from vit import SDPA_CHOICES, apply_sdpa_choice, get_config  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -289,7 +290,7 @@ class ConfigRun:
         step_s = statistics.median(times)
         img_per_s = self.cfg.batch_size * dist.world_size / step_s
         tflops = img_per_s * 3 * self.mae.forward_flops_per_image(self.cfg.mask_ratio) / dist.world_size / 1e12
-        _, peak = train.peak_tflops(dist.device)
+        _, peak = metrics.peak_tflops(dist.device)
         # Every rank reports its own GPU's power; energy per image counts all of them.
         all_watts = [watts]
         if dist.world_size > 1:
@@ -298,7 +299,7 @@ class ConfigRun:
         total_watts = sum(all_watts) if all(w is not None for w in all_watts) else None
         return dict(
             status="ok", img_per_s=img_per_s, tflops_per_gpu=tflops, mfu=tflops / peak if peak else None,
-            peak_mem_gib=train.peak_memory_gib(dist.device) if peak_memory and dist.device.type == "cuda" else None,
+            peak_mem_gib=metrics.peak_memory_gib(dist.device) if peak_memory and dist.device.type == "cuda" else None,
             # The process's peak resident host memory so far (Linux: KiB): what CPU offload moves there.
             host_peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             first_step_s=self.first_step_s, step_s_median=step_s, step_s_min=min(times),
@@ -357,7 +358,7 @@ def run_one(cfg: train.TrainConfig, sdpa: str, dist: fsdp_setup.Dist, args, powe
     if invalid:
         return invalid
     torch.compiler.reset()  # each configuration compiles afresh (no recompiles with dynamic shapes)
-    train.apply_sdpa_choice(sdpa)  # what train.py --sdpa does
+    apply_sdpa_choice(sdpa)  # what train.py --sdpa does
     if dist.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dist.device)
     profile_path = None
@@ -369,7 +370,7 @@ def run_one(cfg: train.TrainConfig, sdpa: str, dist: fsdp_setup.Dist, args, powe
     except torch.OutOfMemoryError:
         # Every rank runs the same shapes, so all ranks run out together. The model and the
         # traceback's frames are gone once this handler ends, before the next configuration allocates.
-        result = dict(status="oom", peak_mem_gib=train.peak_memory_gib(dist.device) if dist.device.type == "cuda" else None)
+        result = dict(status="oom", peak_mem_gib=metrics.peak_memory_gib(dist.device) if dist.device.type == "cuda" else None)
     finally:
         power.stop()  # no-op unless an error left the meter running
         free_memory(dist.device)
@@ -388,7 +389,7 @@ def run_interleaved(configs: list[train.TrainConfig], sdpa: str, dist: fsdp_setu
         if not invalid:
             runnable.append((len(rows) - 1, cfg))
     torch.compiler.reset()
-    train.apply_sdpa_choice(sdpa)  # what train.py --sdpa does
+    apply_sdpa_choice(sdpa)  # what train.py --sdpa does
     try:
         runs = [(i, ConfigRun(cfg, dist)) for i, cfg in runnable]
         for _, run in runs:
@@ -423,8 +424,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 def cmd_sweep(args) -> list[dict]:
     for choice in args.sdpa:
-        if choice not in train.SDPA_CHOICES:
-            raise ValueError(f"--sdpa must be one of {', '.join(train.SDPA_CHOICES)}, got {choice!r}")
+        if choice not in SDPA_CHOICES:
+            raise ValueError(f"--sdpa must be one of {', '.join(SDPA_CHOICES)}, got {choice!r}")
     if args.interleave and len(args.sdpa) > 1:
         raise ValueError("--interleave takes one --sdpa choice (the switch is process-wide)")
     if args.steps < 1 or args.warmup < 1:

@@ -17,6 +17,7 @@ import pytest
 import tifffile
 
 import geotiff
+import geotiff_decode
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ARRAYS = dict(np.load(FIXTURES / "arrays.npz"))
@@ -218,16 +219,16 @@ def test_batched_reads_equal_block_by_block_reads(name, monkeypatch):
     bands = full.shape[0]
     reads = [(None, None), ((0, 0, 1, 1), None), ((3, 5, 19, 13), [bands - 1, 0]), ((15, 15, 2, 2), [bands // 2] * 2),
              ((full.shape[1] - 7, full.shape[2] - 9, 7, 9), None)]
-    for batch_bytes, gap in [(geotiff.BATCH_BYTES, geotiff.COALESCE_GAP_BYTES), (1, 0), (2**20, 2**30)]:
+    for batch_bytes, gap in [(geotiff.BATCH_BYTES, geotiff_decode.COALESCE_GAP_BYTES), (1, 0), (2**20, 2**30)]:
         monkeypatch.setattr(geotiff, "BATCH_BYTES", batch_bytes)  # 1: a slab per block row
-        monkeypatch.setattr(geotiff, "COALESCE_GAP_BYTES", gap)  # 0: a read per run of touching blocks
+        monkeypatch.setattr(geotiff_decode, "COALESCE_GAP_BYTES", gap)  # 0: a read per run of touching blocks
         for window, band_list in reads:
             with geotiff.GeoTiff(FIXTURES / name) as tif:
-                assert tif._batch == BATCHED[name]
-                monkeypatch.setattr(tif, "_read_block_by_block", None)  # the batched path must not fall back
+                assert tif._decoder.batch == BATCHED[name]
+                monkeypatch.setattr(tif._decoder, "decode_each", None)  # the batched path must not fall back
                 batched = tif.read(window, band_list)
             with geotiff.GeoTiff(FIXTURES / name) as tif:
-                tif._batch = None
+                tif._decoder.batch = None
                 one_by_one = tif.read(window, band_list)
             row, col, height, width = window or (0, 0, *full.shape[1:])
             expected = full[band_list if band_list else slice(None), row:row + height, col:col + width]
@@ -242,13 +243,13 @@ def test_batched_read_counts_and_reads_only_the_blocks_it_needs(tmp_path, monkey
     scene = np.random.default_rng(0).integers(0, 60000, (2048, 2048), dtype=np.uint16)
     tifffile.imwrite(path, scene, tile=(256, 256), compression="lzw", predictor=True)
     preads, decodes = [], []
-    real_preadv, real_decode = geotiff.os.preadv, geotiff.imagecodecs.tiff_decode
-    monkeypatch.setattr(geotiff.os, "preadv", lambda fd, buffers, offset: preads.append(offset) or real_preadv(fd, buffers, offset))
-    monkeypatch.setattr(geotiff.imagecodecs, "tiff_decode", lambda data: decodes.append(len(data)) or real_decode(data))
+    real_preadv, real_decode = geotiff_decode.os.preadv, geotiff_decode.imagecodecs.tiff_decode
+    monkeypatch.setattr(geotiff_decode.os, "preadv", lambda fd, buffers, offset: preads.append(offset) or real_preadv(fd, buffers, offset))
+    monkeypatch.setattr(geotiff_decode.imagecodecs, "tiff_decode", lambda data: decodes.append(len(data)) or real_decode(data))
     with geotiff.GeoTiff(path) as tif:
         window = tif.read((700, 900, 512, 512))
         assert tif.segments_decoded == 9
-        offsets = tif._offsets
+        offsets = tif._decoder.offsets
     np.testing.assert_array_equal(window[0], scene[700:1212, 900:1412])
     assert sorted(preads) == [offsets[r * 8 + 3] for r in (2, 3, 4)] and len(decodes) == 1
 
@@ -262,7 +263,7 @@ def test_big_endian_batched_or_block_by_block_and_sparse_blocks_in_a_batched_fil
     tifffile.imwrite(path, pixels.transpose(1, 2, 0), byteorder=">", tile=(16, 16), compression=compression,
                      predictor=True, photometric="minisblack", planarconfig="contig")
     with geotiff.GeoTiff(path) as tif:
-        assert tif._batch == batch
+        assert tif._decoder.batch == batch
         read = tif.read((3, 5, 30, 33), bands=[2, 0])
     assert read.dtype.isnative
     np.testing.assert_array_equal(read, pixels[[2, 0], 3:33, 5:38])
@@ -453,13 +454,13 @@ def test_out_of_memory_while_decoding_says_so(monkeypatch):
         raise MemoryError
 
     with geotiff.GeoTiff(FIXTURES / "u16_4b_tiled_deflate_pixel.tif") as tif:
-        tif._batch = None  # the block-by-block path
-        monkeypatch.setattr(tif._page, "decode", decode_without_memory)
+        tif._decoder.batch = None  # the block-by-block path
+        monkeypatch.setattr(tif._decoder.page, "decode", decode_without_memory)
         with pytest.raises(geotiff.DataError, match="u16_4b_tiled_deflate_pixel.tif: out of memory decoding tile 0") as err:
             tif.read((0, 0, 4, 4))
     assert not isinstance(err.value, geotiff.CorruptImageError)  # not a damaged file: skip_corrupt must not skip it
     with geotiff.GeoTiff(FIXTURES / "u16_4b_striped_lzw_band.tif") as tif:  # all blocks in one libtiff call
-        monkeypatch.setattr(geotiff.imagecodecs, "tiff_decode", decode_without_memory)
+        monkeypatch.setattr(geotiff_decode.imagecodecs, "tiff_decode", decode_without_memory)
         with pytest.raises(geotiff.DataError, match="u16_4b_striped_lzw_band.tif: out of memory decoding a 21x41") as err:
             tif.read((0, 0, 20, 20))
     assert not isinstance(err.value, geotiff.CorruptImageError)

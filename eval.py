@@ -33,13 +33,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 import data
 import fsdp_setup
 import scenes
-from weights import (adapt_mae_state_dict, check_mae_state, export_encoder, load_mae_checkpoint, parse_band_map,
-                     read_checkpoint_file)
+from weights import load_encoder, load_mae_checkpoint, parse_band_map
 from train import lr_at
-from vit import CONFIGS, ViTConfig, VisionTransformer, get_config
+from vit import CONFIGS, ViTConfig, VisionTransformer
 
 MODES = ("linprobe", "knn", "finetune")
-NON_ENCODER_PREFIXES = ("decoder_", "mask_token", "head.", "fc_norm.")  # MAE decoder, fine-tuned heads
 ALONE = fsdp_setup.Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))  # one process, no torchrun
 
 
@@ -78,73 +76,6 @@ class EvalConfig:  # one field per flag (`--seed` fills seeds); what each means:
 
 
 # ---- encoder and scene data, as the flags select them ----
-
-
-def describe_state(state: dict[str, torch.Tensor]) -> str:
-    """What ViT a state dict holds, read off its shapes, and the flags that would build it."""
-    try:
-        width = state["cls_token"].shape[-1]
-        depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-        _, in_chans, patch, _ = state["patch_embed.proj.weight"].shape
-        img_size = round(math.sqrt(state["pos_embed"].shape[1] - 1)) * patch
-        mlp = state["blocks.0.mlp.fc1.weight"].shape[0]
-    except (KeyError, IndexError, ValueError):
-        return "no recognisable ViT (expected cls_token, pos_embed, patch_embed.proj.weight, blocks.N.*)"
-    what = f"a ViT of width {width}, depth {depth}, MLP {mlp}, patch {patch}, {in_chans} bands, {img_size} px"
-    for name, c in CONFIGS.items():
-        if (c.embed_dim, c.depth, c.mlp_dim, c.patch_size) == (width, depth, mlp, patch):
-            return what + f"; use --model {name} --in-chans {in_chans} --img-size {img_size}"
-    return what + "; no vit.CONFIGS entry has these dimensions"
-
-
-def load_encoder(spec: str, model: str | None = None, in_chans: int | None = None, img_size: int | None = None,
-                 log=print):
-    """Resolve --encoder into (ViTConfig, encoder state dict or None for random init, description). A file
-    made for another --img-size or --in-chans is adapted; one that does not fit fails before any image is read."""
-    overrides = {k: v for k, v in (("in_chans", in_chans), ("img_size", img_size)) if v is not None}
-    if spec == "random":
-        if model is None:
-            raise ValueError("--encoder random needs --model (e.g. --model vit_base) to know what to build")
-        return get_config(model, **overrides), None, f"random init ({model})"
-    path = Path(spec)
-    if not path.exists():
-        raise ValueError(f"--encoder {spec}: no such file or folder; give an encoder .pt, a training run "
-                         "folder, or `random` with --model")
-    try:
-        if path.is_dir():
-            ckpt = export_encoder(str(path))
-        else:
-            ckpt = read_checkpoint_file(path)
-    except ValueError as e:
-        raise ValueError(f"--encoder {path}: {e}" if path.is_dir() else f"--encoder {e}; an encoder of a training "
-                         "run comes from `python checkpoint.py export --ckpt <run> --out encoder.pt`") from None
-    state = ckpt.get("model", ckpt)  # official MAE files wrap it in "model"; timm files are bare
-    if not isinstance(state, dict):
-        raise ValueError(f"--encoder {path}: its \"model\" entry is a {type(state).__name__}, not a state dict")
-    state = {k: v for k, v in state.items() if torch.is_tensor(v) and not k.startswith(NON_ENCODER_PREFIXES)}
-    if "vit_config" in ckpt:
-        cfg = ViTConfig(**ckpt["vit_config"])
-        for flag_, value, own in (("--in-chans", in_chans, cfg.in_chans), ("--img-size", img_size, cfg.img_size)):
-            if value is not None and value != own:
-                raise ValueError(f"{flag_} {value} contradicts the encoder file {path}, made for {own}; drop {flag_}")
-        if model is not None and replace(get_config(model), img_size=cfg.img_size,
-                                         in_chans=cfg.in_chans) != replace(cfg, drop_path=0.0):
-            raise ValueError(f"--model {model} contradicts the encoder file {path}, which records {cfg}; drop --model")
-    elif model is None:
-        raise ValueError(f"--encoder {path} does not record its architecture (no vit_config): pass --model. "
-                         f"The file holds {describe_state(state)}")
-    else:
-        cfg = get_config(model, **overrides)
-        state, notes = adapt_mae_state_dict(state, cfg, source=f"--encoder {path}")
-        for note in notes:
-            log(f"--encoder {path}: {note}")
-    with torch.device("meta"):
-        shapes_only = VisionTransformer(cfg)
-    try:
-        check_mae_state(shapes_only, state, source=f"--encoder {path}")
-    except ValueError as e:
-        raise ValueError(f"{e}. The file holds {describe_state(state)}") from None
-    return cfg, state, str(path)
 
 
 def build_encoder(cfg: ViTConfig, state: dict | None, seed: int = 0) -> VisionTransformer:

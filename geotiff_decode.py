@@ -212,9 +212,9 @@ class BlockDecoder:
                                 "geotiff.JPEG_CHROMA_UPSAMPLING = 'libjpeg9', only (2, 2); read it with "
                                 "'libjpeg-turbo'")
             block = _decode_ycbcr_jpeg_as_libjpeg9(self.path, data, self.jpegtables)
-            if block.shape != (rows, tile_cols, 3):
-                raise CorruptImageError(f"{self.path}: {self.kind} {index} is a {block.shape[0]}x{block.shape[1]} "
-                                        f"JPEG in {rows}x{tile_cols} {self.kind}s; the file is corrupt")
+            if block.shape != (rows, tile_cols, samples):  # a header claiming other than 3 samples: damage
+                raise CorruptImageError(f"{self.path}: {self.kind} {index} is a {'x'.join(map(str, block.shape))} "
+                                        f"JPEG in {rows}x{tile_cols} {self.kind}s of {samples} samples; corrupt file")
             return block
         if self.codec == JPEG and samples == 1 and info.bands > 1:
             # Band-interleaved JPEG: each plane is a one-component (grey) JPEG; tifffile asks libjpeg

@@ -431,9 +431,7 @@ def train(cfg: TrainConfig, dist: fsdp_setup.Dist) -> int:
             progress.step, progress.epoch_index = progress.step + 1, progress.epoch_index + cfg.batch_size
             meter.add(progress.step, lr, loss, grad_norm)
             reason = should_stop(progress.step, first_step, cfg, stop)
-            save_now = reason is not None or bool(cfg.ckpt_every and progress.step % cfg.ckpt_every == 0)
-            draw_now = save_now if cfg.recon_every is None else (  # by default a picture with each checkpoint
-                cfg.recon_every != 0 and (reason == "done" or progress.step % cfg.recon_every == 0))
+            save_now, draw_now = should_save(progress.step, cfg, reason), should_draw(progress.step, cfg, reason)
             if not (save_now or draw_now or progress.step % cfg.log_every == 0):
                 continue
             # A sync point: check the losses (and, before a save, the weights), log, draw, save.
@@ -473,6 +471,16 @@ def should_stop(step: int, first_step: int, cfg: TrainConfig, stop: fsdp_setup.S
     if cfg.max_steps_per_run and step - first_step >= cfg.max_steps_per_run:
         return "max-steps-per-run"
     return None
+
+
+def should_save(step: int, cfg: TrainConfig, reason: str | None) -> bool:
+    return reason is not None or bool(cfg.ckpt_every and step % cfg.ckpt_every == 0)
+
+
+def should_draw(step: int, cfg: TrainConfig, reason: str | None) -> bool:
+    if cfg.recon_every is None:  # default: a picture with every checkpoint
+        return should_save(step, cfg, reason)
+    return cfg.recon_every != 0 and (reason == "done" or step % cfg.recon_every == 0)
 
 
 def check_finite(record: dict, model, dist, save_now: bool, last_saved: Path | None) -> None:

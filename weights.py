@@ -6,6 +6,8 @@ and band count (`adapt_mae_state_dict`: positional tables resized, RGB kernels m
 --init-rgb-bands), checked against the model's shapes (`check_mae_state`), and loaded: into a plain
 model (`load_mae_checkpoint`) or, rank 0 reading and broadcasting, into a sharded one (`load_init_weights`).
 
+`load_encoder` resolves eval.py's --encoder (an encoder file, a training run folder or `random`).
+
 Out: `export_encoder` reads the encoder of a training checkpoint (checkpoint.py's format) into one
 official-layout state dict, which `python checkpoint.py export --ckpt RUN --out ENCODER.pt` writes.
 
@@ -33,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 import checkpoint
 import fsdp_setup
-from vit import ViTConfig, VisionTransformer, sincos_pos_embed_2d
+from vit import CONFIGS, ViTConfig, VisionTransformer, get_config, sincos_pos_embed_2d
 
 
 # An official MAE file is either the released weights, {"model": state dict}, or a run checkpoint
@@ -43,6 +45,7 @@ from vit import ViTConfig, VisionTransformer, sincos_pos_embed_2d
 # is the one class allowed beyond tensors and containers.
 
 SAFE_CHECKPOINT_GLOBALS = [argparse.Namespace]
+NON_ENCODER_PREFIXES = ("decoder_", "mask_token", "head.", "fc_norm.")  # MAE decoder, fine-tuned heads
 
 
 def read_checkpoint_file(path) -> dict:
@@ -246,6 +249,75 @@ def load_init_weights(model: nn.Module, shapes: nn.Module, path: str, rgb_bands:
     kept = f"; {len(missing)} decoder tensors keep their fresh init" if missing else ""
     if dist.is_main:
         print(f"init: weights from {path}{kept}", flush=True)
+
+
+def describe_state(state: dict[str, torch.Tensor]) -> str:
+    """What ViT a state dict holds, read off its shapes, and the flags that would build it."""
+    try:
+        width = state["cls_token"].shape[-1]
+        depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+        _, in_chans, patch, _ = state["patch_embed.proj.weight"].shape
+        img_size = round(math.sqrt(state["pos_embed"].shape[1] - 1)) * patch
+        mlp = state["blocks.0.mlp.fc1.weight"].shape[0]
+    except (KeyError, IndexError, ValueError):
+        return "no recognisable ViT (expected cls_token, pos_embed, patch_embed.proj.weight, blocks.N.*)"
+    what = f"a ViT of width {width}, depth {depth}, MLP {mlp}, patch {patch}, {in_chans} bands, {img_size} px"
+    for name, c in CONFIGS.items():
+        if (c.embed_dim, c.depth, c.mlp_dim, c.patch_size) == (width, depth, mlp, patch):
+            return what + f"; use --model {name} --in-chans {in_chans} --img-size {img_size}"
+    return what + "; no vit.CONFIGS entry has these dimensions"
+
+
+def load_encoder(spec: str, model: str | None = None, in_chans: int | None = None, img_size: int | None = None,
+                 log=print):
+    """Resolve --encoder into (ViTConfig, encoder state dict or None for random init, description). A file
+    made for another --img-size or --in-chans is adapted; one that does not fit fails before any image is read."""
+    overrides = {k: v for k, v in (("in_chans", in_chans), ("img_size", img_size)) if v is not None}
+    if spec == "random":
+        if model is None:
+            raise ValueError("--encoder random needs --model (e.g. --model vit_base) to know what to build")
+        return get_config(model, **overrides), None, f"random init ({model})"
+    path = Path(spec)
+    if not path.exists():
+        raise ValueError(f"--encoder {spec}: no such file or folder; give an encoder .pt, a training run "
+                         "folder, or `random` with --model")
+    try:
+        if path.is_dir():
+            ckpt = export_encoder(str(path))
+        else:
+            ckpt = read_checkpoint_file(path)
+    except ValueError as e:
+        raise ValueError(f"--encoder {path}: {e}" if path.is_dir() else f"--encoder {e}; an encoder of a training "
+                         "run comes from `python checkpoint.py export --ckpt <run> --out encoder.pt`") from None
+    state = ckpt.get("model", ckpt)  # official MAE files wrap it in "model"; timm files are bare
+    if not isinstance(state, dict):
+        raise ValueError(f"--encoder {path}: its \"model\" entry is a {type(state).__name__}, not a state dict")
+    state = {k: v for k, v in state.items() if torch.is_tensor(v) and not k.startswith(NON_ENCODER_PREFIXES)}
+    if "vit_config" in ckpt:
+        cfg = ViTConfig(**ckpt["vit_config"])
+        for flag_, value, own in (("--in-chans", in_chans, cfg.in_chans), ("--img-size", img_size, cfg.img_size)):
+            if value is not None and value != own:
+                raise ValueError(f"{flag_} {value} contradicts the encoder file {path}, made for {own}; drop {flag_}")
+        if model is not None:
+            expected = dataclasses.replace(get_config(model), img_size=cfg.img_size, in_chans=cfg.in_chans)
+            if expected != dataclasses.replace(cfg, drop_path=0.0):
+                raise ValueError(f"--model {model} contradicts the encoder file {path}, which records {cfg}; "
+                                 "drop --model")
+    elif model is None:
+        raise ValueError(f"--encoder {path} does not record its architecture (no vit_config): pass --model. "
+                         f"The file holds {describe_state(state)}")
+    else:
+        cfg = get_config(model, **overrides)
+        state, notes = adapt_mae_state_dict(state, cfg, source=f"--encoder {path}")
+        for note in notes:
+            log(f"--encoder {path}: {note}")
+    with torch.device("meta"):
+        shapes_only = VisionTransformer(cfg)
+    try:
+        check_mae_state(shapes_only, state, source=f"--encoder {path}")
+    except ValueError as e:
+        raise ValueError(f"{e}. The file holds {describe_state(state)}") from None
+    return cfg, state, str(path)
 
 
 def resolve_step_folder(path: str, log=print) -> Path:

@@ -298,9 +298,9 @@ def test_crafted_metadata_never_runs(run, tmp_path, forge, capsys):
     with pytest.raises(ValueError, match="step-2 could not be loaded: .*it names posix.system"):
         checkpoint.dcp_load({"model": build(seed=1)[0].state_dict()}, out / "step-2")
     # eval's --encoder with the run folder: step-1's encoder
-    import eval as ev
+    import weights
 
-    encoder_cfg, state, _ = ev.load_encoder(str(out))
+    encoder_cfg, state, _ = weights.load_encoder(str(out))
     assert torch.equal(state["blocks.0.attn.qkv.weight"], states[1]["blocks.0.attn.qkv.weight"])
     assert not marker.exists()
 

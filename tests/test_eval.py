@@ -24,6 +24,7 @@ from PIL import Image
 
 import data
 import eval as ev
+import weights
 import scenes
 from _dist_util import run_ranks
 from mae import MaskedAutoencoder
@@ -278,40 +279,39 @@ def test_encoder_errors_name_file_key_shapes_and_fix(tmp_path):
     mae = MaskedAutoencoder(TINY, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
     official = tmp_path / "mae_pretrain.pth"  # the official layout: {"model": state}, no config
     torch.save({"model": mae.state_dict()}, official)
-    cfg, state, _ = ev.load_encoder(str(official), model="vit_tiny")
+    cfg, state, _ = weights.load_encoder(str(official), model="vit_tiny")
     assert cfg.in_chans == 3 and not any(k.startswith("decoder_") for k in state)
-    # Another band count: the official file's RGB kernels are adapted (mae.adapt_mae_state_dict), not refused.
-    assert ev.load_encoder(str(official), model="vit_tiny", in_chans=4, log=lambda _: None)[1][
+    # Another band count: the official file's RGB kernels are adapted (weights.adapt_mae_state_dict), not refused.
+    assert weights.load_encoder(str(official), model="vit_tiny", in_chans=4, log=lambda _: None)[1][
         "patch_embed.proj.weight"].shape == (64, 4, 8, 8)
     with pytest.raises(ValueError, match=r"cls_token.*--model vit_tiny"):
-        ev.load_encoder(str(official), model="vit_small", img_size=32)
+        weights.load_encoder(str(official), model="vit_small", img_size=32)
     with pytest.raises(ValueError, match=r"pass --model.*width 64, depth 2"):
-        ev.load_encoder(str(official))
+        weights.load_encoder(str(official))
     exported = save_encoder(tmp_path / "enc.pt", mae)
-    assert ev.load_encoder(exported)[0] == TINY
-    assert ev.load_encoder(exported, model="vit_tiny", in_chans=3)[0] == TINY
+    assert weights.load_encoder(exported)[0] == TINY
+    assert weights.load_encoder(exported, model="vit_tiny", in_chans=3)[0] == TINY
     with pytest.raises(ValueError, match="--in-chans 4 contradicts"):
-        ev.load_encoder(exported, in_chans=4)
+        weights.load_encoder(exported, in_chans=4)
     with pytest.raises(ValueError, match="--model vit_base contradicts"):
-        ev.load_encoder(exported, model="vit_base")
+        weights.load_encoder(exported, model="vit_base")
     with pytest.raises(ValueError, match="needs --model"):
-        ev.load_encoder("random")
+        weights.load_encoder("random")
     with pytest.raises(ValueError, match="no such file"):
-        ev.load_encoder(str(tmp_path / "missing.pt"))
+        weights.load_encoder(str(tmp_path / "missing.pt"))
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt.*checkpoint.py export"):
-        ev.load_encoder(str(tmp_path / "junk.pt"))
+        weights.load_encoder(str(tmp_path / "junk.pt"))
 
 
 def test_training_run_folder_is_an_encoder(pretrained, tmp_path, capsys):
     import train
-    import weights
 
     run = tmp_path / "run"
     assert train.main(["--model", "vit_tiny", "--data", pretrained["root"], "--steps", "2", "--batch-size", "8",
                        "--workers", "0", "--out", str(run), "--decoder-embed-dim", "32", "--decoder-depth", "1",
                        "--decoder-num-heads", "4", "--warmup-steps", "1", "--recon-every", "0"]) == 0
-    cfg, state, _ = ev.load_encoder(str(run))
+    cfg, state, _ = weights.load_encoder(str(run))
     exported = weights.export_encoder(str(run))
     assert cfg == TINY and all(torch.equal(state[k], v) for k, v in exported["model"].items())
     ev.main(["knn", "--encoder", str(run), "--data", pretrained["root"], "--train-ratio", "0.5", "--workers", "0",
@@ -337,7 +337,7 @@ def linear_probe_per_epoch(encoder, train_dataset, num_classes, cfg, seed, epoch
 def test_cached_probe_equals_per_epoch_probe(pretrained):
     train_items, _, _ = scenes.scene_splits(pretrained["root"], 0.5, seed=0)
     dataset = scenes.SceneDataset(train_items[::2], img_size=32)
-    cfg, state, _ = ev.load_encoder(pretrained["encoder"])
+    cfg, state, _ = weights.load_encoder(pretrained["encoder"])
     encoder = ev.build_encoder(cfg, state)
     probe_cfg = ev.EvalConfig(probe_batch_size=5)  # 16 images: 3 steps per epoch, a remainder dropped
     feats, labels = ev.extract_features(encoder, dataset, batch_size=7, log=lambda *a: None)
@@ -500,7 +500,7 @@ def _on_ranks(rank, root, encoder, out, world_size):
 
     quiet = lambda *a: None  # noqa: E731
     dist_info = fsdp_setup.init_distributed()
-    vit_cfg, state, _ = ev.load_encoder(encoder)
+    vit_cfg, state, _ = weights.load_encoder(encoder)
     train_items, test_items, names = scenes.scene_splits(root, 0.5, seed=0)
     frozen = ev.build_encoder(vit_cfg, state)
     odd = scenes.SceneDataset(train_items + test_items[:-1], img_size=32)  # 63 images: the last block is padded

@@ -141,6 +141,14 @@ def test_libjpeg9_setting_refuses_other_subsampling_and_calls_disagreeing_blocks
     with pytest.raises(geotiff.CorruptImageError, match=f"{damaged}: a JPEG block's sampling factors "
                                                         "\\['0x22', '0x12', '0x11'\\] are not"):
         geotiff.read_geotiff(damaged, window=(0, 0, 4, 4))
+    # A damaged SamplesPerPixel entry (tifffile then reads 1 sample) with 3-sample JPEG blocks.
+    wrong_samples = tmp_path / "wrong_samples.tif"
+    raw = bytearray((FIXTURES / "u8_3b_striped_jpeg_ycbcr.tif").read_bytes())
+    raw[85] = 49  # inside tag 277's entry: an invalid type, so tifffile falls back to 1 sample per pixel
+    wrong_samples.write_bytes(bytes(raw))
+    with pytest.raises(geotiff.CorruptImageError, match=f"{wrong_samples}: strip 0 is a 16x64x3 JPEG in 16x64 "
+                                                        "strips of 1 samples; corrupt file"):
+        geotiff.read_geotiff(wrong_samples, window=(0, 0, 4, 4))
 
 
 def test_unknown_jpeg_chroma_setting_is_refused(monkeypatch):

@@ -96,7 +96,7 @@ def test_matches_plain_model(dist, reference, strategy, group, precision, ac, of
 
 def test_init_with_cpu_offload(dist, tmp_path):
     # --init through CPU offload: the full-state-dict broadcast wants the model on one device, while the
-    # offloaded shards live on the CPU and the buffers on the GPU (train.load_init_weights handles it).
+    # offloaded shards live on the CPU and the buffers on the GPU (weights.load_init_weights handles it).
     with torch.device(dist.device):
         source = MaskedAutoencoder(get_config("vit_tiny"), 64, 2, 4)
     source.init_weights(seed=5)  # other weights than the seed-0 build, so the load shows

@@ -459,13 +459,13 @@ def run(cfg: EvalConfig, log=print) -> dict:
         protocol = finetune_scores if cfg.mode == "finetune" else frozen_scores
         try:
             scored = list(protocol(cfg, vit_cfg, state, splits, dist, log))  # (test scores, test labels) per seed
-        except (ValueError, FileNotFoundError) as err:  # e.g. a corrupt image in this rank's share
+        except Exception as err:  # e.g. a corrupt image in this rank's share
             if dist.world_size == 1:
                 raise
             # The other ranks wait for this one in a collective it will never join: end the process
             # and let torchrun (or srun --kill-on-bad-exit=1) stop them.
-            print(f"error: [rank {dist.rank}] {data.error_message(err)}", file=sys.stderr, flush=True)
-            os._exit(2)
+            user_error = isinstance(err, (ValueError, FileNotFoundError))
+            fsdp_setup.exit_rank_failed(dist.rank, data.error_message(err) if user_error else None)
         runs = [{"seed": seed, "num_train": len(train), "num_test": len(test), "split_id": scenes.split_id(train),
                  **scenes.classification_metrics(scores, labels, class_names)}
                 for (seed, (train, test, _)), (scores, labels) in zip(splits.items(), scored)]

@@ -192,13 +192,18 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def exit_rank_failed(rank: int) -> None:
-    """Print the exception being handled, then end the process at once (exit code 3): a normal exit's
-    destroy_process_group, atexit and worker joins can block while the other ranks wait in a collective."""
-    print(f"[rank {rank}] failed; ending this process so that the launcher stops the job:\n"
-          f"{traceback.format_exc()}", file=sys.stderr, end="", flush=True)
+def exit_rank_failed(rank: int, user_error: str | None = None) -> None:
+    """End this process at once: a normal exit's destroy_process_group, atexit and worker joins can block while
+    the other ranks wait in a collective. A `user_error` met by this rank alone (a corrupt image in its share)
+    prints its one `error: [rank R] ...` line and exits 2, as a user error on every rank does; anything else
+    is a bug: the traceback of the exception being handled, exit code 3."""
+    if user_error is not None:
+        print(f"error: [rank {rank}] {user_error}", file=sys.stderr, flush=True)
+    else:
+        print(f"[rank {rank}] failed; ending this process so that the launcher stops the job:\n"
+              f"{traceback.format_exc()}", file=sys.stderr, end="", flush=True)
     sys.stdout.flush()
-    os._exit(3)
+    os._exit(2 if user_error is not None else 3)
 
 
 # --- Validation: every impossible layout fails here, on every rank, before any collective --------

@@ -546,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
         # broken file in this rank's loader, an out-of-memory) is this rank's alone, and the others
         # would wait for it in their next collective until the NCCL/gloo timeout, many minutes.
         if dist.world_size > 1 and not isinstance(err, (TrainingDiverged, fsdp_setup.AllRanksError)):
-            fsdp_setup.exit_rank_failed(dist.rank)
+            user_error = data.error_message(err) if isinstance(err, ValueError) else None
+            fsdp_setup.exit_rank_failed(dist.rank, user_error)
         data.stop_loader_workers()
         raise
     finally:

@@ -639,8 +639,10 @@ def test_two_ranks_resume_bit_exact_and_reshard_to_one(chips, tmp_path, capsys):
     assert [s for s, _, _ in losses(reference)] == list(range(1, STEPS + 5))
 
 
-def _rank_1_fails_at_step_4(rank, chips, root):
-    def broken_loader():  # as a broken file in rank 1's data loader would, mid-run
+def _rank_1_fails_at_step_4(rank, chips, root, failure):
+    def broken_loader():  # as a broken file (a DataError) or a bug in rank 1's data loader would, mid-run
+        if failure == "corrupt image":
+            raise data.CorruptImageError("chip_0007.tif: truncated; copy or download it again")
         raise RuntimeError("rank 1's loader broke")
 
     if rank == 1:
@@ -648,17 +650,24 @@ def _rank_1_fails_at_step_4(rank, chips, root):
     sys.exit(train.cli(args(chips, root)))
 
 
-def test_a_rank_failing_mid_run_exits_at_once_with_its_traceback(chips, tmp_path, capfd):
-    """Rank 0 waits in a collective that rank 1 never joins; rank 1 must exit (non-zero, its rank
-    and traceback on stderr) rather than linger in cleanup, so the launcher sees it and ends the job."""
-    context = mp.start_processes(_entry, args=(_rank_1_fails_at_step_4, 2, free_port(), (chips, str(tmp_path))),
+@pytest.mark.parametrize("failure", ["bug", "corrupt image"])
+def test_a_rank_failing_mid_run_exits_at_once(chips, tmp_path, capfd, failure):
+    """Rank 0 waits in a collective that rank 1 never joins; rank 1 must exit (non-zero, naming its
+    rank) rather than linger in cleanup, so the launcher sees it and ends the job: a bug with its
+    traceback and exit code 3, a bad file with the one line of a user error and exit code 2."""
+    context = mp.start_processes(_entry, args=(_rank_1_fails_at_step_4, 2, free_port(),
+                                               (chips, str(tmp_path), failure)),
                                  nprocs=2, join=False, start_method="spawn")
     try:
         context.processes[1].join(timeout=90)
-        assert context.processes[1].exitcode == 3
+        assert context.processes[1].exitcode == (3 if failure == "bug" else 2)
     finally:
         for process in context.processes:
             process.kill()
             process.join()
     err = capfd.readouterr().err
-    assert "[rank 1] failed" in err and "Traceback" in err and "RuntimeError: rank 1's loader broke" in err
+    if failure == "bug":
+        assert "[rank 1] failed" in err and "Traceback" in err and "RuntimeError: rank 1's loader broke" in err
+    else:
+        assert "error: [rank 1] chip_0007.tif: truncated; copy or download it again\n" in err
+        assert "[rank 1] failed" not in err  # no traceback of its own (rank 0 may print one as gloo breaks)

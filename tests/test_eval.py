@@ -26,7 +26,8 @@ import data
 import eval as ev
 import weights
 import scenes
-from _dist_util import run_ranks
+import torch.multiprocessing as mp
+from _dist_util import _entry, free_port, run_ranks
 from mae import MaskedAutoencoder
 from vit import VisionTransformer, get_config
 
@@ -531,6 +532,40 @@ def test_two_ranks_match_one_process(pretrained, tmp_path):
     assert not torch.allclose(one, one[:1].expand_as(one))  # it learned something image-dependent
     knn = [json.loads((tmp_path / f"knn_{w}" / "results.json").read_text()) for w in (1, 2)]
     assert knn[0]["runs"][0]["confusion"] == knn[1]["runs"][0]["confusion"]
+
+
+def _rank_1_fails_in_knn(rank, root, encoder, out, failure):
+    if rank == 1:  # rank 1's share breaks: a corrupt image (a user error) or a bug
+        def broken(*args, **kwargs):
+            if failure == "corrupt image":
+                raise data.CorruptImageError("scene_0007.png: truncated; copy or download it again")
+            raise RuntimeError("rank 1's features broke")
+        ev.frozen_scores = broken
+    sys.exit(ev.main(["knn", "--encoder", encoder, "--data", root, "--train-ratio", "0.5", "--workers", "0",
+                      "--out", out]))
+
+
+@pytest.mark.parametrize("failure", ["bug", "corrupt image"])
+def test_a_rank_failing_alone_exits_at_once(pretrained, tmp_path, capfd, failure):
+    """Rank 0 waits for rank 1 in a collective; rank 1 must end its process, naming its rank, so that
+    the launcher stops the job: a user error with its one line and exit code 2, a bug with its
+    traceback and exit code 3 (as train.py's ranks do)."""
+    args = (pretrained["root"], pretrained["encoder"], str(tmp_path / "out"), failure)
+    context = mp.start_processes(_entry, args=(_rank_1_fails_in_knn, 2, free_port(), args), nprocs=2, join=False,
+                                 start_method="spawn")
+    try:
+        context.processes[1].join(timeout=90)
+        assert context.processes[1].exitcode == (3 if failure == "bug" else 2)
+    finally:
+        for process in context.processes:
+            process.kill()
+            process.join()
+    err = capfd.readouterr().err
+    if failure == "bug":
+        assert "[rank 1] failed" in err and "RuntimeError: rank 1's features broke" in err
+    else:
+        assert "error: [rank 1] scene_0007.png: truncated; copy or download it again\n" in err
+        assert "[rank 1] failed" not in err
 
 
 def test_bands_flag_is_written_as_in_train_py():

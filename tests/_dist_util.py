@@ -55,3 +55,19 @@ def run_ranks(fn, world_size: int = 2, args: tuple = (), timeout_s: float = 180.
                 if process.is_alive():
                     process.kill()
             raise TimeoutError(f"{fn.__name__} did not finish on {world_size} ranks within {timeout_s:.0f} s (hang?)")
+
+
+def exit_code_of_rank(fn, rank: int, world_size: int = 2, args: tuple = (), timeout_s: float = 90.0) -> int | None:
+    """Start fn(rank, *args) on `world_size` processes, wait for process `rank` to end (a rank that fails
+    alone must end by itself, while the others wait for it in a collective), kill the rest, and return
+    that process's exit code (None if it was still running after timeout_s)."""
+    context = mp.start_processes(
+        _entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=False, start_method="spawn"
+    )
+    try:
+        context.processes[rank].join(timeout=timeout_s)
+        return context.processes[rank].exitcode
+    finally:
+        for process in context.processes:
+            process.kill()
+            process.join()

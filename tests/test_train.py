@@ -17,7 +17,6 @@ import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -27,7 +26,7 @@ import fsdp_setup
 import metrics
 import train
 import weights
-from _dist_util import _entry, free_port, run_ranks
+from _dist_util import exit_code_of_rank, free_port, run_ranks
 from vit import ViTConfig, VisionTransformer, apply_sdpa_choice, get_config
 
 # A tiny model on 32 px chips: a step takes milliseconds, a run a second or two.
@@ -655,16 +654,8 @@ def test_a_rank_failing_mid_run_exits_at_once(chips, tmp_path, capfd, failure):
     """Rank 0 waits in a collective that rank 1 never joins; rank 1 must exit (non-zero, naming its
     rank) rather than linger in cleanup, so the launcher sees it and ends the job: a bug with its
     traceback and exit code 3, a bad file with the one line of a user error and exit code 2."""
-    context = mp.start_processes(_entry, args=(_rank_1_fails_at_step_4, 2, free_port(),
-                                               (chips, str(tmp_path), failure)),
-                                 nprocs=2, join=False, start_method="spawn")
-    try:
-        context.processes[1].join(timeout=90)
-        assert context.processes[1].exitcode == (3 if failure == "bug" else 2)
-    finally:
-        for process in context.processes:
-            process.kill()
-            process.join()
+    exit_code = exit_code_of_rank(_rank_1_fails_at_step_4, 1, args=(chips, str(tmp_path), failure))
+    assert exit_code == (3 if failure == "bug" else 2)
     err = capfd.readouterr().err
     if failure == "bug":
         assert "[rank 1] failed" in err and "Traceback" in err and "RuntimeError: rank 1's loader broke" in err

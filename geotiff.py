@@ -6,7 +6,7 @@ geotiff_decode.py, with tifffile and imagecodecs; no GDAL), and the pieces are p
 few tiles, not the scene. The pixels are GDAL's, of the files GDAL writes (striped or tiled, pixel or band
 interleave, BigTIFF, COG, the usual compressions and dtypes, the GDAL_NODATA tag).
 
-    read_geotiff(path, window, bands)   (bands, height, width) in the file's dtype
+    read_geotiff(path, window, bands)   (bands, height, width) in the file's dtype (1-bit: uint8, float16: float32)
     geotiff_info(path)                  GeoTiffInfo: size, bands, dtype, nodata, layout, codec
     nodata_pixel(nodata, dtype)         the nodata value as a pixel of dtype, None if none can be
     GeoTiff(path)                       an open file for many reads; counts the segments decoded
@@ -27,6 +27,7 @@ import tifffile
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
 PILLOW_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG
 GDAL_NODATA_TAG = 42113
+GDAL_TYPES = {np.dtype(bool): np.dtype(np.uint8), np.dtype(np.float16): np.dtype(np.float32)}  # types GDAL lacks
 
 # Settings, looked up on every read: assign geotiff.MAX_READ_BYTES etc. to change them.
 # The most one read may return, in bytes; larger reads are refused before allocating (read windows).
@@ -114,9 +115,10 @@ class GeoTiff:
         if min(page.imagelength, page.imagewidth, page.samplesperpixel, *block_size) < 1:
             raise CorruptImageError(f"{self.path}: the header gives an empty image, tile or strip "
                                     f"({page.imagelength}x{page.imagewidth}); the file is corrupt")
-        if (324 if page.is_tiled else 273) not in page.tags:
+        if 324 not in page.tags and 273 not in page.tags:
             # tifffile drops a TileOffsets/StripOffsets tag whose values lie past the end of the file
-            # (with a logged warning) and reads on; every block would then look empty.
+            # (with a logged warning) and reads on; every block would then look empty. (Some writers put
+            # the tiles' table in the strip tags; libtiff, GDAL and tifffile read it from there.)
             raise CorruptImageError(f"{self.path}: the {'tile' if page.is_tiled else 'strip'} offset table is "
                                     "missing or lies past the end of the file; the file is truncated or corrupt")
         nodata = nodata_text = page.tags.get(GDAL_NODATA_TAG)
@@ -133,7 +135,8 @@ class GeoTiff:
             height=page.imagelength,
             width=page.imagewidth,
             bands=page.samplesperpixel,
-            dtype=page.dtype.newbyteorder("="),  # big-endian files still give native arrays
+            # Native byte order; 1-bit samples as uint8 0/1 and float16 as float32, the types GDAL gives them.
+            dtype=GDAL_TYPES.get(page.dtype.newbyteorder("="), page.dtype.newbyteorder("=")),
             nodata=nodata,
             tiled=page.is_tiled,
             tile_shape=(page.tilelength, page.tilewidth) if page.is_tiled
@@ -267,7 +270,7 @@ class GeoTiff:
 
 
 def read_geotiff(path, window=None, bands=None) -> np.ndarray:
-    """(bands, height, width) in the file's dtype; window = (row, col, height, width) in pixels."""
+    """(bands, height, width) in geotiff_info(path).dtype; window = (row, col, height, width) in pixels."""
     with GeoTiff(path) as tif:
         return tif.read(window, bands)
 

@@ -44,6 +44,9 @@ class BlockDecoder:
         self.path, self.info, self.grid, self.nodata_text = path, info, grid, nodata_text
         self.kind = "tile" if info.tiled else "strip"
         self.samples = page.shaped[-1]  # samples in a block's pixel: all bands, or one with band interleave
+        # The samples as stored, which blocks decode to; GeoTiff converts them to info.dtype when pasting (1-bit
+        # to uint8 and float16 to float32, as GDAL returns them).
+        self.dtype = page.dtype.newbyteorder("=")
         self.decoded = 0  # blocks decoded, and reads of an uncompressed strip's rows (GeoTiff.segments_decoded)
         if page.compression == OLD_JPEG:
             # Old-style JPEG (TIFF 6.0's compression 6) has no single layout: libtiff rebuilds each strip's JPEG
@@ -93,6 +96,9 @@ class BlockDecoder:
                 and page.bitspersample in (8, 16, 32, 64, 128)):
             self.raw_dtype = np.dtype(tif.byteorder + page.dtype.char)
             self.row_bytes = info.width * self.samples * self.raw_dtype.itemsize
+        # FillOrder 2: every byte stored with its bits reversed (libtiff reverses them back before decoding;
+        # tifffile's decode does too, the batched paths below do not).
+        self.reversed_bits = page.fillorder == 2
         # Whole-byte integer or float samples of LZW and DEFLATE are decoded many blocks at a time
         # (decode_many); DEFLATE only in native byte order, where its predictor is undone in place.
         self.batch = None
@@ -101,7 +107,7 @@ class BlockDecoder:
                 self.batch = "libtiff"
             elif self.codec in DEFLATE_CODECS and page.dtype.newbyteorder(tif.byteorder).isnative:
                 self.batch = "deflate"
-        if not hasattr(os, "preadv"):  # Windows: decode_many reads with it
+        if not hasattr(os, "preadv") or self.reversed_bits:  # Windows: decode_many reads with os.preadv
             self.batch = None
 
     def decode_each(self, indices: list[int], window):
@@ -170,12 +176,14 @@ class BlockDecoder:
                                 "geotiff.MAX_BLOCK_BYTES")
             self.file.seek(offset + start)
             data = self.file.read(stop - start)
+            if self.reversed_bits:
+                data = imagecodecs.bitorder_decode(data)
             self.decoded += 1
             rows = np.frombuffer(data, self.raw_dtype).reshape(last - first, info.width, samples)
-            return rows.astype(info.dtype, copy=False)  # native byte order (a copy only for the other one)
+            return rows.astype(self.dtype, copy=False)  # native byte order (a copy only for the other one)
         # The last strip holds only the image's last rows.
         block_rows = tile_rows if info.tiled else min(tile_rows, info.height - index % per_plane // across * tile_rows)
-        decoded_bytes = block_rows * tile_cols * samples * info.dtype.itemsize
+        decoded_bytes = block_rows * tile_cols * samples * self.dtype.itemsize
         self._check_block_size(index, max(decoded_bytes, nbytes))
         self.file.seek(offset)
         data = self.file.read(nbytes)
@@ -227,7 +235,7 @@ class BlockDecoder:
         LERC's validity mask, leaving 0.0 where GDAL has NaN. The output array has the block's size from the
         header, so a blob claiming more pixels is an error, not an allocation."""
         rows, cols, samples = shape
-        out = np.empty((rows, cols) if samples == 1 else shape, self.info.dtype)
+        out = np.empty((rows, cols) if samples == 1 else shape, self.dtype)
         wrapper = self.lerc_wrapper
         if wrapper in (1, 2):
             # Unwrapped by hand, into at most what the block can take (values, a validity mask per
@@ -235,7 +243,7 @@ class BlockDecoder:
             limit = out.nbytes + out.size + 65536
             data = (imagecodecs.zlib_decode if wrapper == 1 else imagecodecs.zstd_decode)(data, out=limit)
         values, valid = imagecodecs.lerc_decode(data, masks=True, out=out)
-        if valid is not None and self.info.dtype.kind in "fc":
+        if valid is not None and self.dtype.kind in "fc":
             values[~valid.astype(bool)] = np.nan  # a (rows, cols) mask covers every sample of a pixel
         return values.reshape(shape)
 
@@ -258,7 +266,7 @@ class BlockDecoder:
         counts = {i: self._table_entry(self.bytecounts, i) for i in indices}
         if not all(counts.values()):
             return None  # empty (sparse) blocks: read as nodata
-        block_bytes = tile_rows * tile_cols * self.samples * info.dtype.itemsize
+        block_bytes = tile_rows * tile_cols * self.samples * self.dtype.itemsize
         for index in indices:
             self._check_block_bytes(index, offsets[index], counts[index])
             self._check_block_size(index, max(block_bytes, counts[index]))
@@ -330,7 +338,7 @@ class BlockDecoder:
         tiles, (rows of all strips, width, samples) for strips; None if one inflates to too few bytes."""
         info, samples = self.info, self.samples
         tile_rows, tile_cols = info.tile_shape
-        row_bytes = tile_cols * samples * info.dtype.itemsize
+        row_bytes = tile_cols * samples * self.dtype.itemsize
         sizes = [tile_rows * row_bytes] * len(indices)
         if not info.tiled:  # the image's last strip may be short
             per_plane = self.grid[3]
@@ -339,12 +347,18 @@ class BlockDecoder:
         buffer = np.empty(sum(sizes), np.uint8)
         position = 0
         for at, count, size in zip(block_at, nbytes, sizes):
-            # libdeflate checks zlib's checksum, and refuses a stream that inflates past `size`.
-            inflated = imagecodecs.deflate_decode(data[at:at + count], out=buffer[position:position + size])
-            if len(inflated) != size:
+            # libdeflate checks zlib's checksum, and refuses a stream that inflates past the room it has.
+            if size == tile_rows * row_bytes:
+                inflated = imagecodecs.deflate_decode(data[at:at + count], out=buffer[position:position + size])
+            else:
+                # A short last strip gets a whole strip's room: some writers (older GDAL among them) store all
+                # its rows, and libtiff reads the rows the image has from it.
+                inflated = imagecodecs.deflate_decode(data[at:at + count], out=tile_rows * row_bytes)
+                buffer[position:position + min(size, len(inflated))] = np.frombuffer(inflated, np.uint8)[:size]
+            if len(inflated) < size:
                 return None
             position += size
-        pixels = buffer.view(info.dtype)
+        pixels = buffer.view(self.dtype)
         pixels = pixels.reshape(len(indices), tile_rows, tile_cols, samples) if info.tiled \
             else pixels.reshape(-1, info.width, samples)
         # The predictor works along each row of each block (axis -2: columns), restarting at its left edge.

@@ -324,7 +324,7 @@ def make_tile_sparse(path, tile):
 
 
 @pytest.mark.parametrize("dtype, tag", [("uint16", "-9999"), ("uint16", "70000"), ("uint8", "300"), ("uint8", "1.5"),
-                                        ("int16", "nan"), ("float16", "70000"), ("float32", "1e40")])
+                                        ("int16", "nan"), ("float32", "1e40")])
 def test_nodata_no_pixel_can_hold_marks_nothing_and_sparse_tiles_say_so(tmp_path, dtype, tag, caplog):
     # A tag the dtype cannot hold (as GDAL decides for its nodata masks) matches no pixel; the
     # reads are unchanged and say nothing, but a sparse tile, to be filled with that value, is an error.
@@ -565,6 +565,99 @@ def test_cmyk_and_lab_read_as_their_stored_samples(tmp_path, photometric, bands)
     path = tmp_path / f"{photometric}.tif"
     tifffile.imwrite(path, samples, photometric=photometric, compression="zlib")
     np.testing.assert_array_equal(geotiff.read_geotiff(path), samples.transpose(2, 0, 1))
+
+
+# --- what other writers write: layouts GDAL (libtiff) reads, found in public TIFF test suites ----------
+
+
+def rename_tag(path, old, new):
+    """Give `path`'s first-IFD entry `old` the tag code `new`, in place (tifffile refuses to write some tags)."""
+    raw = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tif:
+        entry, byteorder = tif.pages[0].tags[old], tif.byteorder
+    assert not tif.is_bigtiff
+    raw[entry.offset:entry.offset + 2] = new.to_bytes(2, "little" if byteorder == "<" else "big")
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("compression", [None, "lzw", "zlib"])
+@pytest.mark.parametrize("layout", ["strips", "tiles"])
+def test_fill_order_2_bytes_are_bit_reversed_before_decoding_as_in_libtiff(tmp_path, compression, layout):
+    # FillOrder 2 (tag 266): every byte of every block is stored with its bits in reverse order.
+    pixels = np.random.default_rng(7).integers(0, 65535, (40, 48, 3), dtype=np.uint16)
+    path = tmp_path / "fill_order_2.tif"
+    tifffile.imwrite(path, pixels, photometric="rgb", compression=compression, predictor=compression is not None,
+                     extratags=[(269, "H", 1, 2, True)], **({"tile": (16, 16)} if layout == "tiles" else
+                                                            {"rowsperstrip": 8}))
+    rename_tag(path, 269, 266)  # tifffile writes no FillOrder tag; it writes a DocumentName of 2 instead
+    raw = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tif:
+        assert tif.pages[0].fillorder == 2
+        blocks = list(zip(tif.pages[0].dataoffsets, tif.pages[0].databytecounts))
+    for offset, count in blocks:  # each byte's bits in reverse order: unpacked first bit first, packed last first
+        block_bits = np.unpackbits(np.frombuffer(raw[offset:offset + count], np.uint8))
+        raw[offset:offset + count] = np.packbits(block_bits, bitorder="little").tobytes()
+    path.write_bytes(bytes(raw))
+    expected = pixels.transpose(2, 0, 1)
+    np.testing.assert_array_equal(geotiff.read_geotiff(path), expected)
+    np.testing.assert_array_equal(geotiff.read_geotiff(path, window=(5, 7, 30, 33), bands=[2, 0]),
+                                  expected[[2, 0], 5:35, 7:40])
+
+
+@pytest.mark.parametrize("compression", [None, "zlib", "lzw", "packbits"])
+def test_one_bit_samples_read_as_uint8_zeros_and_ones_as_in_gdal(tmp_path, compression):
+    bits = np.random.default_rng(1).random((37, 45)) < 0.3
+    path = tmp_path / "bilevel.tif"
+    tifffile.imwrite(path, bits, compression=compression, rowsperstrip=8)
+    assert geotiff.geotiff_info(path).dtype == np.uint8
+    pixels = geotiff.read_geotiff(path)
+    assert pixels.dtype == np.uint8
+    np.testing.assert_array_equal(pixels, bits[None].astype(np.uint8))
+    np.testing.assert_array_equal(geotiff.read_geotiff(path, window=(3, 9, 20, 30)), pixels[:, 3:23, 9:39])
+
+
+@pytest.mark.parametrize("compression, predictor", [(None, None), ("zlib", None), ("lzw", 3), ("zlib", 3)])
+@pytest.mark.parametrize("layout", ["strips", "tiles"])
+def test_float16_reads_as_float32_as_in_gdal(tmp_path, compression, predictor, layout):
+    values = np.random.default_rng(2).normal(0, 100, (2, 33, 40)).astype(np.float16)
+    values[0, 3, 4], values[1, 30, 39] = np.nan, np.inf
+    path = tmp_path / "half.tif"
+    tifffile.imwrite(path, values, photometric="minisblack", planarconfig="separate", compression=compression,
+                     predictor=predictor, **({"tile": (16, 16)} if layout == "tiles" else {"rowsperstrip": 8}))
+    assert geotiff.geotiff_info(path).dtype == np.float32
+    pixels = geotiff.read_geotiff(path)
+    assert pixels.dtype == np.float32
+    np.testing.assert_array_equal(pixels, values.astype(np.float32))
+    np.testing.assert_array_equal(geotiff.read_geotiff(path, window=(20, 5, 13, 30), bands=[1]),
+                                  values[[1], 20:33, 5:35].astype(np.float32))
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_tiles_listed_in_the_strip_tags_are_read_as_in_libtiff(tmp_path, compression):
+    # Some writers put a tiled file's block table in StripOffsets/StripByteCounts (273, 279).
+    pixels = np.random.default_rng(3).integers(0, 255, (40, 50), dtype=np.uint8)
+    path = tmp_path / "tiles_in_strip_tags.tif"
+    tifffile.imwrite(path, pixels, tile=(16, 16), compression=compression)
+    rename_tag(path, 324, 273)
+    rename_tag(path, 325, 279)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.pages[0].is_tiled and 324 not in tif.pages[0].tags
+    np.testing.assert_array_equal(geotiff.read_geotiff(path), pixels[None])
+    np.testing.assert_array_equal(geotiff.read_geotiff(path, window=(17, 3, 20, 40)), pixels[None, 17:37, 3:43])
+
+
+@pytest.mark.parametrize("predictor", [None, 2])
+def test_deflate_last_strip_holding_more_rows_than_the_image_reads_as_in_libtiff(tmp_path, predictor):
+    # GDAL used to write the last strip of a DEFLATE file whole (all RowsPerStrip rows); libtiff reads
+    # the rows the image has from it. Here: 32 rows written in strips of 16, the header then saying 20.
+    pixels = np.random.default_rng(4).integers(0, 65535, (32, 24, 2), dtype=np.uint16)
+    path = tmp_path / "long_last_strip.tif"
+    tifffile.imwrite(path, pixels, photometric="minisblack", planarconfig="contig", extrasamples=[0],
+                     compression="zlib", predictor=predictor, rowsperstrip=16)
+    set_tag_value(path, "ImageLength", 20)
+    expected = pixels[:20].transpose(2, 0, 1)
+    np.testing.assert_array_equal(geotiff.read_geotiff(path), expected)
+    np.testing.assert_array_equal(geotiff.read_geotiff(path, window=(15, 2, 5, 20)), expected[:, 15:20, 2:22])
 
 
 # --- memory limits -------------------------------------------------------------------------------

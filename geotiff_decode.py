@@ -4,8 +4,9 @@ geotiff.GeoTiff maps a window to the blocks (tiles or strips) it touches and pas
 gets those pixels from a BlockDecoder, made from the header when the file is opened. Nothing else uses this
 module. A BlockDecoder refuses what it cannot decode as GDAL does, then decodes
   - decode_each(): one block at a time, through tifffile and imagecodecs, as GDAL gives its pixels: LERC with
-    its NaN mask, band-interleaved JPEG, libjpeg 9's chroma upsampling if asked for, the rows wanted of an
-    uncompressed strip, sparse blocks as nodata; every failure is a DataError naming the block;
+    its NaN mask, band-interleaved JPEG, libjpeg 9's chroma upsampling if asked for, CCITT fax through libtiff,
+    the rows wanted of an uncompressed strip, sparse blocks as nodata; every failure is a DataError naming the
+    block;
   - decode_many(): many LZW or DEFLATE blocks in a few calls (libtiff, libdeflate), for speed.
 What is read and refused, and why: docs/geotiff.md.
 """
@@ -21,6 +22,10 @@ import geotiff  # its settings, looked up on every read: MAX_BLOCK_BYTES, BATCH_
 from geotiff import CorruptImageError, DataError, _size
 
 UNCOMPRESSED, OLD_JPEG, JPEG, LERC = 1, 6, 7, 34887
+# CCITT bilevel codecs (Modified Huffman RLE, Group 3, Group 4, RLE word-aligned), decoded by libtiff as in GDAL:
+# imagecodecs' own decoder finds a Group 4 pass's b1, b2 from the reference line's pixels, where libtiff keeps
+# the zero-length runs of a horizontal code H(0, 0) as changing elements, and the two then part ways.
+CCITT_CODECS = {2, 3, 4, 32771}
 PHOTOMETRIC_YCBCR = 6
 # libtiff undoes a Predictor only inside these codecs (LZW, Adobe Deflate, Deflate, LZMA, ZSTD); with
 # any other compression GDAL ignores the tag and returns the stored samples, and so does this reader.
@@ -206,6 +211,20 @@ class BlockDecoder:
         tile_rows, tile_cols = info.tile_shape
         if self.codec == LERC:
             return self._decode_lerc(data, (rows, tile_cols, samples))
+        if self.codec in CCITT_CODECS:
+            # The block as the one strip of a small in-memory TIFF, with the file's FillOrder and T4/T6 options.
+            page, short, long_ = self.page, (3, "H"), (4, "I")
+            extra = [(266, short, [page.fillorder])]
+            extra += [(tag, long_, [page.tags.valueof(tag)]) for tag in (292, 293) if tag in page.tags]
+            head, ifd_at, ifd = self._mini_tiff(8 + len(data), rows, tile_cols, 1, [8], [len(data)], extra)
+            try:
+                return imagecodecs.tiff_decode(head + data + bytes(ifd_at - 8 - len(data)) + ifd).reshape(
+                    rows, tile_cols, samples)
+            except imagecodecs.TiffError:
+                # imagecodecs reads 1-bit images one row at a time, and libtiff fails a row read on a stream
+                # that ends early (EOFB, damage), which GDAL's whole-strip read accepts: tifffile's decoder
+                # below fills the missing rows with 0, as GDAL does.
+                pass
         if self.codec == JPEG:
             # libjpeg allocates what the JPEG header says, whatever the TIFF header says:
             # 65000x65000 in a damaged 16x16 tile would be 12 GB.
@@ -369,7 +388,7 @@ class BlockDecoder:
         return pixels
 
     def _mini_tiff(self, data_end: int, height: int, width: int, planes: int,
-                   block_offsets: list[int], block_counts: list[int]) -> tuple[bytes, int, bytes]:
+                   block_offsets: list[int], block_counts: list[int], extra=()) -> tuple[bytes, int, bytes]:
         """The rest of a TIFF in memory of these blocks, whose bytes lie from offset 8 to `data_end`:
         (its 8-byte header, where its IFD starts, the IFD), the IFD giving the file's own codec,
         predictor and sample type, and the blocks as the strips of a height x width image."""
@@ -383,7 +402,7 @@ class BlockDecoder:
                 (317, short, [page.predictor]), (339, short, [page.sampleformat] * samples)]
         if samples > 1:
             tags.append((338, short, [0] * (samples - 1)))  # extra samples of no particular meaning
-        tags += [(273, long_, block_offsets), (278, long_, [info.tile_shape[0]]), (279, long_, block_counts)]
+        tags += [(273, long_, block_offsets), (278, long_, [info.tile_shape[0]]), (279, long_, block_counts), *extra]
         tags.sort()
         ifd_at = data_end + (data_end & 1)  # an IFD starts on a word boundary
         arrays_at = ifd_at + 2 + 12 * len(tags) + 4

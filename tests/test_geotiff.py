@@ -7,6 +7,7 @@ what GDAL itself decodes them to. Other damaged files are built here byte by byt
 fixtures, and a seeded fuzz test truncates and alters every fixture.
 """
 
+import struct
 import tracemalloc
 import warnings
 import zlib
@@ -37,6 +38,9 @@ LOSSLESS = {
     "f64_2b_tiled_zstd_pred3.tif": ("f64_2b", "float64", True, "pixel", None, False),
     "u16_13b_tiled_deflate_band.tif": ("u16_13b", "uint16", True, "band", None, False),
     "u16_1b_cog.tif": ("u16_1b_cog", "uint16", True, "pixel", None, False),
+    "u1_1b_striped_ccittfax4.tif": ("u1_1b", "uint8", False, "pixel", None, False),  # 1-bit: uint8 0/1, as GDAL
+    "u1_1b_tiled_ccittfax3.tif": ("u1_1b", "uint8", True, "pixel", None, False),
+    "u1_1b_striped_ccittrle.tif": ("u1_1b", "uint8", False, "pixel", None, False),
 }
 # JPEG fixture -> the array it was encoded from. The aerial files are YCbCr with 2x2 chroma subsampling,
 # the usual encoding of aerial RGB, with sharp colour edges where decoders' chroma upsampling can differ.
@@ -175,7 +179,8 @@ def test_libjpeg9_setting_refuses_progressive_jpeg_blocks(tmp_path, monkeypatch)
 
 WINDOW_FILES = ["u16_4b_tiled_deflate_pixel.tif", "u16_4b_striped_lzw_band.tif", "u16_4b_tiled_zstd_band.tif",
                 "u16_4b_striped_packbits_pixel.tif", "f32_3b_tiled_deflate_pred3_pixel.tif", "u8_3b_tiled_jpeg.tif",
-                "u8_3b_striped_jpeg_ycbcr.tif", "u8_3b_striped_none_pixel.tif"]
+                "u8_3b_striped_jpeg_ycbcr.tif", "u8_3b_striped_none_pixel.tif", "u1_1b_tiled_ccittfax3.tif",
+                "u1_1b_striped_ccittfax4.tif"]
 
 
 @pytest.mark.parametrize("name", WINDOW_FILES)
@@ -614,6 +619,24 @@ def test_one_bit_samples_read_as_uint8_zeros_and_ones_as_in_gdal(tmp_path, compr
     assert pixels.dtype == np.uint8
     np.testing.assert_array_equal(pixels, bits[None].astype(np.uint8))
     np.testing.assert_array_equal(geotiff.read_geotiff(path, window=(3, 9, 20, 30)), pixels[:, 3:23, 9:39])
+
+
+def test_ccitt_group4_zero_length_runs_decode_as_in_libtiff(tmp_path):
+    # A Group 4 row may hold a horizontal code of two empty runs, H(0, 0) (some fax software writes them).
+    # libtiff keeps them as colour changes of the reference line, so the next row's pass code stops at
+    # column 0; imagecodecs' own decoder saw no change there, passed to the row's end, and lost the row.
+    # Hand-coded 8x2 image: row 0 = H(0, 0), V0 (white to the end); row 1 = pass, H(3 white, 2 black), V0.
+    codes = "001" + "00110101" + "0000110111" + "1" + "0001" + "001" + "1000" + "11" + "1" + "000000000001" * 2
+    codes += "0" * (-len(codes) % 8)
+    strip = bytes(int(codes[i:i + 8], 2) for i in range(0, len(codes), 8))
+    entries = [(256, 3, 8), (257, 3, 2), (258, 3, 1), (259, 3, 4), (262, 3, 0), (273, 4, 8), (277, 3, 1),
+               (278, 3, 2), (279, 4, len(strip))]
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHI" + ("Hxx" if kind == 3 else "I"), tag, kind, 1,
+                                                                 value) for tag, kind, value in entries) + bytes(4)
+    path = tmp_path / "group4_empty_runs.tif"
+    path.write_bytes(b"II*\0" + struct.pack("<I", 8 + len(strip) + len(strip) % 2) + strip + bytes(len(strip) % 2) + ifd)
+    expected = np.array([[[0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 0, 0, 0]]], np.uint8)  # 1: black (min-is-white)
+    np.testing.assert_array_equal(geotiff.read_geotiff(path), expected)
 
 
 @pytest.mark.parametrize("compression, predictor", [(None, None), ("zlib", None), ("lzw", 3), ("zlib", 3)])

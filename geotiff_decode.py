@@ -511,6 +511,7 @@ def _dct_basis(samples: int) -> np.ndarray:
 
 
 DCT8, DCT16 = _dct_basis(8), _dct_basis(16)
+CLIPPED_CHROMA_ROUNDS = 20  # at most, recovering the coefficients of saturated chroma (_chroma_coefficients)
 
 # libjpeg's YCbCr->RGB factors in 16-bit fixed point (jdcolor.c's FIX()).
 RED_FROM_CR, GREEN_FROM_CB, GREEN_FROM_CR, BLUE_FROM_CB = (int(f * 65536 + 0.5) * sign for f, sign in
@@ -551,6 +552,33 @@ def _jpeg_quantization_tables(data: bytes, tables: dict) -> dict:
             tables[table_id] = natural.reshape(8, 8)
             at += 1 + size
     return tables
+
+
+def _chroma_coefficients(samples: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """The dequantised DCT coefficients (block row, u, block col, v) of chroma `samples` (block row, row in block,
+    column; centred on 0), which libjpeg-turbo's 8x8 inverse DCT gave, rounded and clipped to -128..127.
+    The forward DCT of the samples, rounded to multiples of the quantisation `steps` (u, v), gives them back
+    where nothing was clipped. In a block of saturated colour it does not: there the clipped samples are set
+    to what the coefficients found so far give, where that lies beyond the clip as the true values did, and
+    the transform is done again, until nothing changes."""
+    mcu_rows, _, width = samples.shape
+    blocks = samples.reshape(mcu_rows, 8, width // 8, 8)  # block row, y, block col, x
+    # Along each block's columns, then its rows: one matrix product per direction for a whole row of blocks.
+    coefficients = ((DCT8.T @ samples).reshape(-1, 8) @ DCT8).reshape(mcu_rows, 8, width // 8, 8)  # u, v
+    coefficients = np.round(coefficients / steps[:, None, :]) * steps[:, None, :]
+    block_rows, block_cols = np.nonzero(((blocks <= -128) | (blocks >= 127)).any(axis=(1, 3)))
+    if len(block_rows):
+        clipped = blocks[block_rows, :, block_cols, :]  # (blocks, y, x)
+        low, high, values = clipped <= -128, clipped >= 127, clipped
+        for _ in range(CLIPPED_CHROMA_ROUNDS):
+            found = np.round(DCT8.T @ values @ DCT8 / steps) * steps
+            inverse = DCT8 @ found @ DCT8.T
+            updated = np.where(low, np.minimum(inverse, -128), np.where(high, np.maximum(inverse, 127), clipped))
+            if np.array_equal(updated, values):
+                break
+            values = updated
+        coefficients[block_rows, :, block_cols, :] = found
+    return coefficients
 
 
 def _decode_ycbcr_jpeg_as_libjpeg9(path: str, data: bytes, jpegtables: bytes | None) -> np.ndarray:
@@ -608,12 +636,9 @@ def _decode_ycbcr_jpeg_as_libjpeg9(path: str, data: bytes, jpegtables: bytes | N
         if steps is None:
             raise CorruptImageError(f"{path}: a JPEG block uses quantisation table {component[2]}, which neither "
                                     "it nor the JPEGTables tag defines; the file is corrupt")
-        # Each 8x8 block transformed along its columns, then its rows, with one matrix product per
-        # direction for a whole row of blocks: samples are (block row, row in block, column).
+        # Samples are (block row, row in block, column).
         samples = ycc[:, ::4, plane].reshape(mcu_rows, 8, 8 * mcu_cols) - 128.0
-        coefficients = ((DCT8.T @ samples).reshape(-1, 8) @ DCT8).reshape(mcu_rows, 8, mcu_cols, 8)  # u, v
-        steps = steps[:, None, :]
-        coefficients = np.round(coefficients / steps) * steps
+        coefficients = _chroma_coefficients(samples, steps)
         # libjpeg's integer transform rounds between its passes (columns first), to a quarter of its
         # intermediate unit (sqrt(8) levels); doing the same here cuts the mean difference tenfold.
         columns = np.floor(DCT16 @ coefficients.reshape(mcu_rows, 8, 8 * mcu_cols) * (4 * 8**0.5) + 0.5)

@@ -167,7 +167,6 @@ class BlockDecoder:
             # an empty block costs no memory, whatever size a (damaged) header gives its tiles.
             fill = np.asarray(self._sparse_fill(index), info.dtype)
             return np.broadcast_to(fill, (last - first, tile_cols, samples))
-        self._check_block_bytes(index, offset, nbytes)
         if self.raw_dtype is not None:
             # An uncompressed strip is rows stored one after another: read only the rows wanted,
             # so a window of a single-strip file costs its own rows, not the whole file.
@@ -176,6 +175,9 @@ class BlockDecoder:
             if stop > nbytes:
                 raise CorruptImageError(f"{self.path}: strip {index} holds {nbytes} bytes, too few for row {last - 1} "
                                         f"of it ({row_bytes} bytes a row); the file is corrupt")
+            # Only the rows read must lie in the file: a byte count running past its end is bogus when they do
+            # (libtiff then reads the strip by the size its rows give, and so does GDAL).
+            self._check_block_bytes(index, offset, stop)
             if stop - start > geotiff.MAX_BLOCK_BYTES:  # only a single row can be (_row_chunks asks for chunks)
                 raise DataError(f"{self.path}: one row of strip {index} is {_size(row_bytes)} (all bands), more "
                                 f"than geotiff.MAX_BLOCK_BYTES = {_size(geotiff.MAX_BLOCK_BYTES)}; re-tile the file "
@@ -188,6 +190,7 @@ class BlockDecoder:
             self.decoded += 1
             rows = np.frombuffer(data, self.raw_dtype).reshape(last - first, info.width, samples)
             return rows.astype(self.dtype, copy=False)  # native byte order (a copy only for the other one)
+        self._check_block_bytes(index, offset, nbytes)
         # The last strip holds only the image's last rows.
         block_rows = tile_rows if info.tiled else min(tile_rows, info.height - index % per_plane // across * tile_rows)
         decoded_bytes = block_rows * tile_cols * samples * self.dtype.itemsize

@@ -686,6 +686,22 @@ def test_deflate_last_strip_holding_more_rows_than_the_image_reads_as_in_libtiff
     np.testing.assert_array_equal(geotiff.read_geotiff(path, window=(15, 2, 5, 20)), expected[:, 15:20, 2:22])
 
 
+def test_uncompressed_strip_with_a_byte_count_past_the_end_reads_its_rows_as_in_libtiff(tmp_path):
+    # A bogus StripByteCounts (here 35 MB in a 10 KB file): libtiff takes the strip's size from its rows.
+    pixels = np.random.default_rng(5).integers(0, 255, (50, 40, 4), dtype=np.uint8)
+    path = tmp_path / "bogus_count.tif"
+    tifffile.imwrite(path, pixels, photometric="rgb", extrasamples=[0], rowsperstrip=50)
+    set_tag_value(path, "StripByteCounts", 35_711_440)
+    np.testing.assert_array_equal(geotiff.read_geotiff(path), pixels.transpose(2, 0, 1))
+    # Cut inside the strip: the rows still in the file read, the others are named missing.
+    with tifffile.TiffFile(path) as tif:
+        offset = tif.pages[0].dataoffsets[0]
+    path.write_bytes(path.read_bytes()[:offset + 30 * 40 * 4])
+    np.testing.assert_array_equal(geotiff.read_geotiff(path, window=(0, 0, 30, 40)), pixels[:30].transpose(2, 0, 1))
+    with pytest.raises(geotiff.CorruptImageError, match=f"{path}: truncated: segment 0 needs bytes up to"):
+        geotiff.read_geotiff(path, window=(25, 0, 10, 40))
+
+
 # --- memory limits -------------------------------------------------------------------------------
 
 

@@ -166,6 +166,7 @@ def _worker(connection, libjpeg9: bool, jpeg_tolerance: float):
     import rasterio
 
     with rasterio.Env(GDAL_NUM_THREADS=1):
+        connection.send("ready")  # imports done: a file's time counts from here
         while (path := connection.recv()) is not None:
             connection.send(check_file(path, jpeg_tolerance=jpeg_tolerance))
 
@@ -180,7 +181,14 @@ def check_all(paths: list[str], workers: int, timeout: float, libjpeg9: bool, jp
         parent, child = context.Pipe()
         process = context.Process(target=_worker, args=(child, libjpeg9, jpeg_tolerance), daemon=True)
         process.start()
-        return parent, process
+        try:
+            if parent.poll(300) and parent.recv() == "ready":
+                return parent, process
+        except EOFError:
+            pass
+        process.kill()
+        raise RuntimeError(f"a worker process did not start (exit code {process.exitcode}); run `python -c "
+                           "\"import rasterio, geotiff\"` to see why")
 
     idle = [start() for _ in range(max(1, min(workers, len(paths))))]
     while todo or busy:

@@ -17,10 +17,9 @@ import struct
 import imagecodecs
 import numpy as np
 
-import geotiff_jpeg9
-
 # geotiff imports this module when it opens a file, not at its top, so geotiff is complete by now.
 import geotiff  # its settings, looked up on every read: MAX_BLOCK_BYTES, BATCH_BYTES, JPEG_CHROMA_UPSAMPLING
+import geotiff_jpeg9  # YCbCr JPEG as GDAL on IJG libjpeg 9 decodes it (JPEG_CHROMA_UPSAMPLING = "libjpeg9")
 from geotiff import CorruptImageError, DataError, _size
 
 UNCOMPRESSED, OLD_JPEG, JPEG, LERC = 1, 6, 7, 34887
